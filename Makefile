@@ -1,0 +1,36 @@
+# Two commands on a fresh machine with Python 3.11 and pip: `make test` and `make demo`.
+# Both create .venv when it is missing and (re)install requirements when they change.
+# `make gpu-check` runs every build's full __main__ (checks and benchmarks) and writes results/;
+# on a machine whose python3 already has torch and triton (no pip there), use `make gpu-check NO_VENV=1`.
+
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed-requirements
+ifdef NO_VENV
+PY := $(PYTHON)
+SETUP :=
+else
+PY := $(VENV)/bin/python
+SETUP := $(STAMP)
+endif
+BUILDS := $(sort $(wildcard [0-9][0-9]_*.py))
+
+.PHONY: test demo gpu-check lint
+
+$(STAMP): requirements.txt
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $(STAMP)
+
+lint: $(SETUP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: lint
+	$(PY) -m pytest -n 2
+
+demo: $(SETUP)
+	set -e; for f in $(BUILDS); do echo "== $$f --quick"; $(PY) $$f --quick --out $$(mktemp -d); done
+
+gpu-check: $(SETUP)
+	set -e; for f in $(BUILDS); do echo "== $$f"; $(PY) $$f --out results; done

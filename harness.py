@@ -1,0 +1,275 @@
+r"""The shared harness: what every build in the collection needs, written once.
+
+Device and dtype selection (with Triton's CPU interpreter when there is no GPU), seeding, the
+relative-error check with per-dtype tolerances, timing, the two ceilings every benchmark is
+measured against (copy bandwidth and bf16 matmul rate), the results writer, a loader for the
+numbered build files, and data-file resolution. Builds import it first, before Triton.
+"""
+
+import argparse
+import datetime
+import importlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+# Triton reads TRITON_INTERPRET when it is imported, so this must run before any build imports it.
+# Without a GPU, the same kernel code runs in Triton's interpreter on the CPU (slow, but exact).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+ROOT = Path(__file__).resolve().parent
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Relative L2 error ||out - ref|| / ||ref|| allowed per compute dtype. fp32 elementwise work lands
+# near 1e-7; tf32 matmuls (10-bit mantissa) near 3e-4; bf16 (8 bits) between 1e-3 and 1e-2.
+TOLERANCES = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    "tf32": 2e-3,
+    torch.float16: 5e-3,
+    torch.bfloat16: 2e-2,
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
+# Canonical sources for the data files the collection uses, for when no local copy is found.
+DATA_URLS = {
+    "tinyshakespeare.txt": "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+    "cl100k_base.tiktoken": "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken",
+}
+
+
+# %% Device, dtype, seed
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """The device a build runs on: the one asked for, else CUDA when present, else the CPU."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} asked for CUDA, but torch sees no GPU; use --device cpu")
+    return device
+
+
+def pick_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; accepted: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)  # seeds the CPU and every CUDA device
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def versions() -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"python": platform.python_version(), "torch": torch.__version__, "triton": triton_version}
+
+
+def env_line(device: torch.device, dtype: torch.dtype | None = None) -> str:
+    v = versions()
+    mode = " (Triton interpreter)" if device.type == "cpu" and INTERPRET else ""
+    dt = f"  dtype {str(dtype).removeprefix('torch.')}" if dtype is not None else ""
+    return f"torch {v['torch']}  triton {v['triton']}  device {device_name(device)}{mode}{dt}"
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    """The flags every build shares (STYLE.md, convention 6); a build adds its own to the result."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="small shapes that finish in seconds on a CPU")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="dtype of the benchmark")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-bench", action="store_true", help="run the checks only")
+    p.add_argument("--profile", action="store_true", help="write a torch.profiler trace to --out")
+    p.add_argument("--out", default=str(ROOT / "results"), help="folder for results JSON and plots")
+    return p
+
+
+# %% Checks
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; NaN or inf anywhere gives inf so it can never pass."""
+    if out.shape != ref.shape:
+        raise AssertionError(f"shape mismatch: out {tuple(out.shape)} vs ref {tuple(ref.shape)}")
+    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
+    if not torch.isfinite(out64).all():
+        return float("inf")
+    return (
+        torch.linalg.vector_norm(out64 - ref64) / torch.linalg.vector_norm(ref64).clamp_min(1e-300)
+    ).item()
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype=None, name: str = "", tol: float | None = None):
+    """Raise with the measured error when rel_err exceeds the tolerance for `dtype`; return the error."""
+    dtype = out.dtype if dtype is None else dtype
+    tol = TOLERANCES[dtype] if tol is None else tol
+    err = rel_err(out, ref)
+    if not err <= tol:
+        raise AssertionError(f"{name or 'check'}: relative error {err:.3e} > tolerance {tol:.1e} ({dtype})")
+    return err
+
+
+class Checks:
+    """Runs named checks, prints `ok  <name>  <error>` or `FAIL ...`, and remembers failures.
+
+    A check is a function returning its error (a float) or a short note; raising means failure.
+    """
+
+    def __init__(self):
+        self.failed: list[str] = []
+
+    def __call__(self, name: str, fn, *args, **kwargs):
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as e:  # a failed check must not hide the others
+            self.failed.append(name)
+            print(f"FAIL  {name}  {type(e).__name__}: {e}", flush=True)
+            return None
+        shown = f"rel_err {result:.2e}" if isinstance(result, float) else (result or "")
+        print(f"ok    {name}  {shown}", flush=True)
+        return result
+
+    def finish(self) -> None:
+        """Exit non-zero if anything failed; otherwise announce the benchmarks, as llm.c does."""
+        if self.failed:
+            print(f"{len(self.failed)} check(s) failed: {', '.join(self.failed)}", flush=True)
+            sys.exit(1)
+        print("All results match.", flush=True)
+
+
+# %% Timing and ceilings
+
+
+def bench(fn, device: torch.device, reps: int = 20) -> float:
+    """Median milliseconds per call: do_bench (CUDA events) on GPU, perf_counter repeats on CPU."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes per second of a large device-to-device copy, counting bytes read plus bytes written."""
+    n = (1 << 30) if device.type == "cuda" else (1 << 25)  # 1 GiB on GPU: far past the 60 MB L2
+    src = torch.empty(n, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src), device)
+    return 2 * n / (ms * 1e-3)
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float:
+    """FLOP/s of a large matmul (2*M*N*K FLOPs) through torch: the arithmetic ceiling."""
+    n = 8192 if device.type == "cuda" else 512
+    dtype = dtype if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = bench(lambda: a @ b, device)
+    return 2 * n**3 / (ms * 1e-3)
+
+
+# %% Results
+
+
+def print_table(rows: list[dict]) -> None:
+    if not rows:
+        return
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+
+    def fmt(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    widths = {c: max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in cols}
+    print("  ".join(c.ljust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(fmt(r.get(c, "")).ljust(widths[c]) for c in cols))
+
+
+def write_results(build: str, rows: list[dict], device: torch.device, out: str, **extra) -> Path:
+    """One JSON per build: device, versions, date, the ceilings or other facts in `extra`, the rows."""
+    path = Path(out) / f"{build}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "build": build,
+        "device": device_name(device),
+        **versions(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        **extra,
+        "rows": rows,
+    }
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
+def load_build(name: str):
+    """Import a numbered build such as "06_flash" (a name Python's import statement cannot spell)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    return importlib.import_module(name)
+
+
+# %% Data
+
+
+def resolve_data(filename: str, data: str | None = None) -> Path:
+    """Find a data file: --data (a file or folder), then $DATA_DIR, then ./data, then download.
+
+    The download goes to ./data so it happens once; without a network and with no local copy the
+    error says every place that was looked in.
+    """
+    candidates = []
+    if data:
+        p = Path(data)
+        candidates.append(p if p.is_file() else p / filename)
+    if os.environ.get("DATA_DIR"):
+        candidates.append(Path(os.environ["DATA_DIR"]) / filename)
+    candidates.append(ROOT / "data" / filename)
+    for p in candidates:
+        if p.is_file():
+            return p
+    if filename not in DATA_URLS:
+        raise FileNotFoundError(
+            f"{filename} not found in {[str(c) for c in candidates]} and has no download source"
+        )
+    dest = ROOT / "data" / filename
+    dest.parent.mkdir(exist_ok=True)
+    try:
+        with urllib.request.urlopen(DATA_URLS[filename], timeout=30) as r:
+            payload = r.read()
+    except OSError as e:
+        raise FileNotFoundError(
+            f"{filename} not found in {[str(c) for c in candidates]} and download from "
+            f"{DATA_URLS[filename]} failed ({e}); pass --data or set DATA_DIR to a folder holding it"
+        ) from e
+    tmp = dest.with_suffix(".part")
+    tmp.write_bytes(payload)
+    tmp.replace(dest)
+    return dest
