@@ -2,10 +2,10 @@
 
 import json
 
+import harness
+
 import pytest
 import torch
-
-import harness
 
 
 def test_rel_err_and_assert_close():
