@@ -1,0 +1,151 @@
+"""Tests for 02_attention.py: every check of its __main__, plus hand-checkable cases and properties."""
+
+import pytest
+import torch
+from conftest import load_build
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+mod = load_build("02_attention")
+CPU = torch.device("cpu")
+
+
+# The checks __main__ runs, one test each.
+
+
+@pytest.mark.parametrize("name", list(mod.CASES))
+def test_variant_matches_reference_and_sdpa(name):
+    mod.check_variant(name, CPU, torch.bfloat16)
+
+
+def test_sdpa_backends_match_reference():
+    mod.check_sdpa_backends(CPU)
+
+
+@pytest.mark.parametrize("name", list(mod.DECODE_CASES))
+def test_prefill_decode_equals_full_forward(name):
+    assert mod.check_prefill_decode(CPU, **mod.DECODE_CASES[name]) < 1e-5
+
+
+@pytest.mark.parametrize("name", list(mod.GRAD_CASES))
+def test_module_grads_match_fp64_reference(name):
+    assert mod.check_module_grads(CPU, **mod.GRAD_CASES[name]) < 1e-5
+
+
+def test_bad_arguments_raise():
+    mod.check_errors()
+
+
+# Hand-checkable cases.
+
+
+def test_one_key_returns_its_value():
+    q, k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8)
+    for fn in (mod.attention_reference, mod.attention):
+        torch.testing.assert_close(fn(q, k, v), v.expand(1, 2, 3, 8))  # softmax over one key is 1
+
+
+def test_equal_scores_average_the_values():
+    q, k, v = torch.zeros(1, 1, 4, 8), torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8)
+    out = mod.attention_reference(q, k, v)  # q = 0: every score is 0, every weight 1/5
+    torch.testing.assert_close(out, v.mean(dim=2, keepdim=True).expand(1, 1, 4, 8))
+
+
+def test_causal_first_query_sees_only_the_first_key():
+    q, k, v = (torch.randn(2, 3, 6, 8) for _ in range(3))
+    for fn in (mod.attention_reference, mod.attention):
+        torch.testing.assert_close(fn(q, k, v, causal=True)[:, :, 0], v[:, :, 0])
+
+
+def test_chunk_mask_is_bottom_right_aligned():
+    # Two queries at positions 2 and 3 of four keys: the first may not see key 3, the second sees all.
+    bias = mod.attention_bias(2, 4, causal=True)
+    assert (bias[0, 0] == 0).tolist() == [[True, True, True, False], [True, True, True, True]]
+    window = mod.attention_bias(2, 4, causal=True, window=2)  # keys at distance 0 and 1 only
+    assert (window[0, 0] == 0).tolist() == [[False, True, True, False], [False, False, True, True]]
+
+
+def test_alibi_slopes_from_the_paper():
+    assert mod.alibi_slopes(8).tolist() == [2.0**-i for i in range(1, 9)]
+    # 6 heads: the 4-head series (1/4, 1/16, 1/64, 1/256) then every other 8-head slope (1/2, 1/8).
+    assert mod.alibi_slopes(6).tolist() == [2.0**-2, 2.0**-4, 2.0**-6, 2.0**-8, 2.0**-1, 2.0**-3]
+
+
+def test_kv_bytes_per_token_by_hand():
+    assert mod.kv_bytes_per_token(32, 32, 128) == 2 * 32 * 32 * 128 * 2 == 524288  # Llama-2-7B, 512 KiB
+    assert mod.kv_bytes_per_token(32, 8, 128) == 131072  # Llama-3-8B and Mistral-7B, 128 KiB
+    assert mod.kv_bytes_per_token(30, 3, 64) == 23040  # SmolLM2-135M, 22.5 KiB
+    cache = mod.KVCache(1, 3, 10, 64, dtype=torch.bfloat16)  # one layer of SmolLM2, 10 positions
+    assert cache.nbytes == 10 * mod.kv_bytes_per_token(1, 3, 64)
+    rows = {r["model"]: r for r in mod.kv_table()}
+    assert rows["Llama-2-7B"]["KiB/token"] == 512 and rows["Llama-3-8B"]["vs MHA"] == "1/4"
+
+
+def test_cache_tracks_positions_and_rolls_back():
+    cache = mod.KVCache(1, 2, 8, 4)
+    k, v = cache.update(torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4), 0)
+    assert cache.length == 5 and k.shape == (1, 2, 5, 4)
+    cache.update(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4), 3)  # rewrite position 3: drop 4
+    assert cache.length == 4
+
+
+# Properties and fast-path guarantees.
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n_kv_head=st.sampled_from([1, 2, 3]),
+    group=st.integers(1, 3),
+    tk=st.integers(1, 40),
+    tq_frac=st.floats(0.01, 1.0),
+    causal=st.booleans(),
+    window=st.one_of(st.none(), st.integers(1, 9)),
+    alibi=st.booleans(),
+)
+def test_fast_matches_reference_on_random_shapes(n_kv_head, group, tk, tq_frac, causal, window, alibi):
+    H, tq = n_kv_head * group, max(1, round(tk * tq_frac))
+    q = torch.randn(2, H, tq, 16, dtype=torch.float64)
+    k, v = (torch.randn(2, n_kv_head, tk, 16, dtype=torch.float64) for _ in range(2))
+    kw = {"causal": causal, "window": window, "alibi_slopes": mod.alibi_slopes(H) if alibi else None}
+    ref = mod.attention_reference(q, k, v, **kw)
+    fast = mod.attention(q.float(), k.float(), v.float(), **kw)
+    mod.harness.assert_close(fast, ref, torch.float32, "fast vs reference")
+
+
+def test_fast_path_makes_no_kv_copies(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("K/V repeated in the fast path")
+
+    monkeypatch.setattr(torch.Tensor, "repeat_interleave", forbidden)
+    monkeypatch.setattr(torch.Tensor, "repeat", forbidden)
+    monkeypatch.setattr(torch, "repeat_interleave", forbidden)
+    layer = mod.MultiHeadAttention(32, 8, 2)
+    with torch.no_grad():
+        layer(torch.randn(2, 7, 32))
+        cache = layer.new_cache(2, 9)
+        layer(torch.randn(2, 8, 32), cache=cache)
+        layer(torch.randn(2, 1, 32), cache=cache, start_pos=8)
+
+
+def test_fallback_without_enable_gqa_warns_and_matches(monkeypatch):
+    q, k, v = torch.randn(1, 4, 9, 8), torch.randn(1, 2, 9, 8), torch.randn(1, 2, 9, 8)
+    want = mod.attention(q, k, v, causal=True)
+    monkeypatch.setattr(mod, "sdpa_supports_gqa", lambda: False)
+    with pytest.warns(UserWarning, match="falls back"):
+        got = mod.attention(q, k, v, causal=True)
+    torch.testing.assert_close(got, want)
+
+
+def test_pos_transform_sees_absolute_positions():
+    seen = []
+
+    def record(q, k, positions):
+        seen.append(positions.tolist())
+        return q, k
+
+    layer = mod.MultiHeadAttention(16, 2, pos_transform=record)
+    cache = layer.new_cache(1, 6)
+    with torch.no_grad():
+        layer(torch.randn(1, 4, 16), cache=cache)
+        layer(torch.randn(1, 1, 16), cache=cache, start_pos=4)
+    assert seen == [[0, 1, 2, 3], [4]]
