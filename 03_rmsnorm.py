@@ -32,6 +32,7 @@ Run:
 Shapes: M rows (tokens, batch and sequence flattened), N hidden size.
 """
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -212,14 +213,21 @@ def _check_inputs(x, weight, residual=None):
         )
 
 
-def _bwd_programs(device: torch.device, M: int, block_n: int) -> int:
-    """Programs for the backward: enough per SM to hide load latency, few enough that the dw
-    partials (programs x N fp32) stay small next to the activations. Short rows need more programs
-    per SM (measured on an H200: 8 per SM best at N=576, 2 at N=4096, 1 at N=5120)."""
-    if device.type == "cuda":
-        per_sm = max(1, 8192 // block_n)
-        return min(M, per_sm * torch.cuda.get_device_properties(device).multi_processor_count)
-    return min(M, 4)  # interpreter: programs run one after another, so few and long is fastest
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _bwd_launch(device: torch.device, M: int, block_n: int) -> tuple[int, int]:
+    """Programs and warps for the backward. Enough programs per SM to hide load latency, few enough
+    that the dw partials (programs x N fp32) stay small next to the activations; it holds dy, x, w and
+    dw per row, so it wants more threads than the forward. Measured on an H200 (bf16): short rows
+    (N=576) run best with 8 programs per SM, N >= 4096 with 2-4, and 8-16 warps."""
+    num_warps = min(max(block_n // 512, 4), 16)
+    if device.type != "cuda":
+        return min(M, 4), num_warps  # interpreter: programs run one after another, few and long is fastest
+    per_sm = 8 if block_n <= 1024 else 4
+    return min(M, per_sm * _sm_count(device)), num_warps
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -256,9 +264,8 @@ class _RMSNormFunction(torch.autograd.Function):
         has_dres = dh is not None
         dh2 = dh.reshape(-1, N).contiguous() if has_dres else dy2
         dx = torch.empty_like(h)
-        block_n, num_warps = _launch_config(N)
-        num_warps = max(num_warps, 4)  # the backward holds dy, x, w and dw per row: more threads help
-        programs = _bwd_programs(h.device, M, block_n)
+        block_n = triton.next_power_of_2(N)
+        programs, num_warps = _bwd_launch(h.device, M, block_n)
         dw_partial = torch.empty(programs, N, device=h.device, dtype=torch.float32)
         _rmsnorm_bwd_kernel[(programs,)](
             dy2, h, weight, rstd, dx, dh2, dw_partial,
@@ -369,6 +376,12 @@ def run_checks(device, quick):
 #   forward + backward: forward, then read x and dy, write dx -> 5 * M * N * e
 # GB/s = those bytes over the median time, and % of the device-to-device copy measured in this run.
 # The eager reference launches several kernels (square, mean, rsqrt, two multiplies) and re-reads x.
+#
+# Times are CUDA-graph replays: the GPU time of each contender's kernels. Without the graph, a small
+# call measures the host instead: on an H200 host one Triton launch from Python costs ~20 us, our
+# autograd.Function forward ~55 us and forward + backward ~370 us (PyTorch's C++ autograd for
+# F.rms_norm: ~120 us), more than the GPU needs for 4096 x 4096. In a training step the host runs
+# ahead of the GPU and hides this; for decode-sized calls, graphs (as the capstone uses) remove it.
 
 
 def _providers(eps, quick, device):
@@ -397,9 +410,9 @@ def benchmark(cfg: BenchConfig, dtype, device, quick):
         for name, fn in _providers(cfg.eps, quick, device).items():
             reps = 3 if name == "triton" and device.type == "cpu" else 20  # the interpreter is slow
             with torch.no_grad():
-                ms_fwd = harness.bench(lambda fn=fn, x=x, w=w: fn(x, w), device, reps)
+                ms_fwd = harness.bench(lambda fn=fn, x=x, w=w: fn(x, w), device, reps, graph=True)
             grads = lambda fn=fn, x=x, w=w, dy=dy: torch.autograd.grad(fn(x, w), (x, w), dy)  # noqa: E731
-            ms_fb = harness.bench(grads, device, reps)
+            ms_fb = harness.bench(grads, device, reps, graph=True)
             gbs_fwd, gbs_fb = 2 * M * N * e / ms_fwd / 1e6, 5 * M * N * e / ms_fb / 1e6
             rows.append(
                 {"shape": f"{M}x{N}", "provider": name, "fwd_ms": ms_fwd, "fwd_GBs": gbs_fwd,

@@ -161,11 +161,17 @@ class Checks:
 # %% Timing and ceilings
 
 
-def bench(fn, device: torch.device, reps: int = 20) -> float:
-    """Median milliseconds per call: do_bench (CUDA events) on GPU, perf_counter repeats on CPU."""
+def bench(fn, device: torch.device, reps: int = 20, graph: bool = False) -> float:
+    """Median milliseconds per call: do_bench (CUDA events) on GPU, perf_counter repeats on CPU.
+
+    graph=True (GPU) captures fn in a CUDA graph and times its replays: the GPU time of the kernels
+    alone, without the Python and launch overhead that dominates when each call's work is small.
+    """
     if device.type == "cuda":
         import triton.testing
 
+        if graph:
+            return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
     fn()  # warm-up
     times = []
