@@ -1,0 +1,166 @@
+"""04_rope: one hand-computed value per scaling type, the conventions, the cache, and the Triton kernel."""
+
+import math
+
+import pytest
+import torch
+from conftest import load_build
+
+mod = load_build("04_rope")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def freqs(head_dim, scaling=None, **kw):
+    inv, af = mod.rope_frequencies(head_dim, 10000.0, scaling, **kw)
+    return inv.tolist(), af
+
+
+# Hand-computed with base 10000: theta_i = 10000^(-2i/R), so R = 4 gives [1, 0.01] and R = 8 gives
+# [1, 0.1, 0.01, 0.001]. Each case's arithmetic is in its comment.
+HAND = [
+    # default: 10000^0 = 1, 10000^(-2/4) = 0.01
+    ("default", 4, None, {}, [1.0, 0.01], 1.0),
+    # older configs say "type"; linear divides every theta by the factor
+    ("linear", 4, {"type": "linear", "factor": 4.0}, {}, [0.25, 0.0025], 1.0),
+    # NTK-aware: base' = 10000 * 4^(4/2) = 160000 -> [1, 160000^-0.5 = 1/400]
+    ("ntk", 4, {"rope_type": "ntk", "factor": 4.0}, {}, [1.0, 0.0025], 1.0),
+    # dynamic inside L_orig: unchanged
+    ("dynamic short", 4, {"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 1000},
+     {"seq_len": 500}, [1.0, 0.01], 1.0),
+    # dynamic at L = 2000: s = 2*2000/1000 - 1 = 3, base' = 10000 * 3^2 = 90000 -> [1, 1/300]
+    ("dynamic long", 4, {"rope_type": "dynamic", "factor": 2.0},
+     {"seq_len": 2000, "max_position_embeddings": 1000}, [1.0, 1 / 300], 1.0),
+    # YaRN R=8, factor 4, L=2048: i(r) = 8 ln(2048/(2 pi r)) / (2 ln 10000) = 0.434294 ln(325.949/r)
+    # i(32) = 1.008000 -> floor 1, i(1) = 2.513150 -> ceil 3; ramp (i-1)/2 clamped = [0, 0, 0.5, 1]
+    # theta' = theta/4 * ramp + theta * (1 - ramp) = [1, 0.1, 0.5*0.0025 + 0.5*0.01, 0.001/4]
+    # attention factor 0.1 ln 4 + 1
+    ("yarn", 8, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048}, {},
+     [1.0, 0.1, 0.00625, 0.00025], 0.1 * math.log(4) + 1),
+    # truncate false: ramp at i=2 is (2 - 1.008000)/(2.513150 - 1.008000) = 0.659070
+    # -> 0.0025*0.659070 + 0.01*0.340930 = 0.00505697; i=3: (3-1.008)/1.505 > 1 -> 0.001/4
+    ("yarn no truncate", 8, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048,
+                             "truncate": False}, {}, [1.0, 0.1, 0.00505697, 0.00025], 0.1 * math.log(4) + 1),
+    # DeepSeek-style mscale 2, mscale_all_dim 1: (1 + 0.2 ln 4) / (1 + 0.1 ln 4) = 1.277259 / 1.138629
+    ("yarn mscale", 8, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048,
+                        "mscale": 2.0, "mscale_all_dim": 1.0}, {}, [1.0, 0.1, 0.00625, 0.00025], 1.121751),
+    # explicit attention_factor wins
+    ("yarn af", 8, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048,
+                    "attention_factor": 0.5}, {}, [1.0, 0.1, 0.00625, 0.00025], 0.5),
+    # llama3 R=8, factor 8, low 1, high 4, L=1024: wavelengths 2pi/theta = [6.28, 62.8, 628.3, 6283.2]
+    # < 256 kept; > 1024 -> 0.001/8; 628.3 blended: smooth = (1024/628.3185 - 1)/3 = 0.209916
+    # -> 0.790084 * 0.01/8 + 0.209916 * 0.01 = 0.00308676
+    ("llama3", 8, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 1024}, {}, [1.0, 0.1, 0.00308676, 0.000125], 1.0),
+    # longrope (Phi-3 style: no factor, 131072 / 4096 = 32): af = sqrt(1 + ln 32 / ln 4096) = sqrt(17/12)
+    ("longrope short", 4, {"rope_type": "longrope", "short_factor": [1.0, 2.0], "long_factor": [1.0, 8.0],
+                           "original_max_position_embeddings": 4096},
+     {"seq_len": 4096, "max_position_embeddings": 131072}, [1.0, 0.005], math.sqrt(17 / 12)),
+    ("longrope long", 4, {"rope_type": "longrope", "short_factor": [1.0, 2.0], "long_factor": [1.0, 8.0],
+                          "original_max_position_embeddings": 4096},
+     {"seq_len": 4097, "max_position_embeddings": 131072}, [1.0, 0.00125], math.sqrt(17 / 12)),
+    # partial rotary: head 8, factor 0.5 -> R = 4 -> [1, 0.01]
+    ("partial", 8, None, {"partial_rotary_factor": 0.5}, [1.0, 0.01], 1.0),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name,head_dim,scaling,kw,want,want_af", HAND, ids=[h[0] for h in HAND])
+def test_hand_computed_frequencies(name, head_dim, scaling, kw, want, want_af):
+    inv, af = freqs(head_dim, scaling, **kw)
+    assert inv == pytest.approx(want, rel=2e-6)
+    assert af == pytest.approx(want_af, rel=2e-6)
+
+
+@pytest.mark.parametrize("rope_type", mod.ROPE_TYPES[1:])
+def test_scaling_matches_paper_formula(rope_type):
+    assert mod.check_scaling(rope_type) < 1e-12
+
+
+@pytest.mark.parametrize(
+    "scaling,kw,match",
+    [
+        ({"rope_type": "rope2d"}, {}, "unknown rope_type"),
+        ({"rope_type": "linear"}, {}, "needs the key 'factor'"),
+        ({"rope_type": "linear", "factor": 0.5}, {}, "factor must be >= 1"),
+        ({"rope_type": "yarn", "factor": 2.0}, {}, "original_max_position_embeddings"),
+        ({"rope_type": "llama3", "factor": 8.0}, {}, "low_freq_factor"),
+        (
+            {"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0], "factor": 2.0},
+            {"max_position_embeddings": 8},
+            "need 2 entries",
+        ),  # fmt: skip
+        (None, {"partial_rotary_factor": 1.5}, "partial_rotary_factor"),
+    ],
+)
+def test_bad_configs_raise(scaling, kw, match):
+    with pytest.raises(ValueError, match=match):
+        mod.rope_frequencies(4, 10000.0, scaling, **kw)
+
+
+def test_relative_position_property():
+    assert mod.check_relative_position(DEVICE) < 1e-10
+
+
+def test_conventions_are_a_row_permutation():
+    assert mod.check_weight_permutation(DEVICE) < 1e-12
+
+
+def test_interleaved_is_complex_multiplication():
+    assert mod.check_complex_form(DEVICE) < 1e-12
+
+
+def test_rotary_embedding_cache():
+    mod.check_module_cache(DEVICE)
+    emb = mod.RotaryEmbedding(8, 10000.0, {"rope_type": "longrope", "short_factor": [1.0] * 4,
+                                           "long_factor": [2.0] * 4, "original_max_position_embeddings": 16,
+                                           "factor": 4.0})  # fmt: skip
+    short, _ = emb(16)
+    long, _ = emb(17)
+    assert emb.rebuilds == 2 and not torch.allclose(short, long[:16])  # switched to the long factors
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("interleaved", [False, True], ids=["half", "interleaved"])
+@pytest.mark.parametrize(
+    "shape,rotary,layout,scaling",
+    [
+        ((2, 13, 6, 2, 32), 1.0, "contiguous", None),  # GQA 3:1, odd T
+        ((1, 7, 5, 5, 20), 1.0, "fused", None),  # MHA, R/2 = 10, slices of a qkv buffer
+        ((2, 9, 3, 1, 32), 0.25, "bhtd", None),  # MQA, partial rotary, (B, H, T, D) transposed
+        ((1, 5, 7, 1, 24), 0.5, "contiguous", {"rope_type": "yarn", "factor": 4.0}),  # attention factor
+    ],
+)
+def test_kernel_matches_reference(shape, rotary, layout, scaling, interleaved, dtype):
+    mod.check_kernel(*shape, dtype, DEVICE, interleaved, rotary, layout, scaling)
+
+
+def test_kernel_input_errors():
+    q, k = torch.randn(1, 4, 2, 8, device=DEVICE), torch.randn(1, 4, 1, 8, device=DEVICE)
+    cos, sin = mod.cos_sin_table(mod.rope_frequencies(8, 10000.0)[0], 4, device=DEVICE)
+    with pytest.raises(ValueError, match="must be \\(B, T, H, D\\)"):
+        mod.rope_triton_(q[0], k, cos, sin)
+    with pytest.raises(ValueError, match="agree on B, T and D"):
+        mod.rope_triton_(q, k[:, :3], cos, sin)
+    with pytest.raises(ValueError, match="cos, sin must both be"):
+        mod.rope_triton_(q, k, cos[:3], sin[:3])
+    with pytest.raises(TypeError, match="floating tensor"):
+        mod.rope_triton_(q.long(), k, cos, sin)
+    with pytest.raises(ValueError, match="stride-0"):
+        mod.rope_triton_(q[:, :, :1].expand(1, 4, 2, 8), k, cos, sin)
+
+
+def test_forward_then_backward_restores_input():
+    """The backward kernel is the inverse rotation when the attention factor is 1: rotate, un-rotate."""
+    q0, k0 = torch.randn(2, 10, 4, 16, device=DEVICE), torch.randn(2, 10, 2, 16, device=DEVICE)
+    cos, sin = mod.cos_sin_table(mod.rope_frequencies(16, 10000.0)[0], 10, device=DEVICE)
+    q, k = q0.clone(), k0.clone()
+    mod._launch(q, k, cos, sin, False, backward=False)
+    assert not torch.allclose(q, q0)
+    mod._launch(q, k, cos, sin, False, backward=True)
+    torch.testing.assert_close(q, q0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k, k0, rtol=1e-5, atol=1e-5)
+
+
+def test_plot_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    mod.plot_frequencies(tmp_path)
+    assert (tmp_path / "04_rope.png").stat().st_size > 10_000
