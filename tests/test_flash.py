@@ -1,0 +1,95 @@
+"""06_flash: every check of the build on small shapes (Triton interpreter on CPU, fp16 dots).
+
+Each test draws fresh random inputs and poisons the outputs with NaN before the kernels run; shapes
+are chosen off the 16-wide interpreter blocks so the masked tails are exercised.
+"""
+
+import harness
+
+import pytest
+import torch
+from conftest import load_build
+
+mod = load_build("06_flash")
+DEVICE = harness.pick_device()
+F16 = torch.float16  # bf16 tl.dot is wrong in the Triton 3.9 interpreter; bf16 is checked on the GPU
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (1, 2, 2, 37, 37, 64, False),  # tail, full attention
+        (1, 2, 2, 45, 45, 64, True),  # tail, causal
+        (2, 4, 2, 33, 33, 128, True),  # GQA, D=128
+        (1, 4, 1, 29, 53, 32, False),  # MQA, Nq < Nk, D=32
+        (1, 2, 2, 50, 19, 16, False),  # Nq > Nk, D=16
+        (1, 2, 1, 16, 16, 128, False),  # exactly one block
+    ],
+)
+def test_forward_and_gradients_match_float64_and_sdpa(shape):
+    note = mod.check_dense(*shape, F16, DEVICE)  # raises on any error over the fp16 tolerance
+    assert "vs f64" in note
+
+
+def test_saved_log_sum_exp():
+    assert mod.check_lse(DEVICE) < 1e-4
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_equals_each_sequence_alone(causal):
+    # a zero-length prompt, a one-token prompt, and cached prefixes (len_k > len_q) for the last two
+    mod.check_varlen([37, 1, 0, 20, 9], [37, 1, 5, 20, 30], 4, 2, 64, causal, F16, DEVICE)
+
+
+def test_causal_first_row_is_first_value():
+    # hand-checkable: under a causal mask query 0 sees only key 0, so its output is exactly v[0]
+    q, k, v = (torch.randn(1, 2, 20, 32, dtype=F16, device=DEVICE) for _ in range(3))
+    out = mod.flash_attention(q, k, v, causal=True, poison=True)
+    assert torch.allclose(out[:, :, 0].float(), v[:, :, 0].float(), atol=1e-3)
+
+
+def test_gqa_reads_kv_in_place_and_grads_sum_over_group():
+    # GQA equals MHA on repeated kv heads; the kv-head gradient is the sum over its group of q heads
+    q = torch.randn(1, 4, 24, 32, dtype=F16, device=DEVICE, requires_grad=True)
+    k, v = (torch.randn(1, 2, 24, 32, dtype=F16, device=DEVICE, requires_grad=True) for _ in range(2))
+    k_rep, v_rep = (t.detach().repeat_interleave(2, dim=1).requires_grad_() for t in (k, v))
+    do = torch.randn(1, 4, 24, 32, dtype=F16, device=DEVICE)
+    out = mod.flash_attention(q, k, v, causal=True)
+    out_rep = mod.flash_attention(q, k_rep, v_rep, causal=True)
+    harness.assert_close(out, out_rep, F16, "gqa vs repeated")
+    dk, dv = torch.autograd.grad(out, (k, v), do)
+    dk_rep, dv_rep = torch.autograd.grad(out_rep, (k_rep, v_rep), do)
+    harness.assert_close(dk, dk_rep.view(1, 2, 2, 24, 32).sum(2), F16, "dk")
+    harness.assert_close(dv, dv_rep.view(1, 2, 2, 24, 32).sum(2), F16, "dv")
+
+
+def test_custom_scale_and_non_contiguous_inputs():
+    q, k, v = (torch.randn(1, 21, 2, 64, dtype=F16, device=DEVICE).transpose(1, 2) for _ in range(3))
+    out = mod.flash_attention(q, k, v, sm_scale=0.3, poison=True)
+    harness.assert_close(out, mod.attention_reference(q, k, v, sm_scale=0.3), F16, "scale 0.3")
+
+
+def test_user_errors_are_clear():
+    q = torch.randn(1, 2, 8, 64, dtype=F16)
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        mod.flash_attention(q.float(), q.float(), q.float())
+    with pytest.raises(ValueError, match="head dim"):
+        mod.flash_attention(q[..., :48], q[..., :48], q[..., :48])
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        mod.flash_attention(torch.randn(1, 3, 8, 64, dtype=F16), q, q)
+    with pytest.raises(ValueError, match="Nq == Nk"):
+        mod.flash_attention(q, q[:, :, :5], q[:, :, :5], causal=True)
+    with pytest.raises(ValueError, match="4-D"):
+        mod.flash_attention(q[0], q[0], q[0])
+    t = torch.randn(10, 2, 64, dtype=F16)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    with pytest.raises(ValueError, match="len_q <= len_k"):
+        mod.flash_attention_varlen(
+            t, t[:6], t[:6], cu, torch.tensor([0, 1, 6], dtype=torch.int32), 6, 5, True
+        )
+    with pytest.raises(ValueError, match="int32"):
+        mod.flash_attention_varlen(t, t, t, cu.long(), cu, 6, 6)
+    with pytest.raises(ValueError, match="max_seqlen_q"):
+        mod.flash_attention_varlen(t, t, t, cu, cu, 3, 6)
+    with pytest.raises(ValueError, match=r"cu_seqlens_q\[0\] != 0"):
+        mod.flash_attention_varlen(t[:8], t, t, torch.tensor([2, 4, 8], dtype=torch.int32), cu, 6, 6)
