@@ -1006,10 +1006,8 @@ def main():
     parser.add_argument(
         "--data", default=None, help="folder holding tinyshakespeare.txt and cl100k_base.tiktoken"
     )
-    args = parser.parse_args()
-    device = harness.pick_device("cpu")  # tokenization is CPU work: --device and --dtype do not apply
-    print(harness.env_line(device))
-    harness.seed_everything(args.seed)
+    # Tokenization is CPU work: --device and --dtype do not apply.
+    args, device, _ = harness.start(parser, device="cpu")
     text = harness.resolve_data("tinyshakespeare.txt", args.data).read_text(encoding="utf-8")
     cl100k_path = harness.resolve_data("cl100k_base.tiktoken", args.data)
     t0 = time.perf_counter()

@@ -39,7 +39,6 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import harness  # first: sets TRITON_INTERPRET=1 when there is no GPU, before Triton is imported
 
@@ -672,10 +671,7 @@ def profile(device, dtype, out):
     with torch.no_grad(), torch.profiler.profile(activities=acts) as prof:
         attention(q, k, v, causal=True)
         attention_reference(q, k, v, causal=True)
-    path = Path(out) / "02_attention_trace.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    prof.export_chrome_trace(str(path))
-    print(f"wrote {path}")
+    harness.save_trace(prof, "02_attention", out)
 
 
 # %% [markdown]
@@ -684,16 +680,13 @@ def profile(device, dtype, out):
 
 def main():
     parser = harness.build_parser("Multi-head attention, GQA/MQA, KV cache: checks and benchmark")
-    args = parser.parse_args()
-    device, dtype = harness.pick_device(args.device), harness.pick_dtype(args.dtype)
-    print(harness.env_line(device, dtype))
+    args, device, dtype = harness.start(parser)
     fast = "F.scaled_dot_product_attention" + (
         " with enable_gqa"
         if sdpa_supports_gqa()
         else " (no enable_gqa: GQA falls back to the materialised path)"
     )
     print(f"fast path: {fast}")
-    harness.seed_everything(args.seed)
     t0 = time.perf_counter()
     run_checks(device, dtype)
     print(f"checks took {time.perf_counter() - t0:.1f} s")

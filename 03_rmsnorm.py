@@ -427,21 +427,17 @@ def benchmark(cfg: BenchConfig, dtype, device, quick):
     return rows, copy_bw
 
 
-def profile(device, dtype, out):
-    """A torch.profiler trace of the Triton forward + backward at the largest shape, for chrome://tracing."""
-    from pathlib import Path
-
-    M, N = BenchConfig().shapes[0]
+def profile(cfg: BenchConfig, device, dtype, out):
+    """A torch.profiler trace of the Triton forward + backward at the first benchmark shape."""
+    M, N = cfg.shapes[0]
     x, w, _ = _inputs(M, N, dtype, device)
     x.requires_grad_(), w.requires_grad_()
     dy = torch.randn_like(x)
     with torch.profiler.profile() as prof:
         for _ in range(5):
             torch.autograd.grad(rmsnorm_triton(x, w), (x, w), dy)
-    path = Path(out) / "03_rmsnorm_trace.json"
-    prof.export_chrome_trace(str(path))
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=8))
-    print(f"wrote {path}")
+    harness.save_trace(prof, "03_rmsnorm", out)
 
 
 # %% [markdown]
@@ -450,18 +446,15 @@ def profile(device, dtype, out):
 
 def main():
     parser = harness.build_parser("RMSNorm in Triton: checks and benchmark")
-    args = parser.parse_args()
-    device, dtype = harness.pick_device(args.device), harness.pick_dtype(args.dtype)
-    print(harness.env_line(device, dtype))
-    harness.seed_everything(args.seed)
+    args, device, dtype = harness.start(parser)
     t0 = time.perf_counter()
     run_checks(device, args.quick)
     print(f"checks took {time.perf_counter() - t0:.1f} s")
+    cfg = QUICK if args.quick else BenchConfig()
     if args.profile:
-        profile(device, dtype, args.out)
+        profile(cfg, device, dtype, args.out)
     if args.no_bench:
         return
-    cfg = QUICK if args.quick else BenchConfig()
     rows, copy_bw = benchmark(cfg, dtype, device, args.quick)
     harness.print_table(rows)
     harness.write_results(

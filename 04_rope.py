@@ -695,10 +695,7 @@ def profile(device, dtype, out):
     with torch.profiler.profile() as prof:
         for _ in range(5):
             rope_triton_(q, k, cos, sin)
-    path = Path(out) / "04_rope_trace.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    prof.export_chrome_trace(str(path))
-    print(f"wrote {path}")
+    harness.save_trace(prof, "04_rope", out)
 
 
 # %% [markdown]
@@ -707,10 +704,7 @@ def profile(device, dtype, out):
 
 def main():
     parser = harness.build_parser("RoPE: scaling variants, both conventions, a fused in-place Triton kernel")
-    args = parser.parse_args()
-    device, dtype = harness.pick_device(args.device), harness.pick_dtype(args.dtype)
-    print(harness.env_line(device, dtype))
-    harness.seed_everything(args.seed)
+    args, device, dtype = harness.start(parser)
     t0 = time.perf_counter()
     run_checks(device, args.quick)
     print(f"checks took {time.perf_counter() - t0:.1f} s")

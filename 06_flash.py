@@ -810,9 +810,7 @@ def profile(cfg, device, dtype, out):
                 for _ in range(3):
                     torch.autograd.grad(fn(q, k, v), (q, k, v), do)
         torch.cuda.synchronize()
-    path = Path(out) / "06_flash_trace.json"
-    prof.export_chrome_trace(str(path))
-    print(f"wrote {path}")
+    harness.save_trace(prof, "06_flash", out)
     kernels = []
     for e in prof.key_averages():
         t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
@@ -837,13 +835,9 @@ def tuned_configs():
 
 def main():
     parser = harness.build_parser("FlashAttention forward/backward, GQA and varlen, in Triton")
-    args = parser.parse_args()
-    device = harness.pick_device(args.device)
-    dtype = harness.pick_dtype(args.dtype)
+    args, device, dtype = harness.start(parser)
     if dtype not in (torch.float16, torch.bfloat16):
         parser.error(f"--dtype must be bf16 or fp16 for this build, got {args.dtype}")
-    print(harness.env_line(device, dtype))
-    harness.seed_everything(args.seed)
     t0 = time.perf_counter()
     checks = harness.Checks()
     run_checks(checks, device, quick=args.quick)

@@ -105,6 +105,16 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def start(parser: argparse.ArgumentParser, device: str | None = None):
+    """Parse the flags, pick the device (`device` forces one, e.g. "cpu" for CPU-only builds) and
+    dtype, print the environment line and seed: the first lines of every build's main()."""
+    args = parser.parse_args()
+    dev, dtype = pick_device(device or args.device), pick_dtype(args.dtype)
+    print(env_line(dev, None if device else dtype), flush=True)
+    seed_everything(args.seed)
+    return args, dev, dtype
+
+
 # %% Checks
 
 
@@ -231,6 +241,15 @@ def write_results(build: str, rows: list[dict], device: torch.device, out: str, 
         "rows": rows,
     }
     path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
+def save_trace(prof, build: str, out: str) -> Path:
+    """Write a torch.profiler trace as out/<build>_trace.json, for chrome://tracing or Perfetto."""
+    path = Path(out) / f"{build}_trace.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(path))
     print(f"wrote {path}")
     return path
 
