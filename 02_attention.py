@@ -95,15 +95,26 @@ BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
 # ## Reference: the formula, written out
 
 
-def _check_qkv(q, k, v):
-    """Raise ValueError unless q is (B, H, Tq, D) and k, v are (B, Hkv, Tk, D) with Hkv dividing H."""
+def _check_qkv(q, k, v, causal=False, alibi_slopes=None, q_start=None):
+    """Raise ValueError unless q is (B, H, Tq, D) and k, v are (B, Hkv, Tk, D) with Hkv dividing H,
+    there is one ALiBi slope per query head, and under the causal mask every query sees a key."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"q, k, v must be 4-D (B, heads, T, D); got {q.ndim}-D, {k.ndim}-D, {v.ndim}-D")
-    (B, H, _, D), (Bk, Hkv, _, Dk) = q.shape, k.shape
+    (B, H, Tq, D), (Bk, Hkv, Tk, Dk) = q.shape, k.shape
     if k.shape != v.shape or Bk != B or Dk != D:
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must match q {tuple(q.shape)} in B, D")
     if H % Hkv:
         raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
+    if alibi_slopes is not None and alibi_slopes.shape != (H,):
+        raise ValueError(
+            f"alibi_slopes must hold one slope per query head, shape ({H},); got {tuple(alibi_slopes.shape)}"
+        )
+    first = Tk - Tq if q_start is None else q_start  # absolute position of the first query
+    if causal and first < 0:
+        raise ValueError(
+            f"causal attention with the first query at position {first} < 0 (Tq={Tq}, Tk={Tk}) gives rows "
+            "that see no key; pass q_start >= 0 (by default the queries are the last Tq positions)"
+        )
 
 
 def alibi_slopes(n_head: int) -> torch.Tensor:
@@ -132,8 +143,8 @@ def attention_bias(Tq, Tk, causal=False, window=None, slopes=None, q_start=None,
         return None
     q_start = Tk - Tq if q_start is None else q_start
     dtype = torch.get_default_dtype() if dtype is None else dtype
-    q_pos = torch.arange(q_start, q_start + Tq, device=device)
-    dist = q_pos[:, None] - torch.arange(Tk, device=device)[None, :]  # (Tq, Tk)
+    q_pos = torch.arange(q_start, q_start + Tq, device=device, dtype=torch.int32)
+    dist = q_pos[:, None] - torch.arange(Tk, device=device, dtype=torch.int32)[None, :]  # (Tq, Tk)
     allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=device)
     if causal:
         allowed &= dist >= 0
@@ -151,7 +162,7 @@ def attention_reference(q, k, v, causal=False, window=None, alibi_slopes=None, q
     q (B, H, Tq, D), k and v (B, Hkv, Tk, D). GQA by a view: query head h reads K/V head h // G,
     the same pairing as PyTorch's enable_gqa (and repeat_interleave), with no copy of K or V.
     """
-    _check_qkv(q, k, v)
+    _check_qkv(q, k, v, causal, alibi_slopes, q_start)
     (B, H, Tq, D), Hkv, Tk = q.shape, k.shape[1], k.shape[2]
     G = H // Hkv
     scale = 1.0 / math.sqrt(D) if scale is None else scale  # keeps q.k at unit variance (eq. 1)
@@ -183,10 +194,14 @@ def sdpa_supports_gqa() -> bool:
 
 
 def attention(q, k, v, causal=False, window=None, alibi_slopes=None, q_start=None, scale=None):
-    """The same maths as attention_reference through F.scaled_dot_product_attention (no T x T matrix
-    for the flash and memory-efficient kernels), falling back to the reference, with a warning, when
-    this torch has no enable_gqa and the heads are grouped."""
-    _check_qkv(q, k, v)
+    """The same maths as attention_reference through F.scaled_dot_product_attention, falling back to the
+    reference, with a warning, when this torch has no enable_gqa and the heads are grouped.
+
+    Plain causal attention and decode steps reach the fused kernels with no T x T tensor at all. A
+    window, ALiBi or a chunk's offset mask is handed to SDPA as a dense (Tq, Tk) bias (per head for
+    ALiBi), so those still hold O(Tq * Tk) memory; the fused kernel saves the softmax's intermediates
+    and the time, not the bias. (torch's flex_attention computes such biases inside the kernel.)"""
+    _check_qkv(q, k, v, causal, alibi_slopes, q_start)
     (H, Tq, Hkv, Tk) = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
     if Hkv != H and not sdpa_supports_gqa():
         warnings.warn("SDPA without enable_gqa here: GQA falls back to the materialised path", stacklevel=2)
@@ -230,6 +245,11 @@ class KVCache:
         T = k.shape[2]
         if k.shape[:2] + k.shape[3:] != self.k.shape[:2] + self.k.shape[3:] or k.shape != v.shape:
             raise ValueError(f"k/v {tuple(k.shape)} do not fit a cache of shape {tuple(self.k.shape)}")
+        if (k.dtype, k.device) != (self.k.dtype, self.k.device):
+            raise ValueError(
+                f"k/v are {k.dtype} on {k.device} but the cache holds {self.k.dtype} on {self.k.device}; "
+                "make it with MultiHeadAttention.new_cache or the module's dtype and device"
+            )
         if not 0 <= start_pos <= self.length:
             raise ValueError(f"start_pos {start_pos} must be in [0, {self.length}] (no gaps in the cache)")
         if start_pos + T > self.max_T:
@@ -285,22 +305,29 @@ class MultiHeadAttention(nn.Module):
         w = self.qkv.weight
         return KVCache(batch, self.n_kv_head, max_T, self.head_dim, device or w.device, dtype or w.dtype)
 
-    def forward(self, x, cache: KVCache | None = None, start_pos: int = 0):
+    def forward(self, x, cache: KVCache | None = None, start_pos: int | None = None):
+        """x (B, T, C) at absolute positions start_pos .. start_pos + T - 1. With a cache, start_pos
+        defaults to the cache's length (append); an earlier start_pos rolls the cache back. Without a
+        cache, the T tokens attend only to each other; start_pos then only positions them for
+        pos_transform (RoPE), as when a model runs on a window cut from a longer text."""
         if x.ndim != 3 or x.shape[-1] != self.proj.out_features:
             raise ValueError(f"x must be (B, T, {self.proj.out_features}), got {tuple(x.shape)}")
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        start_pos = (cache.length if cache is not None else 0) if start_pos is None else start_pos
         q, k, v = self.qkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
         if self.pos_transform is not None:  # absolute positions, so a decode step rotates correctly
             q, k = self.pos_transform(q, k, torch.arange(start_pos, start_pos + T, device=x.device))
+        q_start = 0  # subtle: without a cache the keys are these same T tokens, so queries start with them
         if cache is not None:
             k, v = cache.update(k, v, start_pos)  # (B, Hkv, start_pos + T, D): the whole context
+            q_start = start_pos
         fast = self.use_sdpa is not False and hasattr(F, "scaled_dot_product_attention")
         attend = attention if fast else attention_reference
-        y = attend(q, k, v, self.causal, self.window, self.alibi_slopes, q_start=start_pos)
+        y = attend(q, k, v, self.causal, self.window, self.alibi_slopes, q_start=q_start)
         return self.proj(y.transpose(1, 2).reshape(B, T, H * D))  # (B, H, T, D) -> (B, T, C)
 
 

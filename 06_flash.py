@@ -48,6 +48,7 @@ N / Nq / Nk sequence lengths (queries, keys), D head dim, T total packed tokens 
 
 import dataclasses
 import inspect
+import math
 import time
 from pathlib import Path
 
@@ -95,10 +96,13 @@ def _tune_bench(kernel_call, quantiles):
     return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
 
-def _autotune(kind: str, key: list):
+def _autotune(kind: str, key: list, outputs: list):
+    # subtle: autotuning runs every config on the real arguments, so a losing config would fill rows the
+    # winner then skips; restore_value puts the outputs back (NaN-poisoned in the checks) after each try.
+    kw = dict(configs=_configs(kind), key=key, restore_value=outputs)
     if "do_bench" in inspect.signature(triton.autotune).parameters:
-        return triton.autotune(configs=_configs(kind), key=key, do_bench=_tune_bench)
-    return triton.autotune(configs=_configs(kind), key=key, warmup=5, rep=25)  # older Triton
+        return triton.autotune(**kw, do_bench=_tune_bench)
+    return triton.autotune(**kw, warmup=5, rep=25)  # older Triton
 
 
 # %% Reference implementation
@@ -168,7 +172,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, l
     return acc, l_i, m_i
 
 
-@_autotune("fwd", key=["N_BUCKET", "HEAD_DIM", "CAUSAL", "IS_VARLEN"])
+@_autotune("fwd", key=["N_BUCKET", "HEAD_DIM", "CAUSAL", "IS_VARLEN"], outputs=["O", "LSE"])
 @triton.jit(do_not_specialize=["n_q", "n_k", "N_BUCKET"])
 def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
@@ -279,7 +283,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, 
     return dk, dv
 
 
-@_autotune("dkdv", key=["N_BUCKET", "HEAD_DIM", "CAUSAL"])
+@_autotune("dkdv", key=["N_BUCKET", "HEAD_DIM", "CAUSAL"], outputs=["DK", "DV"])
 @triton.jit(do_not_specialize=["n_q", "n_k", "N_BUCKET"])
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
@@ -354,7 +358,7 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_
     return dq
 
 
-@_autotune("dq", key=["N_BUCKET", "HEAD_DIM", "CAUSAL"])
+@_autotune("dq", key=["N_BUCKET", "HEAD_DIM", "CAUSAL"], outputs=["DQ"])
 @triton.jit(do_not_specialize=["n_q", "n_k", "N_BUCKET"])
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
@@ -437,6 +441,13 @@ def _validate(q, k, v, causal, sm_scale, layout: str):
         raise ValueError(
             f"query heads ({q.shape[h_axis]}) must be a multiple of kv heads ({k.shape[h_axis]})"
         )
+    seq_axis = 2 if layout == "dense" else 0
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        # batch and head offsets are int64 in the kernels, offsets within a head are int32
+        if (t.shape[seq_axis] - 1) * max(t.stride(seq_axis), math.prod(t.shape[seq_axis + 1 :])) >= 2**31:
+            raise ValueError(
+                f"{name}: (rows - 1) * row stride reaches 2^31 elements; offsets within a head are 32-bit"
+            )
     if layout == "dense":
         if q.shape[2] == 0 or k.shape[2] == 0:
             raise ValueError(f"sequence lengths must be >= 1, got Nq {q.shape[2]} and Nk {k.shape[2]}")
@@ -540,6 +551,10 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             raise ValueError(f"{name} must be a 1-D int32 tensor of B+1 offsets, got {cu!r}")
         if cu.device != q.device:
             raise ValueError(f"{name} is on {cu.device} but q is on {q.device}")
+    for name, n in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if not isinstance(n, int) or n < 0:
+            raise TypeError(f"{name} must be a non-negative int, got {n!r}")
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()  # read as plain arrays
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError("cu_seqlens_q and cu_seqlens_k must describe the same number of sequences")
     len_q, len_k = cu_seqlens_q.diff(), cu_seqlens_k.diff()
@@ -686,9 +701,10 @@ def run_checks(checks, device, quick):
 # timed side by side in one run on the same inputs: ours, and SDPA pinned to each backend.
 #
 # Measured on an H200 (results/06_flash.json; bf16, B*N = 16k tokens, H*D = 2048): at D=128 and
-# N >= 2k the forward runs 1.33-1.55x SDPA-flash (FA2) and 0.74-0.90x cuDNN (0.92-1.00x at D=64); the
-# backward 1.18-1.29x FA2 and 0.67-0.71x cuDNN. Where the cuDNN gap comes from, from the --profile
-# trace (D=128, causal, N=4k, device time per call):
+# N >= 2k the forward runs 1.32-1.54x SDPA-flash (FA2) and 0.74-0.87x cuDNN (0.90-0.96x at D=64); the
+# backward 1.19-1.28x FA2 and 0.70-0.72x cuDNN. Where the cuDNN gap comes from, from the --profile
+# trace of the previous H200 run with the same kernels (notes/06_flash.md, run 2; D=128, causal, N=4k,
+# device time per call):
 #   - Backward, ours 2164 us = delta 36 + dK/dV 1440 + dQ 688; cuDNN 1403 us = dot(dO, O) 66 + one bprop
 #     kernel 1280 + a "convert_dq_to_16bits" pass 57. That last pass means cuDNN accumulates dQ in an
 #     fp32 buffer from its single kernel (across key blocks, so with atomic adds), doing the five
@@ -697,12 +713,12 @@ def run_checks(checks, device, quick):
 #     itself, which is where we land. Per matmul our dQ kernel (688/3 = 229 us) is as fast as cuDNN
 #     (1280/5 = 256 us); dK/dV (1440/4 = 360 us) is the slower one.
 #   - Forward, ours 628 us vs cuDNN 463 us on identical matmuls, i.e. how busy the tensor cores stay: we
-#     reach 69% of the measured 715 TFLOP/s bf16 matmul rate at N=16k, cuDNN 86%. Not measured here,
+#     reach 70% of the measured 713 TFLOP/s bf16 matmul rate at N=16k, cuDNN 86%. Not measured here,
 #     only inferred from its kernel name (sm90 wgmma) and FlashAttention-3: a Hopper-specific kernel
 #     loads tiles with TMA from a producer warp and overlaps one warpgroup's softmax with another's
 #     matmuls, while Triton 3.6 with pointer loads issues cp.async from the warps that do the maths and
 #     runs exp2/rescale and wgmma back to back.
-#   - Short causal sequences (0.61x cuDNN at N=512, D=128): four query blocks per head, half of the
+#   - Short causal sequences (0.62x cuDNN at N=512, D=128): four query blocks per head, half of the
 #     visited key blocks are masked diagonal ones. Launching the heaviest query blocks first changed
 #     nothing measurable (206 -> 205 TFLOP/s); run-to-run spread is up to ~7% (cuDNN causal N=16k read
 #     598 in one run, 558 in the next), so single-digit ratio changes are noise.

@@ -149,3 +149,40 @@ def test_pos_transform_sees_absolute_positions():
         layer(torch.randn(1, 4, 16), cache=cache)
         layer(torch.randn(1, 1, 16), cache=cache, start_pos=4)
     assert seen == [[0, 1, 2, 3], [4]]
+
+
+@pytest.mark.parametrize("use_sdpa", [True, False])
+def test_start_pos_without_cache_stays_causal(use_sdpa):
+    """Without a cache, start_pos only positions the tokens: token 0 must not see the last token."""
+    torch.manual_seed(0)
+    layer = mod.MultiHeadAttention(16, 4, 2, use_sdpa=use_sdpa)
+    x = torch.randn(1, 6, 16)
+    changed = x.clone()
+    changed[:, -1] += 1.0
+    with torch.no_grad():
+        a, b = layer(x, start_pos=5), layer(changed, start_pos=5)
+    torch.testing.assert_close(a[:, :-1], b[:, :-1])
+
+
+def test_decode_without_start_pos_appends_to_the_cache():
+    torch.manual_seed(0)
+    layer = mod.MultiHeadAttention(16, 4, 2)
+    x = torch.randn(1, 7, 16)
+    with torch.no_grad():
+        full = layer(x)
+        cache = layer.new_cache(1, 7)
+        layer(x[:, :6], cache=cache)
+        step = layer(x[:, 6:], cache=cache)  # no start_pos: continues at cache.length
+    assert cache.length == 7
+    torch.testing.assert_close(step, full[:, 6:], rtol=1e-5, atol=1e-5)
+
+
+def test_more_user_errors_are_clear():
+    q, k = torch.randn(1, 8, 5, 4), torch.randn(1, 2, 3, 4)
+    with pytest.raises(ValueError, match="one slope per query head"):
+        mod.attention(q, k, k, alibi_slopes=mod.alibi_slopes(2))
+    with pytest.raises(ValueError, match="see no key"):
+        mod.attention_reference(q, k, k, causal=True)
+    cache = mod.KVCache(1, 2, 8, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="the cache holds torch.float64"):
+        cache.update(k, k, 0)

@@ -93,3 +93,14 @@ def test_user_errors_are_clear():
         mod.flash_attention_varlen(t, t, t, cu, cu, 3, 6)
     with pytest.raises(ValueError, match=r"cu_seqlens_q\[0\] != 0"):
         mod.flash_attention_varlen(t[:8], t, t, torch.tensor([2, 4, 8], dtype=torch.int32), cu, 6, 6)
+
+
+def test_varlen_strided_offsets_and_bad_lengths():
+    """cu_seqlens given as a strided view (every other entry) give the same result as a contiguous copy."""
+    q, k, v = (torch.randn(12, 2, 16, dtype=F16, device=DEVICE) for _ in range(3))
+    cu_every_other = torch.tensor([0, 99, 5, 99, 12], dtype=torch.int32, device=DEVICE)[::2]
+    cu = cu_every_other.contiguous()
+    out = mod.flash_attention_varlen(q, k, v, cu_every_other, cu_every_other, 7, 7, poison=True)
+    torch.testing.assert_close(out, mod.flash_attention_varlen(q, k, v, cu, cu, 7, 7), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="max_seqlen_q must be a non-negative int"):
+        mod.flash_attention_varlen(q, k, v, cu, cu, 7.0, 7)

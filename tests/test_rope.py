@@ -51,13 +51,22 @@ HAND = [
     # -> 0.790084 * 0.01/8 + 0.209916 * 0.01 = 0.00308676
     ("llama3", 8, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                    "original_max_position_embeddings": 1024}, {}, [1.0, 0.1, 0.00308676, 0.000125], 1.0),
-    # longrope (Phi-3 style: no factor, 131072 / 4096 = 32): af = sqrt(1 + ln 32 / ln 4096) = sqrt(17/12)
+    # longrope (no factor, 131072 / 4096 = 32): af = sqrt(1 + ln 32 / ln 4096) = sqrt(17/12)
     ("longrope short", 4, {"rope_type": "longrope", "short_factor": [1.0, 2.0], "long_factor": [1.0, 8.0],
                            "original_max_position_embeddings": 4096},
      {"seq_len": 4096, "max_position_embeddings": 131072}, [1.0, 0.005], math.sqrt(17 / 12)),
     ("longrope long", 4, {"rope_type": "longrope", "short_factor": [1.0, 2.0], "long_factor": [1.0, 8.0],
                           "original_max_position_embeddings": 4096},
      {"seq_len": 4097, "max_position_embeddings": 131072}, [1.0, 0.00125], math.sqrt(17 / 12)),
+    # Phi-3-mini-128k's real layout: original_max_position_embeddings at the top level of config.json,
+    # not in rope_scaling; an explicit factor there is overridden by 131072 / 4096 = 32, as in transformers
+    ("longrope phi3 long", 4, {"type": "longrope", "short_factor": [1.0, 2.0], "long_factor": [1.0, 8.0],
+                               "factor": 2.0},
+     {"seq_len": 8192, "max_position_embeddings": 131072, "original_max_position_embeddings": 4096},
+     [1.0, 0.00125], math.sqrt(17 / 12)),
+    ("longrope phi3 short", 4, {"type": "longrope", "short_factor": [1.0, 2.0], "long_factor": [1.0, 8.0]},
+     {"seq_len": 4096, "max_position_embeddings": 131072, "original_max_position_embeddings": 4096},
+     [1.0, 0.005], math.sqrt(17 / 12)),
     # partial rotary: head 8, factor 0.5 -> R = 4 -> [1, 0.01]
     ("partial", 8, None, {"partial_rotary_factor": 0.5}, [1.0, 0.01], 1.0),
 ]  # fmt: skip
@@ -146,6 +155,23 @@ def test_kernel_input_errors():
         mod.rope_triton_(q.long(), k, cos, sin)
     with pytest.raises(ValueError, match="stride-0"):
         mod.rope_triton_(q[:, :, :1].expand(1, 4, 2, 8), k, cos, sin)
+    with pytest.raises(ValueError, match="same memory"):
+        mod.rope_triton_(q, q, cos, sin)
+    x = torch.randn(1, 4, 2, 8, device=DEVICE, requires_grad=True) * 1  # the autograd path checks too
+    with pytest.raises(ValueError, match="same memory"):
+        mod.rope_triton_(x, x, cos, sin)
+
+
+def test_rotary_embedding_phi3_layout():
+    """Phi-3's config keeps the trained length at the top level: the module switches to the long
+    factors past it and scales by sqrt(1 + ln 32 / ln 4096)."""
+    scaling = {"type": "longrope", "short_factor": [1.0, 2.0], "long_factor": [1.0, 8.0]}
+    emb = mod.RotaryEmbedding(4, 10000.0, scaling, max_position_embeddings=131072,
+                              original_max_position_embeddings=4096)  # fmt: skip
+    cos, _ = emb(8192)
+    af = math.sqrt(17 / 12)
+    want = torch.tensor([math.cos(1.0), math.cos(0.00125)], dtype=torch.float64) * af
+    torch.testing.assert_close(cos[1].double(), want, rtol=1e-6, atol=1e-6)
 
 
 def test_forward_then_backward_restores_input():
