@@ -14,6 +14,13 @@ PY := $(VENV)/bin/python
 SETUP := $(STAMP)
 endif
 BUILDS := $(sort $(wildcard [0-9][0-9]_*.py))
+# Data files: $DATA_DIR when set, else a shared/data folder beside the checkout when there is one; the
+# builds fall back to ./data and then to downloading from the canonical sources.
+ifeq ($(DATA_DIR),)
+ifneq ($(wildcard ../shared/data),)
+export DATA_DIR := $(abspath ../shared/data)
+endif
+endif
 
 .PHONY: test demo gpu-check lint
 
