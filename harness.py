@@ -2,8 +2,22 @@ r"""The shared harness: what every build in the collection needs, written once.
 
 Device and dtype selection (with Triton's CPU interpreter when there is no GPU), seeding, the
 relative-error check with per-dtype tolerances, timing, the two ceilings every benchmark is
-measured against (copy bandwidth and bf16 matmul rate), the results writer, a loader for the
-numbered build files, and data-file resolution. Builds import it first, before Triton.
+measured against (copy bandwidth and matmul rate), the results writer (which records the git
+commit and command line), a loader for the numbered build files, and data-file resolution.
+Builds import it first, before Triton.
+
+Timing policy (one for the whole collection, so that ratios and fractions of a ceiling compare
+like with like):
+- A kernel, its baselines and the ceilings it is compared with are all timed by `bench` with the
+  same `graph` flag; `copy_bandwidth` and `matmul_flops` take that flag too (default True, as the
+  builds time their kernels). graph=True captures one call in a CUDA graph and times its replay:
+  GPU time without Python and launch overhead. graph=False times eager calls, for work that
+  cannot be captured (host synchronisation, data-dependent allocation).
+- The L2 cache is flushed before every timed repetition in both modes (a 256 MB write, more than
+  the H200's 50 MB L2), so every figure is for data coming from HBM, whatever the shape.
+  Benchmarks still include shapes whose working set is larger than L2 (`l2_bytes`).
+- The figure is the median over repetitions timed with CUDA events, after warm-up; on the CPU it
+  is the median of `reps` perf_counter timings.
 """
 
 import argparse
@@ -12,7 +26,9 @@ import importlib
 import json
 import os
 import platform
+import shlex
 import statistics
+import subprocess
 import sys
 import time
 import urllib.request
@@ -172,42 +188,80 @@ class Checks:
 
 
 def bench(fn, device: torch.device, reps: int = 20, graph: bool = False) -> float:
-    """Median milliseconds per call: do_bench (CUDA events) on GPU, perf_counter repeats on CPU.
+    """Median milliseconds per call of fn, under the timing policy in this module's docstring.
 
-    graph=True (GPU) captures fn in a CUDA graph and times its replays: the GPU time of the kernels
-    alone, without the Python and launch overhead that dominates when each call's work is small.
+    GPU: CUDA events around each call (graph=False) or each replay of a CUDA graph holding one
+    call (graph=True), the L2 flushed before each, for about 100 ms of repetitions (at least
+    `reps`). CPU: the median of `reps` perf_counter timings after one warm-up call.
     """
-    if device.type == "cuda":
-        import triton.testing
+    if device.type != "cuda":
+        fn()  # warm-up
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+    # Warm up on a side stream (compiles and autotunes Triton kernels; required before capture).
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    call = fn
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        call = g.replay
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device=device)  # more than any L2 today
 
-        if graph:
-            return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    def timed(n: int) -> list[float]:
+        events = [[torch.cuda.Event(enable_timing=True) for _ in range(2)] for _ in range(n)]
+        for start, end in events:
+            flush.zero_()  # evict L2: every repetition reads its inputs from HBM
+            start.record()
+            call()
+            end.record()
+        torch.cuda.synchronize(device)
+        return [start.elapsed_time(end) for start, end in events]
+
+    estimate = statistics.median(timed(5))
+    n = max(reps, min(1000, int(100 / max(estimate, 1e-3))))
+    return statistics.median(timed(n))
 
 
-def copy_bandwidth(device: torch.device) -> float:
-    """Bytes per second of a large device-to-device copy, counting bytes read plus bytes written."""
-    n = (1 << 30) if device.type == "cuda" else (1 << 25)  # 1 GiB on GPU: far past the 60 MB L2
+def l2_bytes(device: torch.device) -> int:
+    """The device's L2 cache size in bytes (50 MB on an H200); 0 on the CPU. A benchmark's working
+    set larger than this cannot stay cache-resident between calls."""
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_properties(device).L2_cache_size
+
+
+def copy_bandwidth(device: torch.device, graph: bool = True) -> float:
+    """Bytes per second of a large device-to-device copy, counting bytes read plus bytes written.
+
+    Timed by `bench` with the given `graph` flag: pass the one the build times its kernels with.
+    """
+    n = (1 << 30) if device.type == "cuda" else (1 << 25)  # 1 GiB on GPU: far past the 50 MB L2
     src = torch.empty(n, dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
-    ms = bench(lambda: dst.copy_(src), device)
+    ms = bench(lambda: dst.copy_(src), device, graph=graph)
     return 2 * n / (ms * 1e-3)
 
 
-def matmul_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float:
-    """FLOP/s of a large matmul (2*M*N*K FLOPs) through torch: the arithmetic ceiling."""
-    n = 8192 if device.type == "cuda" else 512
-    dtype = dtype if device.type == "cuda" else torch.float32
+def matmul_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16, graph: bool = True) -> float:
+    """FLOP/s of a large square matmul (2*M*N*K FLOPs) through torch in `dtype`: the arithmetic
+    ceiling. Pass the dtype the build compares in. float32 means what torch does by default: full
+    fp32 (torch.backends.cuda.matmul.allow_tf32 is False unless a build turns it on), not tf32.
+    On the CPU the size is small (a figure for completeness, not a ceiling anyone quotes).
+    """
+    n = 8192 if device.type == "cuda" else 256
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    ms = bench(lambda: a @ b, device)
+    ms = bench(lambda: a @ b, device, reps=5, graph=graph)
     return 2 * n**3 / (ms * 1e-3)
 
 
@@ -228,8 +282,32 @@ def print_table(rows: list[dict]) -> None:
         print("  ".join(fmt(r.get(c, "")).ljust(widths[c]) for c in cols))
 
 
+def git_commit(path: Path = ROOT) -> str | None:
+    """Short sha of the checkout holding `path`, with "-dirty" when tracked files have uncommitted
+    changes (untracked files do not count); None without git or outside a repository."""
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=path, capture_output=True, text=True, timeout=30)
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        if head.returncode != 0:
+            return None
+        status = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    dirty = status.returncode != 0 or bool(status.stdout.strip())
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def command_line() -> str:
+    """The command that started this process, e.g. "python 03_rmsnorm.py --out results"."""
+    return shlex.join([Path(sys.executable).name, *sys.argv])
+
+
 def write_results(build: str, rows: list[dict], device: torch.device, out: str, **extra) -> Path:
-    """One JSON per build: device, versions, date, the ceilings or other facts in `extra`, the rows."""
+    """One JSON per build: device, versions, date, git commit, command line, the ceilings or other
+    facts in `extra`, the rows."""
     path = Path(out) / f"{build}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {
@@ -237,6 +315,8 @@ def write_results(build: str, rows: list[dict], device: torch.device, out: str, 
         "device": device_name(device),
         **versions(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "command": command_line(),
         **extra,
         "rows": rows,
     }

@@ -1,6 +1,10 @@
 """The harness itself: tolerances, checks that can fail, the results writer, data resolution."""
 
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import harness
 
@@ -71,3 +75,64 @@ def test_bad_device_and_dtype():
 def test_interpreter_on_cpu():
     if not torch.cuda.is_available():
         assert harness.INTERPRET
+
+
+def _git(cwd, *args):
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True, capture_output=True
+    )
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_git_commit_clean_dirty_and_outside_a_repository(tmp_path):
+    assert harness.git_commit(tmp_path) is None  # not a repository
+    _git(tmp_path, "init", "-q")
+    assert harness.git_commit(tmp_path) is None  # a repository without commits
+    (tmp_path / "a.txt").write_text("one")
+    _git(tmp_path, "add", "a.txt")
+    _git(tmp_path, "commit", "-q", "-m", "first")
+    sha = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True, text=True
+    ).stdout.strip()
+    assert harness.git_commit(tmp_path) == sha
+    (tmp_path / "untracked.txt").write_text("new")  # untracked files do not make the tree dirty
+    assert harness.git_commit(tmp_path) == sha
+    (tmp_path / "a.txt").write_text("two")
+    assert harness.git_commit(tmp_path) == sha + "-dirty"
+
+
+def test_git_commit_without_git(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git executable anywhere on PATH
+    assert harness.git_commit() is None
+
+
+def test_write_results_records_commit_and_command(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["03_rmsnorm.py", "--out", "my results"])
+    monkeypatch.setattr(harness, "git_commit", lambda path=harness.ROOT: "abc1234-dirty")
+    path = harness.write_results("00_demo", [], torch.device("cpu"), str(tmp_path))
+    record = json.loads(path.read_text())
+    assert record["commit"] == "abc1234-dirty"
+    exe = Path(sys.executable).name
+    assert record["command"] == f"{exe} 03_rmsnorm.py --out 'my results'"
+    monkeypatch.undo()  # the real git_commit and argv again; then hide git
+    monkeypatch.setenv("PATH", str(tmp_path))
+    record = json.loads(harness.write_results("00_demo", [], torch.device("cpu"), str(tmp_path)).read_text())
+    assert record["commit"] is None and "command" in record
+
+
+def test_matmul_flops_in_the_compared_dtype(monkeypatch):
+    seen = []
+    real_bench = harness.bench
+
+    def spy(fn, device, reps=20, graph=False):
+        seen.append(graph)
+        return real_bench(fn, device, reps=1, graph=graph)
+
+    monkeypatch.setattr(harness, "bench", spy)
+    dtypes = []
+    real_randn = torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: dtypes.append(k.get("dtype")) or real_randn(*a, **k))
+    assert harness.matmul_flops(torch.device("cpu"), torch.float16) > 0
+    assert dtypes == [torch.float16, torch.float16]
+    assert harness.copy_bandwidth(torch.device("cpu"), graph=False) > 0
+    assert seen == [True, False]
