@@ -71,11 +71,12 @@ ROPE_TYPES = ("default", "linear", "ntk", "dynamic", "yarn", "llama3", "longrope
 # %% [markdown]
 # ## Frequencies: RoPE and its context-extension family
 #
-# RoFormer eq. (15): pair i of a D-dim head turns by theta_i = base^(-2i/D) per position, i < D/2, so
-# pair 0 turns once a radian per token and the last pair takes ~base tokens per turn (its wavelength
-# 2*pi/theta_i). A model trained on L tokens has only seen each slow pair turn a fraction of a circle;
-# past L, the slow pairs reach angles never seen in training and attention breaks. Every extension
-# below slows some pairs so that the long context maps back onto angles the model knows.
+# RoFormer eq. (15): pair i of R rotated dims turns by theta_i = base^(-2i/R) per position, i < R/2,
+# so pair 0 turns one radian per token and the last pair (i = R/2 - 1) takes 2*pi*base^((R-2)/R) tokens
+# per turn (its wavelength 2*pi/theta_i). A model trained on L tokens has only seen each slow pair turn
+# a fraction of a circle; past L, the slow pairs reach angles never seen in training and attention
+# breaks. Every extension below slows some pairs so that the long context maps back onto angles the
+# model knows.
 
 
 def _need(s: dict, key: str, rope_type: str):
@@ -84,16 +85,31 @@ def _need(s: dict, key: str, rope_type: str):
     return s[key]
 
 
-def _original_max(s: dict, max_position_embeddings: int | None, rope_type: str, top_orig=None) -> int:
-    """The trained context length: rope_scaling's own key, else the config's top-level
-    original_max_position_embeddings (where Phi-3 keeps it), else its max_position_embeddings."""
-    orig = s.get("original_max_position_embeddings") or top_orig or max_position_embeddings
-    if orig is None:
-        raise ValueError(
-            f"rope_scaling of type {rope_type!r} needs 'original_max_position_embeddings' (or pass "
-            "max_position_embeddings=, the config.json field it falls back to)"
-        )
-    return orig
+def _number(name: str, x, lo: float, inclusive: bool = False) -> float:
+    """x as a float if it is a finite real number above lo (or at it, if inclusive); else a clear error.
+    (NaN fails every comparison, so a bare `x <= lo` test would let it through.)"""
+    real = isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    if not (real and (x >= lo if inclusive else x > lo)):
+        raise ValueError(f"{name} must be a finite number {'>=' if inclusive else '>'} {lo:g}, got {x!r}")
+    return float(x)
+
+
+def _length(name: str, x, allow_zero: bool = False):
+    """None, or a context length: a non-negative (positive unless allow_zero) int."""
+    if x is not None and (not isinstance(x, int) or isinstance(x, bool) or x < (0 if allow_zero else 1)):
+        raise ValueError(f"{name} must be {'a non-negative' if allow_zero else 'a positive'} int, got {x!r}")
+    return x
+
+
+def _factor(s: dict, rope_type: str) -> float:
+    """The stretch s: a finite number >= 1 (below 1 would speed pairs up, <= 0 flips or breaks them)."""
+    return _number(f"rope_scaling {rope_type!r}: factor", _need(s, "factor", rope_type), 1, inclusive=True)
+
+
+def _attention_factor(s: dict, rope_type: str):
+    """An explicit attention_factor (a finite number > 0), or None to use the paper's default."""
+    af = s.get("attention_factor")
+    return None if af is None else _number(f"{rope_type} attention_factor", af, 0)
 
 
 def _get_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -104,17 +120,20 @@ def _get_mscale(scale: float, mscale: float = 1.0) -> float:
 
 def _yarn(inv_freq, s, dim, base, orig):
     """YaRN "NTK-by-parts": keep fast pairs, interpolate slow ones, ramp linearly in between."""
-    factor = s.get("factor") or None
-    if factor is None:  # DeepSeek-V3-style configs give the two lengths instead of the factor
+    if s.get("factor") is None:  # DeepSeek-V3-style configs give the two lengths instead of the factor
         if s.get("max_position_embeddings") is None:
             raise ValueError(
                 "yarn without 'factor' needs max_position_embeddings= (the config field) to derive it"
             )
-        factor = s["max_position_embeddings"] / orig
+        s["factor"] = s["max_position_embeddings"] / orig
+    factor = _factor(s, "yarn")
     # Pair i turns r = orig * theta_i / (2 pi) times over the trained context; solving for i gives
     # i(r) = dim * ln(orig / (2 pi r)) / (2 ln base) ("NTK-by-parts" in YaRN). The defaults are beta_fast=32,
     # beta_slow=1 ("or": a 0 or null in the config also means the default, as in transformers).
-    beta_fast, beta_slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
+    beta_fast = _number("rope_scaling 'yarn': beta_fast", s.get("beta_fast") or 32, 0)
+    beta_slow = _number("rope_scaling 'yarn': beta_slow", s.get("beta_slow") or 1, 0)
+    if beta_fast <= beta_slow:
+        raise ValueError(f"yarn beta_fast ({beta_fast:g} turns) must be > beta_slow ({beta_slow:g} turns)")
     lo, hi = (dim * math.log(orig / (2 * math.pi * r)) / (2 * math.log(base)) for r in (beta_fast, beta_slow))
     if s.get("truncate", True):  # the paper rounds to whole pairs; gpt-oss sets truncate=false
         lo, hi = math.floor(lo), math.ceil(hi)
@@ -122,9 +141,9 @@ def _yarn(inv_freq, s, dim, base, orig):
     hi = hi + 0.001 if hi == lo else hi  # a one-pair ramp would divide by zero
     ramp = ((torch.arange(dim // 2, dtype=torch.float64) - lo) / (hi - lo)).clamp(0, 1)  # 0 keep, 1 interp
     inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
-    attention_factor = s.get("attention_factor")
+    attention_factor = _attention_factor(s, "yarn")
     if attention_factor is None:  # DeepSeek-V2/V3 give two mscales whose ratio is the factor
-        m, m_all = s.get("mscale"), s.get("mscale_all_dim")
+        m, m_all = (s.get(key) and _number(f"yarn {key}", s[key], 0) for key in ("mscale", "mscale_all_dim"))
         attention_factor = (
             _get_mscale(factor, m) / _get_mscale(factor, m_all) if m and m_all else _get_mscale(factor)
         )
@@ -134,30 +153,36 @@ def _yarn(inv_freq, s, dim, base, orig):
 def _llama3(inv_freq, s):
     """Llama 3.1: pairs faster than orig/high_freq_factor kept, slower than orig/low_freq_factor
     divided by factor, a smooth blend in wavelength between (Llama 3 paper; Meta's apply_scaling)."""
-    factor, low, high = (_need(s, k, "llama3") for k in ("factor", "low_freq_factor", "high_freq_factor"))
-    orig = _need(s, "original_max_position_embeddings", "llama3")
+    factor = _factor(s, "llama3")
+    low, high = (
+        _number(f"llama3 {k}", _need(s, k, "llama3"), 0) for k in ("low_freq_factor", "high_freq_factor")
+    )
+    if high <= low:  # the blend divides by high - low: equal or reversed bands have no meaning
+        raise ValueError(f"llama3 high_freq_factor ({high:g}) must be > low_freq_factor ({low:g})")
+    orig = _length(
+        "llama3 original_max_position_embeddings", _need(s, "original_max_position_embeddings", "llama3")
+    )
     wavelen = 2 * math.pi / inv_freq
     smooth = ((orig / wavelen - low) / (high - low)).clamp(0, 1)  # 1 at wavelen<=orig/high, 0 at >=orig/low
     return (1 - smooth) * inv_freq / factor + smooth * inv_freq, 1.0
 
 
-def _longrope(inv_freq, s, dim, orig, seq_len, max_position_embeddings, top_orig):
+def _longrope(inv_freq, s, dim, orig, seq_len, max_position_embeddings):
     """LongRoPE (Phi-3): searched per-pair divisors, one set inside the trained range, one past it."""
     short, long = _need(s, "short_factor", "longrope"), _need(s, "long_factor", "longrope")
     if len(short) != dim // 2 or len(long) != dim // 2:
         raise ValueError(
             f"longrope short_factor/long_factor need {dim // 2} entries (R/2), got {len(short)}/{len(long)}"
         )
-    factor = s.get("factor")
-    if top_orig is not None and max_position_embeddings is not None:
-        # subtle: Phi-3 stretches max_position_embeddings and keeps the trained length at the top level of
-        # config.json; transformers then takes their ratio as the factor, even over an explicit one.
-        factor = max_position_embeddings / top_orig
-    if factor is None:  # Phi-3 configs: factor = max_position_embeddings / original_max_position_embeddings
+    for name, fs in (("short_factor", short), ("long_factor", long)):
+        if not all(isinstance(f, (int, float)) and math.isfinite(f) and f > 0 for f in fs):
+            raise ValueError(f"longrope {name} entries must be finite numbers > 0, got {fs}")
+    if s.get("factor") is None:  # Phi-3: factor = max_position_embeddings / original_max_position_embeddings
         if max_position_embeddings is None:
             raise ValueError("longrope without 'factor' needs max_position_embeddings= to derive it")
-        factor = max_position_embeddings / orig
-    attention_factor = s.get("attention_factor")
+        s["factor"] = max_position_embeddings / orig
+    factor = _factor(s, "longrope")  # an explicit factor wins over the ratio, as in transformers 5
+    attention_factor = _attention_factor(s, "longrope")
     if attention_factor is None:  # LongRoPE / Phi-3: sqrt(1 + ln(s) / ln(L_orig))
         attention_factor = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(orig))
     ext = long if seq_len is not None and seq_len > orig else short
@@ -181,14 +206,16 @@ def rope_frequencies(head_dim, base, scaling=None, partial_rotary_factor=1.0, *,
     dim = int(head_dim * partial_rotary_factor)  # R, the rotated dims (transformers rounds down the same way)
     if dim < 2 or dim % 2:
         raise ValueError(f"rotated dims head_dim*partial_rotary_factor = {dim} must be even and >= 2")
-    if base <= 1:
-        raise ValueError(f"base (rope_theta) must be > 1, got {base}")
+    _number("base (rope_theta)", base, 1)
+    _length("seq_len", seq_len, allow_zero=True)
+    _length("max_position_embeddings", max_position_embeddings)
+    _length("original_max_position_embeddings", original_max_position_embeddings)
     s = dict(scaling or {})
     rope_type = s.get("rope_type", s.get("type", "default"))  # older configs spell it "type"
     if rope_type not in ROPE_TYPES:
         raise ValueError(f"unknown rope_type {rope_type!r}; accepted: {', '.join(ROPE_TYPES)}")
-    if rope_type in ("linear", "ntk", "dynamic") and _need(s, "factor", rope_type) < 1:
-        raise ValueError(f"rope_scaling factor must be >= 1, got {s['factor']}")
+    if rope_type in ("linear", "ntk", "dynamic"):
+        _factor(s, rope_type)
     exponent = torch.arange(0, dim, 2, dtype=torch.float64) / dim  # 2i/R
     inv_freq = base**-exponent  # theta_i = base^(-2i/R), RoFormer eq. (15)
     if rope_type == "linear":  # position interpolation (Chen et al.): m -> m/s, i.e. theta_i -> theta_i/s
@@ -207,12 +234,12 @@ def rope_frequencies(head_dim, base, scaling=None, partial_rotary_factor=1.0, *,
         orig = _original_max(s, max_position_embeddings, rope_type, original_max_position_embeddings)
         return _yarn(inv_freq, s, dim, base, orig)
     if rope_type == "llama3":
+        if original_max_position_embeddings is not None:  # the top-level field wins (see Interop)
+            s["original_max_position_embeddings"] = original_max_position_embeddings
         return _llama3(inv_freq, s)
     if rope_type == "longrope":
         orig = _original_max(s, max_position_embeddings, rope_type, original_max_position_embeddings)
-        return _longrope(
-            inv_freq, s, dim, orig, seq_len, max_position_embeddings, original_max_position_embeddings
-        )
+        return _longrope(inv_freq, s, dim, orig, seq_len, max_position_embeddings)
     return inv_freq, 1.0
 
 
@@ -376,6 +403,12 @@ def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, T, HQ, HK, sqb, sqt, sqh, sqd, 
 def _launch(q, k, cos, sin, interleaved, backward):
     """One launch rotating q and, unless k is None, k. Validates what a user can get wrong."""
     _check_shapes(q, q if k is None else k, cos, sin)
+    if q.numel() == 0:  # nothing to rotate in q (B, T or HQ is 0): rotate k alone, or nothing
+        q, k = (k, None) if k is not None and k.numel() > 0 else (None, None)
+    elif k is not None and k.numel() == 0:
+        k = None
+    if q is None:
+        return
     tensors = (("q", q), ("k", k), ("cos", cos), ("sin", sin)) if k is not None else (("q", q), ("cos", cos))
     for name, x in tensors:
         if not x.is_floating_point() or x.device != q.device:
@@ -387,8 +420,8 @@ def _launch(q, k, cos, sin, interleaved, backward):
             )
         if max((n - 1) * abs(st) for st, n in zip(x.stride(), x.shape, strict=True)) >= 2**31:
             raise ValueError(f"{name} spans 2^31 elements or more; the kernel's offsets are 32-bit")
-    if k is not None and _same_start(q, k):
-        raise ValueError("q and k are the same memory; rotating in place would rotate it twice")
+    if k is not None and _overlap(q, k):
+        raise ValueError(_OVERLAP_MSG)
     B, T, HQ, _ = q.shape
     HK, half = (0 if k is None else k.shape[2]), cos.shape[1]
     cos, sin = cos.contiguous(), sin.contiguous()  # (T, R/2), small
@@ -402,11 +435,34 @@ def _launch(q, k, cos, sin, interleaved, backward):
                        BACKWARD=backward, num_warps=NUM_WARPS)  # fmt: skip
 
 
-def _same_start(q, k) -> bool:
-    """q and k beginning at the same element (e.g. rope_triton_(q, q)) would be rotated twice. Only this
-    case is checked: slices of a fused qkv buffer interleave in memory without sharing elements, so
-    comparing address spans would reject them, and an exact element-overlap test costs a pass."""
-    return q.data_ptr() == k.data_ptr()
+_OVERLAP_MSG = ("q and k share memory (the same memory in part or whole): rotating in place would rotate "
+                "the shared elements twice; pass tensors or views that share no element")  # fmt: skip
+
+
+def _overlap(q, k) -> bool:
+    """Whether q and k share any element (rope_triton_(q, q[:, :, 1:3]) would rotate two heads twice).
+
+    Tensors whose address ranges are disjoint cannot overlap: the usual case, decided without touching
+    memory. Slices of one fused qkv buffer interleave in memory without sharing elements, so when the
+    ranges intersect an exact test marks q's elements in a scratch map of the span and looks for a
+    mark under k (one pass over the span; only on this path)."""
+    if q.numel() == 0 or k.numel() == 0:
+        return False
+    es = q.element_size()
+
+    def span(x):  # [first byte, one past the last byte]; torch strides are non-negative
+        last = sum((n - 1) * st for n, st in zip(x.shape, x.stride(), strict=True))
+        return x.data_ptr(), x.data_ptr() + (last + 1) * x.element_size()
+
+    (q0, q1), (k0, k1) = span(q), span(k)
+    if q1 <= k0 or k1 <= q0:
+        return False
+    if k.element_size() != es or (k0 - q0) % es:  # mixed dtypes over one buffer: refuse, not guess
+        return True
+    lo = min(q0, k0)
+    mark = torch.zeros((max(q1, k1) - lo) // es, dtype=torch.bool, device=q.device)
+    mark.as_strided(q.shape, q.stride(), (q0 - lo) // es).fill_(True)
+    return bool(mark.as_strided(k.shape, k.stride(), (k0 - lo) // es).any())
 
 
 class _RopeFunction(torch.autograd.Function):
@@ -415,7 +471,7 @@ class _RopeFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, cos, sin, interleaved):
-        _launch(x, None, cos, sin, interleaved, backward=False)
+        _launch(x, None, cos, sin, interleaved, backward=False)  # a no-op on an empty x
         ctx.mark_dirty(x)  # tells autograd x was overwritten, so no one reads the old values
         ctx.save_for_backward(cos, sin)
         ctx.interleaved = interleaved
@@ -436,11 +492,37 @@ def rope_triton_(q, k, cos, sin, interleaved=False):
     launch each (see _RopeFunction)."""
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         _check_shapes(q, k, cos, sin)
-        if _same_start(q, k):
-            raise ValueError("q and k are the same memory; rotating in place would rotate it twice")
+        if _overlap(q, k):
+            raise ValueError(_OVERLAP_MSG)
         return _RopeFunction.apply(q, cos, sin, interleaved), _RopeFunction.apply(k, cos, sin, interleaved)
     _launch(q, k, cos, sin, interleaved, backward=False)  # inference: skip autograd's per-call overhead
     return q, k
+
+
+# %% [markdown]
+# ## Interop: where configuration files keep these numbers
+#
+# Not part of the lesson: quirks of particular config.json layouts, kept here so the formulas above read
+# plainly. Phi-3 (LongRoPE) stretches max_position_embeddings and keeps the trained length at the top
+# level of config.json as original_max_position_embeddings, not inside rope_scaling; transformers 5
+# (`standardize_rope_params`) gives that top-level field priority for llama3, yarn and longrope, and
+# LongRoPE derives its factor from max_position_embeddings / original only when rope_scaling has no
+# explicit `factor` (an explicit one wins, `_compute_longrope_parameters`). The rope_type names are
+# Hugging Face's except "ntk": static NTK-aware scaling has no HF rope_type (HF has only "dynamic");
+# "ntk" is this collection's name for it.
+
+
+def _original_max(s: dict, max_position_embeddings: int | None, rope_type: str, top_orig=None) -> int:
+    """The trained context length: the config's top-level original_max_position_embeddings (where Phi-3
+    keeps it), else rope_scaling's own key, else the config's max_position_embeddings."""
+    orig = next((x for x in (top_orig, s.get("original_max_position_embeddings"), max_position_embeddings)
+                 if x is not None), None)  # fmt: skip
+    if orig is None:
+        raise ValueError(
+            f"rope_scaling of type {rope_type!r} needs 'original_max_position_embeddings' (or pass "
+            "max_position_embeddings=, the config.json field it falls back to)"
+        )
+    return _length(f"{rope_type} original_max_position_embeddings", orig)
 
 
 # %% [markdown]

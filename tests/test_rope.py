@@ -59,11 +59,19 @@ HAND = [
                           "original_max_position_embeddings": 4096},
      {"seq_len": 4097, "max_position_embeddings": 131072}, [1.0, 0.00125], math.sqrt(17 / 12)),
     # Phi-3-mini-128k's real layout: original_max_position_embeddings at the top level of config.json,
-    # not in rope_scaling; an explicit factor there is overridden by 131072 / 4096 = 32, as in transformers
+    # not in rope_scaling. An explicit factor wins over max_position_embeddings / original (transformers
+    # 5.x, _compute_longrope_parameters): af = sqrt(1 + ln 2 / ln 4096) = sqrt(1 + 1/12) = sqrt(13/12);
+    # the long factors do not depend on it: [1/1, 0.01/8]
     ("longrope phi3 long", 4, {"type": "longrope", "short_factor": [1.0, 2.0], "long_factor": [1.0, 8.0],
                                "factor": 2.0},
      {"seq_len": 8192, "max_position_embeddings": 131072, "original_max_position_embeddings": 4096},
-     [1.0, 0.00125], math.sqrt(17 / 12)),
+     [1.0, 0.00125], math.sqrt(13 / 12)),
+    # the top-level trained length wins over one inside rope_scaling, as transformers' standardize does:
+    # 4096 decides short vs long (seq 3000 < 4096: short) and af = sqrt(1 + ln 2 / ln 4096)
+    ("longrope top-level orig wins", 4, {"type": "longrope", "short_factor": [1.0, 2.0],
+                                         "long_factor": [1.0, 8.0], "factor": 2.0,
+                                         "original_max_position_embeddings": 2048},
+     {"seq_len": 3000, "original_max_position_embeddings": 4096}, [1.0, 0.005], math.sqrt(13 / 12)),
     ("longrope phi3 short", 4, {"type": "longrope", "short_factor": [1.0, 2.0], "long_factor": [1.0, 8.0]},
      {"seq_len": 4096, "max_position_embeddings": 131072, "original_max_position_embeddings": 4096},
      [1.0, 0.005], math.sqrt(17 / 12)),
@@ -89,7 +97,7 @@ def test_scaling_matches_paper_formula(rope_type):
     [
         ({"rope_type": "rope2d"}, {}, "unknown rope_type"),
         ({"rope_type": "linear"}, {}, "needs the key 'factor'"),
-        ({"rope_type": "linear", "factor": 0.5}, {}, "factor must be >= 1"),
+        ({"rope_type": "linear", "factor": 0.5}, {}, "factor must be a finite number >= 1"),
         ({"rope_type": "yarn", "factor": 2.0}, {}, "original_max_position_embeddings"),
         ({"rope_type": "llama3", "factor": 8.0}, {}, "low_freq_factor"),
         (
@@ -98,11 +106,40 @@ def test_scaling_matches_paper_formula(rope_type):
             "need 2 entries",
         ),  # fmt: skip
         (None, {"partial_rotary_factor": 1.5}, "partial_rotary_factor"),
+        # every scaling parameter is validated: what was wrong and what is accepted
+        ({"rope_type": "yarn", "factor": -4.0, "original_max_position_embeddings": 64}, {},
+         r"factor must be a finite number >= 1, got -4"),
+        ({"rope_type": "llama3", "factor": 0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}, {}, r"factor must be a finite number >= 1, got 0"),
+        ({"rope_type": "linear", "factor": float("nan")}, {}, "factor must be a finite number >= 1"),
+        ({"rope_type": "ntk", "factor": float("inf")}, {}, "factor must be a finite number >= 1"),
+        ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0,
+          "original_max_position_embeddings": 64}, {}, "high_freq_factor .* must be > low_freq_factor"),
+        ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 0.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}, {}, "low_freq_factor must be a finite number > 0"),
+        ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 0}, {},
+         "original_max_position_embeddings must be a positive int"),
+        ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 1,
+          "beta_slow": 32}, {}, "beta_fast .* must be > beta_slow"),
+        ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+          "attention_factor": -1.0}, {}, "attention_factor must be a finite number > 0"),
+        ({"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 64}, {"seq_len": -1},
+         "seq_len must be"),
+        ({"rope_type": "longrope", "short_factor": [1.0, float("nan")], "long_factor": [1.0, 1.0],
+          "factor": 2.0, "original_max_position_embeddings": 64}, {}, "short_factor entries must be finite"),
+        ({"rope_type": "longrope", "short_factor": [1.0, 1.0], "long_factor": [1.0, 1.0],
+          "factor": 0.5, "original_max_position_embeddings": 64}, {}, "factor must be a finite number >= 1"),
     ],
-)
+)  # fmt: skip
 def test_bad_configs_raise(scaling, kw, match):
     with pytest.raises(ValueError, match=match):
         mod.rope_frequencies(4, 10000.0, scaling, **kw)
+
+
+@pytest.mark.parametrize("base", [float("nan"), float("inf"), 1.0, -5.0])
+def test_bad_base_raises(base):
+    with pytest.raises(ValueError, match="base \\(rope_theta\\) must be a finite number > 1"):
+        mod.rope_frequencies(4, base)
 
 
 def test_relative_position_property():
@@ -160,6 +197,43 @@ def test_kernel_input_errors():
     x = torch.randn(1, 4, 2, 8, device=DEVICE, requires_grad=True) * 1  # the autograd path checks too
     with pytest.raises(ValueError, match="same memory"):
         mod.rope_triton_(x, x, cos, sin)
+
+
+def test_overlapping_q_and_k_are_refused_anywhere():
+    """Any shared element, not only a shared start, would be rotated twice."""
+    cos, sin = mod.cos_sin_table(mod.rope_frequencies(8, 10000.0)[0], 4, device=DEVICE)
+    q = torch.randn(1, 4, 4, 8, device=DEVICE)
+    for k in (q[:, :, 1:3], q[:, :, 3:], q[:, :, 2:]):
+        with pytest.raises(ValueError, match="same memory"):
+            mod.rope_triton_(q, k, cos, sin)
+    leaf = torch.randn(1, 4, 4, 8, device=DEVICE, requires_grad=True)
+    x = leaf * 1
+    with pytest.raises(ValueError, match="same memory"):
+        mod.rope_triton_(x, x[:, :, 1:3], cos, sin)
+    # slices of one fused buffer that share no element are fine: q heads 0-1, k heads 2-3
+    buf = torch.randn(1, 4, 4, 8, device=DEVICE)
+    q2, k2 = buf[:, :, :2], buf[:, :, 2:]
+    ref_q, ref_k = mod.apply_rope(q2.clone(), k2.clone(), cos, sin)
+    mod.rope_triton_(q2, k2, cos, sin)
+    torch.testing.assert_close(q2, ref_q, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k2, ref_k, rtol=1e-5, atol=1e-5)
+
+
+def test_empty_inputs_are_a_no_op():
+    cos, sin = mod.cos_sin_table(mod.rope_frequencies(8, 10000.0)[0], 4, device=DEVICE)
+    empty_b = torch.randn(0, 4, 2, 8, device=DEVICE)
+    q, k = mod.rope_triton_(empty_b, torch.randn(0, 4, 1, 8, device=DEVICE), cos, sin)
+    assert q.shape == (0, 4, 2, 8) and k.shape == (0, 4, 1, 8)
+    # zero query heads: nothing to rotate in q; k is still rotated
+    k = torch.randn(1, 4, 2, 8, device=DEVICE)
+    ref_k = mod.apply_rope(k[:, :, :0], k.clone(), cos, sin)[1]
+    mod.rope_triton_(torch.randn(1, 4, 0, 8, device=DEVICE), k, cos, sin)
+    torch.testing.assert_close(k, ref_k, rtol=1e-5, atol=1e-5)
+    # zero tokens, and the autograd path
+    t0 = torch.randn(1, 0, 2, 8, device=DEVICE, requires_grad=True)
+    c0, s0 = cos[:0], sin[:0]
+    out_q, _ = mod.rope_triton_(t0 * 1, t0 * 1, c0, s0)
+    assert out_q.shape == (1, 0, 2, 8)
 
 
 def test_rotary_embedding_phi3_layout():
