@@ -58,3 +58,59 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="hidden size"):
         big = rms.MAX_N + 1
         rms.rmsnorm_triton(torch.ones(1, big, device=DEVICE), torch.ones(big, device=DEVICE))
+
+
+def test_weight_read_through_its_strides():
+    """A strided weight (every other element of a larger tensor) and an expanded one (stride 0)."""
+    x = torch.randn(5, 16, device=DEVICE)
+    big = torch.rand(32, device=DEVICE) + 0.5
+    w = big[::2]
+    harness.assert_close(rms.rmsnorm_triton(x, w), rms.rmsnorm(x.double(), w.double()), torch.float32)
+    w = torch.tensor([2.0], device=DEVICE).expand(16)
+    harness.assert_close(rms.rmsnorm_triton(x, w), rms.rmsnorm(x.double(), w.double()), torch.float32)
+    # and through the backward, with the fused residual
+    w = big[::2].clone().requires_grad_()
+    ws = w.detach().clone()
+    strided = torch.empty(32, device=DEVICE)
+    strided[::2] = ws
+    strided_w = strided[::2].requires_grad_()
+    x.requires_grad_()
+    dy = torch.randn_like(x)
+    ref = torch.autograd.grad(rms.rmsnorm_triton(x, w), (x, w), dy)
+    got = torch.autograd.grad(rms.rmsnorm_triton(x, strided_w), (x, strided_w), dy)
+    for g, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(g, r)
+
+
+def test_empty_batch_forward_and_backward():
+    x = torch.randn(0, 64, device=DEVICE, requires_grad=True)
+    w = (torch.rand(64, device=DEVICE) + 0.5).requires_grad_()
+    y = rms.rmsnorm_triton(x, w)
+    assert y.shape == (0, 64)
+    dx, dw = torch.autograd.grad(y, (x, w), torch.randn_like(y))
+    assert dx.shape == (0, 64) and torch.equal(dw, torch.zeros_like(dw))
+
+
+@pytest.mark.parametrize("eps", [None, "1e-6", -1.0, float("nan"), True])
+def test_bad_eps_raises_clear_error(eps):
+    x, w = torch.randn(2, 8, device=DEVICE), torch.ones(8, device=DEVICE)
+    with pytest.raises((TypeError, ValueError), match="eps"):
+        rms.rmsnorm_triton(x, w, eps)
+    with pytest.raises((TypeError, ValueError), match="eps"):
+        rms.add_rmsnorm_triton(x, x, w, eps)
+
+
+def test_reference_in_float64_is_float64():
+    x = torch.randn(4, 1000, dtype=torch.float64)
+    w = torch.rand(1000, dtype=torch.float64) + 0.5
+    exact = x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-6) * w
+    assert rms.rmsnorm(x, w).dtype == torch.float64
+    assert harness.rel_err(rms.rmsnorm(x, w), exact) < 1e-14
+
+
+def test_fused_residual_fp16_is_bit_exact():
+    """fp16 stores round to nearest in the interpreter too (only bf16 truncates there), so h = x + r
+    must equal PyTorch's sum bit for bit on every device."""
+    x, w, r = rms._inputs(33, 1000, torch.float16, DEVICE, residual=True)
+    y, h = rms.add_rmsnorm_triton(x, r, w)
+    assert torch.equal(h, x + r)
