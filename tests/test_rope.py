@@ -264,3 +264,15 @@ def test_plot_written(tmp_path):
     pytest.importorskip("matplotlib")
     mod.plot_frequencies(tmp_path)
     assert (tmp_path / "04_rope.png").stat().st_size > 10_000
+
+
+def test_backward_reads_an_expanded_gradient_through_its_strides():
+    """.sum() hands backward a stride-0 (expanded) gradient; the kernel must see real elements."""
+    cos, sin = mod.cos_sin_table(mod.rope_frequencies(8, 10000.0)[0], 4, device=DEVICE)
+    leaf = torch.randn(1, 4, 3, 8, device=DEVICE, requires_grad=True)
+    q, k = mod.rope_triton_(leaf[:, :, :2] * 1, leaf[:, :, 2:] * 1, cos, sin)
+    (q.sum() + k.sum()).backward()
+    ref_leaf = leaf.detach().double().requires_grad_()
+    rq, rk = mod.apply_rope(ref_leaf[:, :, :2], ref_leaf[:, :, 2:], cos.double(), sin.double())
+    (rq.sum() + rk.sum()).backward()
+    torch.testing.assert_close(leaf.grad.double(), ref_leaf.grad, rtol=1e-5, atol=1e-5)
