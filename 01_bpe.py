@@ -126,11 +126,11 @@ def _compile_stages(pattern) -> list:
     """A pattern is a regex string, None (no split), or a list of regexes applied one after another."""
     if pattern is None:
         return []
-    stages = [pattern] if isinstance(pattern, str) else list(pattern)
-    if not all(isinstance(p, str) for p in stages):
+    stages = [pattern] if isinstance(pattern, str) else pattern
+    if not isinstance(stages, (list, tuple)) or not all(isinstance(p, str) for p in stages):
         raise TypeError(f"pattern must be a str, a list of str or None, got {pattern!r}")
     try:
-        return [regex.compile(p) for p in stages]
+        return [regex.compile(p) for p in stages]  # a list, so that a tuple saves and loads equal
     except regex.error as e:
         raise ValueError(f"split pattern does not compile: {e}") from e
 
@@ -155,6 +155,10 @@ def _training_chunks(text: str, pattern, specials: dict) -> list[str]:
     stages, text = _compile_stages(pattern), _fix_surrogates(text)
     parts = _special_regex(specials).split(text) if specials else [text]
     return [c for part in parts for c in _split_stages(stages, part)]
+
+
+def _is_id(i) -> bool:
+    return isinstance(i, int) and not isinstance(i, bool) and i >= 0
 
 
 def _check_token_str(s, what: str) -> None:
@@ -251,7 +255,7 @@ def encode_naive(tok: "Tokenizer", text: str) -> list[int]:
     """
     out = []
     for chunk in tok._split(text):
-        ids = [tok._byte_ids[b] for b in chunk.encode("utf-8")]
+        ids = tok._byte_tokens(chunk.encode("utf-8"))
         while len(ids) >= 2:
             stats = get_stats(ids)
             pair = min(stats, key=lambda p: tok._ranks.get(p, (float("inf"),))[0])
@@ -408,23 +412,6 @@ def bpe_heap(ids: list[int], ranks: dict) -> list[int]:
     return [t for t in ids if t != -1]
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character map (Hugging Face stores byte-level tokens with it).
-
-    Printable Latin-1 bytes map to themselves; the other 68 bytes (space, controls) map to 256 + k,
-    so b" " becomes "Ġ" and b"\n" becomes "Ċ".
-    """
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    chars, k = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + k)
-            k += 1
-    return chars
-
-
 def _fix_surrogates(text: str) -> str:
     # tiktoken's rule: text with lone surrogates (not UTF-8 encodable) has them replaced by U+FFFD.
     try:
@@ -442,27 +429,40 @@ class Tokenizer:
     """Byte-level BPE: byte ids, ordered merges, a split pattern, special and added tokens.
 
     Constructor arguments:
-      byte_ids[b]     the id of the single byte b (identity when we train; permuted in cl100k);
+      byte_ids[b]     the id of the single byte b (identity when we train; permuted in cl100k), or None
+                      where a vocabulary has no such token: encode drops that byte before BPE and merges
+                      across the gap, as Hugging Face does without an unk token (SmolLM2's GGUF lacks 21);
       merges          a list of (a, b, new_id) triples in rank order: earlier merges apply first;
       special_tokens  {str: id}, matched only where encode's allowed_special lets them (tiktoken's rule);
       added_tokens    {str: id}, Hugging Face's non-special added tokens: always matched, by encode and
                       encode_ordinary alike, whatever allowed_special/disallowed_special say (HF's rule);
-      extra_tokens    {id: bytes}, vocab entries that no merge produces (HF): decoded, never produced.
+      extra_tokens    {id: bytes}, vocab entries that no merge produces (HF): decoded, never produced;
+      normalized_tokens  the special/added token strings HF marks normalized=true: matched after all the
+                      others, in the text those left (HF's order), so "o world" beats "hello w".
     The `merges` property returns them differently: an ordered dict {(a, b): new_id}, in rank order.
     """
 
     def __init__(self, byte_ids, merges, pattern=GPT4_SPLIT_PATTERN, special_tokens=None, *,
-                 extra_tokens=None, normalizer=None, ignore_merges=False, added_tokens=None):  # fmt: skip
-        if len(byte_ids) != 256 or len(set(byte_ids)) != 256:
-            raise ValueError("byte_ids must give 256 distinct ids, one per byte value")
+                 extra_tokens=None, normalizer=None, ignore_merges=False, added_tokens=None,
+                 normalized_tokens=()):  # fmt: skip
+        byte_ids = list(byte_ids)
+        present = [i for i in byte_ids if i is not None]
+        if len(byte_ids) != 256 or not all(map(_is_id, present)) or len(set(present)) != len(present):
+            raise ValueError("byte_ids must give 256 distinct ids (ints >= 0, or None), one per byte value")
         if normalizer not in (None, "NFC", "NFD", "NFKC", "NFKD"):
             raise ValueError(f"normalizer must be None or NFC/NFD/NFKC/NFKD, got {normalizer!r}")
-        self.pattern, self.normalizer, self.ignore_merges = pattern, normalizer, bool(ignore_merges)
+        if not isinstance(ignore_merges, bool):  # bool("false") is True: refuse rather than guess
+            raise TypeError(f"ignore_merges must be True or False, got {ignore_merges!r}")
+        self.pattern, self.normalizer, self.ignore_merges = pattern, normalizer, ignore_merges
         self._stages = _compile_stages(pattern)
-        self._byte_ids = [int(i) for i in byte_ids]
-        vocab = {i: bytes([b]) for b, i in enumerate(self._byte_ids)}
+        self._byte_ids = byte_ids
+        self._has_gaps = len(present) < 256  # some byte has no token: encode drops it (HF's rule)
+        vocab = {i: bytes([b]) for b, i in enumerate(byte_ids) if i is not None}
         self._ranks = {}  # (a, b) -> (rank, new id): what the encoder looks up
-        for rank, (a, b, new) in enumerate(merges):
+        for rank, merge_ in enumerate(merges):
+            a, b, new = merge_ if len(merge_) == 3 else (None, None, None)
+            if not _is_id(new):
+                raise ValueError(f"merge {rank} {merge_!r}: expected (a, b, new_id) with int ids >= 0")
             if a not in vocab or b not in vocab:
                 raise ValueError(f"merge {rank} ({a}, {b}) uses an id that no earlier token defines")
             # Two merges may spell the same token (HF allows ("ab", "c") and ("a", "bc") -> "abc").
@@ -483,14 +483,17 @@ class Tokenizer:
         for what, tokens in (("special token", self.special_tokens), ("added token", self.added_tokens)):
             for s, i in tokens.items():
                 _check_token_str(s, what)
-                if not isinstance(i, int) or i < 0:
+                if not _is_id(i):
                     raise ValueError(f"{what} {s!r} -> {i!r}: the id must be an int >= 0")
                 # An HF added token may reuse the id of an equal vocab token (hf.add_tokens(["ing"])).
                 if i in vocab and (what == "special token" or vocab[i] != s.encode("utf-8")):
                     raise ValueError(f"{what} {s!r} has id {i}, which is already the token {vocab[i]!r}")
                 vocab[i] = s.encode("utf-8")
         self._token_ids = self.added_tokens | self.special_tokens  # str -> id for everything matched whole
-        self._added_rx = _special_regex(self.added_tokens) if self.added_tokens else None
+        self.normalized_tokens = frozenset(normalized_tokens)
+        if not self.normalized_tokens <= self._token_ids.keys():
+            raise ValueError(f"normalized_tokens {set(self.normalized_tokens - self._token_ids.keys())} "
+                             "are neither special nor added tokens")  # fmt: skip
         self._extra = dict(extra_tokens or {})
         self.vocab = vocab  # id -> bytes, special tokens included (as tiktoken's decoder)
         self._lookup = {}  # bytes -> id for ignore_merges: whole chunk already a token (tiktoken, Llama-3)
@@ -535,19 +538,22 @@ class Tokenizer:
             text = unicodedata.normalize(self.normalizer, text)
         return _split_stages(self._stages, text)
 
+    def _byte_tokens(self, chunk: bytes) -> list[int]:
+        """The chunk's bytes as token ids; a byte with no token is dropped (HF without an unk token)."""
+        ids = [self._byte_ids[b] for b in chunk]
+        return [i for i in ids if i is not None] if self._has_gaps else ids
+
     def _encode_chunk(self, chunk: bytes) -> list[int]:
         if self.ignore_merges and (i := self._lookup.get(chunk)) is not None:
             return [i]
-        ids = [self._byte_ids[b] for b in chunk]
+        ids = self._byte_tokens(chunk)
         return bpe_scan(ids, self._ranks) if len(ids) <= LONG_CHUNK else bpe_heap(ids, self._ranks)
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Encode ignoring special tokens: "<|endoftext|>" is just text here. Added tokens still split out."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
-        if self._added_rx is not None:
-            return self._encode_around(text, self._added_rx)
-        return self._encode_plain(text)
+        return self._encode_whole(text, self._whole_regexes(self.added_tokens.keys()))
 
     def _encode_plain(self, text: str) -> list[int]:
         """The hot loop: split into chunks, BPE each chunk once (cached), concatenate."""
@@ -572,6 +578,8 @@ class Tokenizer:
             if isinstance(arg, str) and arg != "all":  # set("<|e|>") would be a set of characters
                 raise TypeError(f'{name} must be "all" or a set of special tokens, got the str {arg!r}; '
                                 f"write {{{arg!r}}}")  # fmt: skip
+            if not isinstance(arg, (str, set, frozenset, list, tuple, dict)):
+                raise TypeError(f'{name} must be "all" or a set of special tokens (() for none), got {arg!r}')
         specials = set(self.special_tokens)
         allowed = specials if allowed_special == "all" else set(allowed_special)
         disallowed = specials - allowed if disallowed_special == "all" else set(disallowed_special)
@@ -582,18 +590,23 @@ class Tokenizer:
                 "to encode it as ordinary text"
             )
         whole = (allowed & specials) | self.added_tokens.keys()  # strings that become one token each
-        if not whole:
-            return self._encode_plain(text)
-        return self._encode_around(text, _special_regex(whole))
+        return self._encode_whole(text, self._whole_regexes(whole))
 
-    def _encode_around(self, text: str, rx) -> list[int]:
-        """Tokens matched by rx (longest first at the leftmost place) become their ids; BPE between them."""
+    def _whole_regexes(self, whole) -> list:
+        """Matchers for the tokens kept whole: normalized=false ones first, then normalized=true (HF)."""
+        first, second = set(whole) - self.normalized_tokens, set(whole) & self.normalized_tokens
+        return [_special_regex(group) for group in (first, second) if group]
+
+    def _encode_whole(self, text: str, rxs: list) -> list[int]:
+        """rxs[0]'s tokens (leftmost, longest first) become ids; between them, the rest of rxs, then BPE."""
+        if not rxs:
+            return self._encode_plain(text)
         out, pos = [], 0
-        for m in rx.finditer(text):
-            out += self._encode_plain(text[pos : m.start()])
+        for m in rxs[0].finditer(text):
+            out += self._encode_whole(text[pos : m.start()], rxs[1:])
             out.append(self._token_ids[m.group()])
             pos = m.end()
-        return out + self._encode_plain(text[pos:])
+        return out + self._encode_whole(text[pos:], rxs[1:])
 
     # -- decoding --------------------------------------------------------------------------------
 
@@ -626,10 +639,10 @@ class Tokenizer:
     #
     # Format "bpe-tokenizer v1", a text file:
     #   line 1: bpe-tokenizer v1
-    #   line 2: one JSON object {"pattern", "normalizer", "ignore_merges", "byte_ids",
-    #           "special_tokens": {str: id}, "added_tokens": {str: id}, "extra_tokens": {id: hex bytes},
-    #           "n_merges"}  (files saved before "added_tokens" existed load with none)
-    #   then n_merges lines "a b new_id", in rank order.
+    #   line 2: one JSON object {"pattern", "normalizer", "ignore_merges", "byte_ids" (null: no token),
+    #           "special_tokens": {str: id}, "added_tokens": {str: id}, "normalized_tokens": [str],
+    #           "extra_tokens": {id: hex bytes}, "n_merges"}  (older files lack the added/normalized keys)
+    #   then n_merges lines "a b new_id", in rank order; blank lines at the end are ignored.
 
     def save(self, path) -> None:
         header = {
@@ -639,6 +652,7 @@ class Tokenizer:
             "byte_ids": self._byte_ids,
             "special_tokens": self.special_tokens,
             "added_tokens": self.added_tokens,
+            "normalized_tokens": sorted(self.normalized_tokens),
             "extra_tokens": {str(i): t.hex() for i, t in self._extra.items()},
             "n_merges": len(self._ranks),
         }
@@ -648,7 +662,13 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path) -> "Tokenizer":
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not a saved tokenizer: not UTF-8 text ({e.reason} at byte "
+                             f"{e.start})") from None  # fmt: skip
+        while lines and not lines[-1].strip():  # an editor may leave blank lines at the end
+            lines.pop()
         if not lines or not lines[0].startswith("bpe-tokenizer "):
             raise ValueError(f"{path} is not a saved tokenizer (first line should be {FORMAT!r})")
         if lines[0] != FORMAT:
@@ -661,82 +681,121 @@ class Tokenizer:
             extra = {int(i): bytes.fromhex(t) for i, t in h["extra_tokens"].items()}
             return cls(h["byte_ids"], merges, h["pattern"], h["special_tokens"], extra_tokens=extra,
                        normalizer=h["normalizer"], ignore_merges=h["ignore_merges"],
-                       added_tokens=h.get("added_tokens", {}))  # fmt: skip
+                       added_tokens=h.get("added_tokens", {}),
+                       normalized_tokens=h.get("normalized_tokens", ()))  # fmt: skip
         except (IndexError, KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path} is a corrupt tokenizer file: {type(e).__name__}: {e}") from e
 
-    # -- other formats ---------------------------------------------------------------------------
 
-    @classmethod
-    def from_tiktoken(cls, path_or_ranks, pattern=GPT4_SPLIT_PATTERN, special_tokens=None,
-                      expected_hash: str | None = None) -> "Tokenizer":  # fmt: skip
-        """Load a .tiktoken file (lines "base64(token) rank") or a {bytes: rank} dict; recover the merges.
+# %% [markdown]
+# ## Interop: tiktoken, Hugging Face tokenizer.json and GGUF files
+#
+# Everything above is the lesson. What follows reads other libraries' files into the same
+# Tokenizer, with their quirks: tiktoken lists tokens, not merges; Hugging Face spells bytes as
+# printable characters and has its own pre-tokenizers and added tokens; GGUF stores HF's tables
+# under llama.cpp's names.
 
-        The file lists tokens, not merges. Token r was made by merging two earlier tokens; which two
-        is what BPE with merges of rank < r does to its bytes (minbpe's recover_merges). We replay it
-        with the merges recovered so far, in rank order, so each token costs one short encode.
-        """
-        ranks = (
-            path_or_ranks if isinstance(path_or_ranks, dict) else _read_tiktoken(path_or_ranks, expected_hash)
-        )
-        try:
-            byte_ids = [ranks[bytes([b])] for b in range(256)]
-        except KeyError as e:
-            raise ValueError(f"ranks lack the single byte {e.args[0]!r}; not a byte-level BPE") from e
-        pair_ranks, merges = {}, []
-        for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-            if len(token) < 2:
-                continue
-            parts = bpe_scan([byte_ids[b] for b in token], pair_ranks)
-            if len(parts) != 2:
-                raise ValueError(f"token {token!r} (rank {rank}) is not a merge of two lower-ranked tokens")
-            pair_ranks[(parts[0], parts[1])] = (rank, rank)
-            merges.append((parts[0], parts[1], rank))
-        # ignore_merges: tiktoken returns a chunk that is itself a token directly (same result, faster).
-        return cls(byte_ids, merges, pattern, special_tokens, ignore_merges=True)
 
-    @classmethod
-    def from_hf(cls, path) -> "Tokenizer":
-        """Load a Hugging Face tokenizer.json holding a byte-level BPE (GPT-2, Llama-3, Qwen2, SmolLM)."""
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map (Hugging Face stores byte-level tokens with it).
+
+    Printable Latin-1 bytes map to themselves; the other 68 bytes (space, controls) map to 256 + k,
+    so b" " becomes "Ġ" and b"\n" becomes "Ċ".
+    """
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    chars, k = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + k)
+            k += 1
+    return chars
+
+
+def from_tiktoken(cls, path_or_ranks, pattern=GPT4_SPLIT_PATTERN, special_tokens=None,
+                  expected_hash: str | None = None) -> "Tokenizer":  # fmt: skip
+    """Load a .tiktoken file (lines "base64(token) rank") or a {bytes: rank} dict; recover the merges.
+
+    The file lists tokens, not merges. Token r was made by merging two earlier tokens; which two
+    is what BPE with merges of rank < r does to its bytes (minbpe's recover_merges). We replay it
+    with the merges recovered so far, in rank order, so each token costs one short encode.
+    """
+    ranks = path_or_ranks if isinstance(path_or_ranks, dict) else _read_tiktoken(path_or_ranks, expected_hash)
+    try:
+        byte_ids = [ranks[bytes([b])] for b in range(256)]
+    except KeyError as e:
+        raise ValueError(f"ranks lack the single byte {e.args[0]!r}; not a byte-level BPE") from e
+    pair_ranks, merges = {}, []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) < 2:
+            continue
+        parts = bpe_scan([byte_ids[b] for b in token], pair_ranks)
+        if len(parts) != 2:
+            raise ValueError(f"token {token!r} (rank {rank}) is not a merge of two lower-ranked tokens")
+        pair_ranks[(parts[0], parts[1])] = (rank, rank)
+        merges.append((parts[0], parts[1], rank))
+    # ignore_merges: tiktoken returns a chunk that is itself a token directly (same result, faster).
+    return cls(byte_ids, merges, pattern, special_tokens, ignore_merges=True)
+
+
+def from_hf(cls, path) -> "Tokenizer":
+    """Load a Hugging Face tokenizer.json holding a byte-level BPE (GPT-2, Llama-3, Qwen2, SmolLM)."""
+    try:
         spec = json.loads(Path(path).read_text(encoding="utf-8"))
-        model = spec.get("model") or {}
-        if model.get("type") != "BPE":
-            raise ValueError(f"{path}: model type {model.get('type')!r} is not BPE")
-        for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "byte_fallback"):
-            if model.get(key):
-                raise ValueError(f"{path}: BPE option {key}={model[key]!r} is not supported")
-        stages = _hf_pre_tokenizer(spec.get("pre_tokenizer"), path)
-        normalizer = _hf_normalizer(spec.get("normalizer"), path)
-        specials, added = {}, {}  # HF: "special": true ones are skippable; all are split out of the text
-        for t in spec.get("added_tokens") or []:
-            _check_hf_added_token(t, normalizer, path)
-            (specials if t.get("special") else added)[t["content"]] = t["id"]
-        char_to_byte = {c: b for b, c in _bytes_to_unicode().items()}
-        vocab = model["vocab"]
-        id_bytes = {}
-        for s, i in vocab.items():
-            if specials.get(s, added.get(s)) == i:
-                continue  # an added token listed in the model vocab too (GPT-2's <|endoftext|>)
-            if any(c not in char_to_byte for c in s):
-                raise ValueError(f"{path}: vocab entry {s!r} is not in the byte-level alphabet")
-            id_bytes[i] = bytes(char_to_byte[c] for c in s)
-        missing = [c for c in _bytes_to_unicode().values() if c not in vocab]
-        if missing:
-            raise ValueError(
-                f"{path}: vocab lacks {len(missing)} of the 256 byte tokens, e.g. {missing[0]!r}"
-            )
-        byte_ids = [vocab[c] for c in _bytes_to_unicode().values()]
-        merges = []
-        for m in model["merges"]:
-            a, b = m.split(" ") if isinstance(m, str) else m  # "a b" (older files) or ["a", "b"]
-            if a not in vocab or b not in vocab or a + b not in vocab:
-                raise ValueError(f"{path}: merge {m!r} refers to a token missing from the vocab")
-            merges.append((vocab[a], vocab[b], vocab[a + b]))
-        made = set(byte_ids) | {m[2] for m in merges}
-        extra = {i: t for i, t in id_bytes.items() if i not in made}
-        pattern = None if not stages else stages[0] if len(stages) == 1 else stages
-        return cls(byte_ids, merges, pattern, specials, extra_tokens=extra, normalizer=normalizer,
-                   ignore_merges=model.get("ignore_merges", False), added_tokens=added)  # fmt: skip
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a tokenizer.json (JSON text): {e}") from None
+    return _from_hf_spec(cls, spec, path)
+
+
+def _from_hf_spec(cls, spec: dict, path) -> "Tokenizer":
+    """The tokenizer.json dict -> Tokenizer; `path` names the source in error messages."""
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        raise ValueError(f"{path}: model type {model.get('type')!r} is not BPE")
+    for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "byte_fallback"):
+        if model.get(key):
+            raise ValueError(f"{path}: BPE option {key}={model[key]!r} is not supported")
+    stages = _hf_pre_tokenizer(spec.get("pre_tokenizer"), path)
+    normalizer = _hf_normalizer(spec.get("normalizer"), path)
+    specials, added, normalized = {}, {}, set()  # HF: "special": true ones are skippable; all split out
+    for t in spec.get("added_tokens") or []:
+        _check_hf_added_token(t, normalizer, path)
+        (specials if t.get("special") else added)[t["content"]] = t["id"]
+        if t.get("normalized", not t.get("special")):  # HF's default: normalized unless special
+            normalized.add(t["content"])
+    alphabet = _bytes_to_unicode()
+    char_to_byte = {c: b for b, c in alphabet.items()}
+    vocab = model["vocab"]
+    id_bytes = {}
+    for s, i in vocab.items():
+        if specials.get(s, added.get(s)) == i:
+            continue  # an added token listed in the model vocab too (GPT-2's <|endoftext|>)
+        if any(c not in char_to_byte for c in s):
+            raise ValueError(f"{path}: vocab entry {s!r} is not in the byte-level alphabet")
+        id_bytes[i] = bytes(char_to_byte[c] for c in s)
+    # A byte with no token (SmolLM2's GGUF vocab lacks 21): HF drops it before BPE, unless there is an
+    # unk token, which it would emit instead (not reproduced here).
+    byte_ids = [vocab.get(alphabet[b]) for b in range(256)]
+    if None in byte_ids and model.get("unk_token") is not None:
+        raise ValueError(
+            f"{path}: vocab lacks {byte_ids.count(None)} of the 256 byte tokens and sets unk_token="
+            f"{model['unk_token']!r}; only a vocab without unk_token may lack bytes"
+        )
+    merges = []
+    for m in model["merges"]:
+        a, b = m.split(" ") if isinstance(m, str) else m  # "a b" (older files) or ["a", "b"]
+        if a not in vocab or b not in vocab or a + b not in vocab:
+            raise ValueError(f"{path}: merge {m!r} refers to a token missing from the vocab")
+        merges.append((vocab[a], vocab[b], vocab[a + b]))
+    made = set(byte_ids) | {m[2] for m in merges}
+    extra = {i: t for i, t in id_bytes.items() if i not in made}
+    pattern = None if not stages else stages[0] if len(stages) == 1 else stages
+    ignore_merges = model.get("ignore_merges", False)
+    if not isinstance(ignore_merges, bool):
+        raise ValueError(f"{path}: ignore_merges must be true or false, got {ignore_merges!r}")
+    return cls(byte_ids, merges, pattern, specials, extra_tokens=extra, normalizer=normalizer,
+               ignore_merges=ignore_merges, added_tokens=added, normalized_tokens=normalized)  # fmt: skip
 
 
 def _read_tiktoken(path, expected_hash) -> dict[bytes, int]:
@@ -814,6 +873,11 @@ def _hf_normalizer(norm, path) -> str | None:
     if norm.get("type") in ("NFC", "NFD", "NFKC", "NFKD"):
         return norm["type"]
     raise ValueError(f"{path}: normalizer {norm.get('type')!r} is not supported")
+
+
+# Attached as class methods: Tokenizer.from_tiktoken(path), Tokenizer.from_hf(path).
+Tokenizer.from_tiktoken = classmethod(from_tiktoken)
+Tokenizer.from_hf = classmethod(from_hf)
 
 
 # %% [markdown]

@@ -500,3 +500,110 @@ def test_run_checks_reports_training_failures_as_fail(monkeypatch, capsys, text,
         bpe.run_checks(text, cl100k_path, quick=True)
     out = capsys.readouterr().out
     assert "FAIL  hand case" in out and "FAIL  fast == naive trainer: 50 KB" in out
+
+
+# %% hardening: missing byte tokens, added-token order, loose constructors and files
+
+
+def _drop_byte_tokens(path, drop: bytes):
+    """Remove the byte-level tokens of `drop` from a saved tokenizer.json (SmolLM2's GGUF lacks 21)."""
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    alphabet = bpe._bytes_to_unicode()
+    gone = {alphabet[b] for b in drop}
+    vocab = spec["model"]["vocab"]
+    assert all(any(c in t for c in gone) for t in vocab if t in gone)
+    spec["model"]["vocab"] = {t: i for t, i in vocab.items() if t not in gone}
+    merges = spec["model"]["merges"]
+    assert not any(c in "".join(m) for m in merges for c in gone), "a dropped byte takes part in a merge"
+    path.write_text(json.dumps(spec), encoding="utf-8")
+    return path
+
+
+# 0x04, 0x06: control bytes; 0xC0, 0xF5-0xFF: never in UTF-8; 0xF1: the lead byte of U+40000-U+7FFFF.
+MISSING = bytes([0x04, 0x06, 0x13, 0xC0, 0xF1, 0xF5, 0xFF])
+
+
+@pytest.mark.parametrize("use_regex", [True, False])
+def test_hf_vocab_missing_byte_tokens(tmp_path, text, use_regex):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import pre_tokenizers as pre
+
+    hf = bpe.hf_train(text[:20_000], 400, "gpt2", special_tokens=["<|endoftext|>"])
+    hf.pre_tokenizer = pre.ByteLevel(add_prefix_space=False, use_regex=use_regex)  # False: one chunk
+    path = _drop_byte_tokens(_hf_file(hf, tmp_path / "tokenizer.json"), MISSING)
+    hf = HFTokenizer.from_file(str(path))
+    ours = Tokenizer.from_hf(path)
+    rng = random.Random(3)
+    texts = list(bpe.SAMPLES.values()) + [bpe.random_unicode(rng, rng.randint(0, 40)) for _ in range(60)]
+    texts += [
+        "th\x04e king",
+        "\x04",
+        "a\x04\x06b the\x13re",
+        "x\U00050000y the\U00040001",
+        "\x04<|endoftext|>\x06",
+    ]
+    texts += ["".join(rng.choice(["the ", "\x04", "\x06", "\xff", "ng", "\U00050000"]) for _ in range(20))]
+    for s in texts:
+        ref = hf.encode(s, add_special_tokens=False).ids
+        assert ours.encode(s, allowed_special="all") == ref, repr(s)
+        assert ours.decode(ref) == hf.decode(ref, skip_special_tokens=False), repr(s)
+    ours.save(tmp_path / "t.bpe")
+    assert Tokenizer.load(tmp_path / "t.bpe").encode("th\x04e\xff") == ours.encode("th\x04e\xff")
+
+
+def test_hf_added_tokens_unnormalized_match_first(tmp_path, text):
+    # HF matches normalized=false added tokens in the raw text first, then normalized=true ones in what
+    # is left: "o world" (special, normalized=false) wins over an earlier-starting "hello w".
+    from tokenizers import AddedToken
+
+    hf = bpe.hf_train(text[:20_000], 400, "gpt4")
+    hf.add_tokens([AddedToken("hello w", normalized=True)])
+    hf.add_special_tokens([AddedToken("o world", normalized=False)])
+    ours = Tokenizer.from_hf(_hf_file(hf, tmp_path / "tokenizer.json"))
+    for s in ["hello world", "say hello world, hello wide o world", "hello w", "o worldhello w"]:
+        ref = hf.encode(s, add_special_tokens=False).ids
+        assert ours.encode(s, allowed_special="all") == ref, s
+    ours.save(tmp_path / "t.bpe")
+    back = Tokenizer.load(tmp_path / "t.bpe")
+    assert back.encode("hello world", allowed_special="all") == hf.encode("hello world").ids
+
+
+def test_constructor_rejects_bad_ids_and_flags():
+    with pytest.raises(ValueError, match="id"):
+        Tokenizer(list(range(256)), [(97, 98, -5)])
+    with pytest.raises(ValueError, match="id"):
+        Tokenizer(list(range(256)), [(97, 98, 1.5)])
+    with pytest.raises(ValueError, match="id"):
+        Tokenizer(list(range(255)) + [-1], [])
+    with pytest.raises(TypeError, match="ignore_merges"):
+        Tokenizer(list(range(256)), [], ignore_merges="false")
+    tok = Tokenizer.train("hello world", 260, special_tokens=["<|e|>"])
+    for bad in (None, 5):
+        with pytest.raises(TypeError, match="allowed_special"):
+            tok.encode("hello", allowed_special=bad)
+    with pytest.raises(TypeError, match="disallowed_special"):
+        tok.encode("hello", disallowed_special=None)
+    for train in (Tokenizer.train, bpe.train_naive):
+        with pytest.raises(TypeError, match="pattern"):
+            train("hello world", 260, pattern=123)
+    with pytest.raises(TypeError, match="pattern"):
+        Tokenizer(list(range(256)), [], pattern=123)
+
+
+def test_load_loose_files(tmp_path):
+    tok = Tokenizer.train("hello hello world", 262, pattern=None)
+    tok.save(tmp_path / "t.bpe")
+    good = (tmp_path / "t.bpe").read_text()
+    (tmp_path / "blank.bpe").write_text(good + "\n\n")  # trailing blank lines, as an editor may leave
+    assert Tokenizer.load(tmp_path / "blank.bpe").merges == tok.merges
+    (tmp_path / "flag.bpe").write_text(good.replace('"ignore_merges": false', '"ignore_merges": "false"'))
+    with pytest.raises(ValueError, match="ignore_merges"):
+        Tokenizer.load(tmp_path / "flag.bpe")
+    (tmp_path / "bin.bpe").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00binary")
+    with pytest.raises(ValueError, match="bin.bpe"):
+        Tokenizer.load(tmp_path / "bin.bpe")
+    lines = good.splitlines()
+    lines[2] = "97 98 -5"
+    (tmp_path / "neg.bpe").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match="neg.bpe"):
+        Tokenizer.load(tmp_path / "neg.bpe")
