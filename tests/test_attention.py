@@ -138,15 +138,6 @@ def test_fast_path_makes_no_kv_copies():
         assert not any("repeat" in op or "index_select" in op for op in rec.ops), rec.ops
 
 
-def test_fallback_without_enable_gqa_warns_and_matches(monkeypatch):
-    q, k, v = torch.randn(1, 4, 9, 8), torch.randn(1, 2, 9, 8), torch.randn(1, 2, 9, 8)
-    want = mod.attention(q, k, v, causal=True)
-    monkeypatch.setattr(mod, "sdpa_supports_gqa", lambda: False)
-    with pytest.warns(UserWarning, match="falls back"):
-        got = mod.attention(q, k, v, causal=True)
-    torch.testing.assert_close(got, want)
-
-
 def test_pos_transform_sees_absolute_positions():
     seen = []
 
@@ -197,3 +188,100 @@ def test_more_user_errors_are_clear():
     cache = mod.KVCache(1, 2, 8, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match="the cache holds torch.float64"):
         cache.update(k, k, 0)
+
+
+# Rows that see no key, degenerate shapes, the KV cache under autograd, strided inputs.
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"window": 2, "q_start": 10},  # the window ends before the keys start: every row sees nothing
+        {"causal": True, "window": 2, "q_start": 10},
+        {"window": 3, "q_start": 4},  # 7 queries at 4..10 over 5 keys: the last rows see nothing
+        {"causal": True, "window": 2, "q_start": 5, "alibi": True},
+    ],
+)
+def test_rows_that_see_no_key_are_zero_on_every_path(kw):
+    """The collection's rule: a query row with no visible key outputs 0 (the empty weighted sum), on
+    the reference and the fused path alike, with finite (zero) gradients through that row."""
+    kw = dict(kw)
+    H = 4
+    if kw.pop("alibi", False):
+        kw["alibi_slopes"] = mod.alibi_slopes(H)
+    q = torch.randn(1, H, 7, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(1, 2, 5, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    p = torch.arange(kw["q_start"], kw["q_start"] + 7)[:, None]
+    j = torch.arange(5)[None, :]
+    visible = ((p - j).abs() < kw["window"]) & ((j <= p) if kw.get("causal") else True)
+    blind = ~visible.any(-1)  # (Tq,): the rows that see no key
+    assert blind.any()
+    outs, dout = [], torch.randn(1, H, 7, 8, dtype=torch.float64)
+    for fn in (mod.attention_reference, mod.attention):
+        out = fn(q, k, v, **kw)
+        assert torch.isfinite(out).all(), fn.__name__
+        assert (out[:, :, blind] == 0).all(), fn.__name__
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+        assert all(torch.isfinite(g).all() for g in grads), fn.__name__
+        assert (grads[0][:, :, blind] == 0).all()
+        outs.append((out, grads))
+    (ref, ref_grads), (fast, fast_grads) = outs
+    torch.testing.assert_close(fast, ref)
+    for g, r in zip(fast_grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r)
+
+
+@pytest.mark.parametrize("fn", ["attention_reference", "attention"])
+def test_degenerate_shapes_and_window_raise_clear_errors(fn):
+    f = getattr(mod, fn)
+    q, k = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8)
+    with pytest.raises(ValueError, match="window"):
+        f(q, k, k, window=0)
+    with pytest.raises(ValueError, match="window"):
+        f(q, k, k, window=2.5)
+    with pytest.raises(ValueError, match="key/value heads"):
+        f(q, k[:, :0], k[:, :0])
+    with pytest.raises(ValueError, match="head dim"):
+        f(q[..., :0], k[..., :0], k[..., :0])
+    with pytest.raises(ValueError, match="sm_scale"):
+        f(q, k, k, sm_scale=float("inf"))
+
+
+def test_module_with_zero_head_dim_raises():
+    with pytest.raises(ValueError, match="d_model"):
+        mod.MultiHeadAttention(0, 4)
+
+
+def test_kv_cache_with_grad_enabled_raises_up_front():
+    layer = mod.MultiHeadAttention(16, 4, 2)
+    cache = layer.new_cache(1, 8)
+    with pytest.raises(RuntimeError, match="no_grad"):
+        layer(torch.randn(1, 3, 16), cache=cache)
+    assert cache.length == 0  # nothing was written
+    with torch.no_grad():
+        layer(torch.randn(1, 3, 16), cache=cache)  # the same call for inference works
+    assert cache.length == 3
+
+
+def test_strided_inputs_give_the_same_result():
+    """q, k, v as views (a (B, T, H, D) layout transposed, every other position): both paths read
+    them through their strides, with the same result as contiguous copies."""
+    base_q, base_kv = torch.randn(2, 18, 4, 8), torch.randn(2, 2, 22, 2, 8)
+    q = base_q.transpose(1, 2)[:, :, ::2]  # (2, 4, 9, 8), non-contiguous
+    k, v = base_kv.permute(1, 0, 3, 2, 4)[:, :, :, ::2]  # each (2, 2, 11, 8), non-contiguous
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    for fn in (mod.attention_reference, mod.attention):
+        want = fn(q.contiguous(), k.contiguous(), v.contiguous(), causal=True, window=5)
+        torch.testing.assert_close(fn(q, k, v, causal=True, window=5), want)
+
+
+def test_drop_in_for_the_flash_build_signature():
+    """06_flash.py calls attention_reference(q, k, v, causal, sm_scale=...) with fewer K/V heads."""
+    q = torch.randn(1, 4, 6, 16, dtype=torch.float64)
+    k, v = (torch.randn(1, 2, 9, 16, dtype=torch.float64) for _ in range(2))
+    out = mod.attention_reference(q, k, v, True, sm_scale=0.3)
+    kr, vr = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    s = (q @ kr.transpose(-1, -2)) * 0.3
+    s = s.masked_fill(torch.ones(6, 9, dtype=torch.bool).triu(9 - 6 + 1), float("-inf"))
+    torch.testing.assert_close(out, s.softmax(-1) @ vr)
+    torch.testing.assert_close(mod.attention(q, k, v, True, sm_scale=0.3), out)
