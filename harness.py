@@ -9,10 +9,12 @@ Builds import it first, before Triton.
 Timing policy (one for the whole collection, so that ratios and fractions of a ceiling compare
 like with like):
 - A kernel, its baselines and the ceilings it is compared with are all timed by `bench` with the
-  same `graph` flag; `copy_bandwidth` and `matmul_flops` take that flag too (default True, as the
-  builds time their kernels). graph=True captures one call in a CUDA graph and times its replay:
-  GPU time without Python and launch overhead. graph=False times eager calls, for work that
-  cannot be captured (host synchronisation, data-dependent allocation).
+  same `graph` flag: `copy_bandwidth` and `matmul_flops` take the flag too, with the same default
+  as `bench` (False), so a build passes the one value it times its kernels with to all three.
+  graph=True captures one call in a CUDA graph and times its replay: the GPU time without Python
+  and launch overhead, the right choice for calls of tens of microseconds. graph=False times eager
+  calls, for work that cannot be captured (host synchronisation, data-dependent allocation) or
+  that takes long enough for launch overhead not to matter.
 - The L2 cache is flushed before every timed repetition in both modes (a 256 MB write, more than
   the H200's 50 MB L2), so every figure is for data coming from HBM, whatever the shape.
   Benchmarks still include shapes whose working set is larger than L2 (`l2_bytes`).
@@ -240,7 +242,7 @@ def l2_bytes(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).L2_cache_size
 
 
-def copy_bandwidth(device: torch.device, graph: bool = True) -> float:
+def copy_bandwidth(device: torch.device, graph: bool = False) -> float:
     """Bytes per second of a large device-to-device copy, counting bytes read plus bytes written.
 
     Timed by `bench` with the given `graph` flag: pass the one the build times its kernels with.
@@ -252,7 +254,7 @@ def copy_bandwidth(device: torch.device, graph: bool = True) -> float:
     return 2 * n / (ms * 1e-3)
 
 
-def matmul_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16, graph: bool = True) -> float:
+def matmul_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16, graph: bool = False) -> float:
     """FLOP/s of a large square matmul (2*M*N*K FLOPs) through torch in `dtype`: the arithmetic
     ceiling. Pass the dtype the build compares in. float32 means what torch does by default: full
     fp32 (torch.backends.cuda.matmul.allow_tf32 is False unless a build turns it on), not tf32.
