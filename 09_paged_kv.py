@@ -76,6 +76,11 @@ class BenchConfig:
 QUICK = BenchConfig(n_head=4, n_kv_head=2, head_dim=32, batches=(2,), contexts=(80,), mixed=((3, 5, 70),))
 MIN_SPLIT_TOKENS = 256  # a split shorter than this spends more on its merge than it saves
 MAX_SPLITS = 64
+# Decode launch (BLOCK_N tokens per iteration, warps, pipeline stages). Not yet tuned on an H200: the
+# benchmark's launch sweep prints the alternatives so the default can be set from measurement.
+DECODE_LAUNCH = (64, 4, 2)
+INTERPRET_LAUNCH = (64, 1, 1)  # the interpreter runs programs one after another: few, large tiles
+LAUNCH_SWEEP = ((32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 8, 2))
 
 
 # %% [markdown]
@@ -216,8 +221,8 @@ class BlockManager:
         n = len(seq) if num_tokens is None else num_tokens
         grow = max(0, -(-n // self.block_size) - len(seq.block_table))
         last = (n - 1) // self.block_size
-        cow = 0 < len(seq.block_table) > last and self.blocks[seq.block_table[last]].ref_count > 1
-        return grow + int(cow)
+        shared_last = last < len(seq.block_table) and self.blocks[seq.block_table[last]].ref_count > 1
+        return grow + int(shared_last)
 
     def can_allocate(self, seq: Sequence, num_tokens: int | None = None) -> bool:
         return self.blocks_needed(seq, num_tokens) <= self.num_free_blocks
@@ -636,13 +641,15 @@ def paged_attention_decode(
     max_context_len=None,
     num_splits=None,
     out=None,
+    launch=None,
 ):
     """Attention of one query token per sequence over its paged KV cache.
 
     q [B, H, D]; k_cache, v_cache [NB, H_KV, BS, D]; block_tables [B, max_blocks] (int32, padded with
     any valid id); context_lens [B] (>= 1 each). Returns [B, H, D] in q's dtype. Pass max_context_len
     to avoid a device->host read (needed under CUDA-graph capture); num_splits overrides the heuristic;
-    out (optional, [B, H, D]) receives the result.
+    out (optional, [B, H, D]) receives the result; launch = (BLOCK_N, num_warps, num_stages) overrides
+    DECODE_LAUNCH (the benchmark's launch sweep uses it).
     """
     _check_decode_inputs(q, k_cache, v_cache, block_tables, context_lens)
     B, H, D = q.shape
@@ -654,7 +661,7 @@ def paged_attention_decode(
         max_context_len = int(context_lens.max())
     if num_splits is None:
         num_splits = choose_num_splits(B, h_kv, max_context_len, _sm_count(q.device))
-    block_n = 64 if harness.INTERPRET else 32  # H200 sweep pending; the interpreter prefers few big tiles
+    block_n, num_warps, num_stages = launch or (INTERPRET_LAUNCH if harness.INTERPRET else DECODE_LAUNCH)
     split_len = triton.cdiv(triton.cdiv(max_context_len, num_splits), block_n) * block_n
     num_splits = triton.cdiv(max_context_len, split_len)  # no slice that is empty for every sequence
     if out is None:
@@ -672,7 +679,7 @@ def paged_attention_decode(
         block_tables.stride(0), out.stride(0), out.stride(1), *opart_s, *lse_s,
         sm_scale * LOG2E, split_len,
         G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, BLOCK_SIZE=bs, BLOCK_N=block_n, SPLIT=split,
-        DOT_F32=harness.INTERPRET or q.dtype == torch.float32, num_warps=4,
+        DOT_F32=harness.INTERPRET or q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if split:
         _merge_kernel[(B, H)](
@@ -985,6 +992,28 @@ def benchmark(cfg, dtype, device):
     return rows, copy_bw
 
 
+def launch_sweep(cfg, dtype, device, copy_bw, cases=((1, 32768), (64, 4096), (256, 2048))):
+    """The decode kernel under each launch of LAUNCH_SWEEP on a few uniform shapes: % of copy."""
+    rows = []
+    for B, L in cases:
+        k_cache, v_cache, tables, ctx = random_paged_cache([L] * B, cfg.n_kv_head, cfg.block_size,
+                                                           cfg.head_dim, dtype, device, spare=0)  # fmt: skip
+        q = torch.randn(B, cfg.n_head, cfg.head_dim, device=device, dtype=dtype)
+        useful = B * L * cfg.n_kv_head * cfg.head_dim * 2 * q.element_size()
+        row = {"B": B, "L": L}
+        for launch in LAUNCH_SWEEP:
+            fn = functools.partial(
+                paged_attention_decode, q, k_cache, v_cache, tables, ctx, max_context_len=L, launch=launch
+            )
+            try:
+                row["%copy bn,w,s=" + ",".join(map(str, launch))] = 100 * useful / (
+                    harness.bench(fn, device, graph=True) * 1e-3) / copy_bw  # fmt: skip
+            except Exception as e:
+                print(f"  launch {launch} B={B} L={L}: {type(e).__name__}: {e}")
+        rows.append(row)
+    return rows
+
+
 def memory_waste(block_sizes=(16, 32), max_lens=(4096, 32768), n=10000, seed=0):
     """KV slots reserved vs used for n requests of lognormal total length (median 1024 tokens, sigma 1,
     clipped to [16, max_len]): contiguous preallocation to max_len vs pages of BS tokens."""
@@ -1041,12 +1070,17 @@ def main():
     rows, copy_bw = benchmark(cfg, dtype, device)
     print(f"benchmark took {time.perf_counter() - t0:.1f} s")
     harness.print_table(rows)
+    sweep = []
     if device.type == "cuda" and not args.quick:
         report_targets(rows)
+        sweep = launch_sweep(cfg, dtype, device, copy_bw)
+        print(f"launch sweep (default {DECODE_LAUNCH}):")
+        harness.print_table(sweep)
     note = {} if device.type == "cuda" else {"note": "CPU interpreter: timings are not a benchmark"}
     harness.write_results(
         "09_paged_kv", rows, device, args.out, dtype=str(dtype), copy_GBs=copy_bw / 1e9,
-        memory_waste=waste, config=dataclasses.asdict(cfg), quick=args.quick, **note,
+        memory_waste=waste, launch_sweep=sweep, decode_launch=DECODE_LAUNCH, config=dataclasses.asdict(cfg),
+        quick=args.quick, **note,
     )  # fmt: skip
 
 
