@@ -46,6 +46,7 @@ N / Nq / Nk sequence lengths (queries, keys), D head dim, T total packed tokens 
 # spent 200 s on ~80 compiles; with these lists the full run's checks take about 120 s.
 # On the CPU interpreter one small config keeps the tests fast.
 
+import contextlib
 import dataclasses
 import inspect
 import math
@@ -106,26 +107,13 @@ def _autotune(kind: str, key: list, outputs: list):
 
 
 # %% Reference implementation
-# Plain PyTorch in float64: repeat the kv heads for GQA, build the N x N scores, mask, softmax.
+# 02_attention.py's attention_reference, loaded (not copied): plain PyTorch that builds the N x N
+# scores, masks them and takes the softmax, in whatever dtype it is given (the checks give float64).
+# GQA pairs query head h with kv head h // GROUP; causal uses the bottom-right diagonal, query i sees
+# key j iff j <= i + (Nk - Nq), the usual lower triangle when Nq == Nk. Call it as
+# attention_reference(q, k, v, causal, sm_scale=None).
 
-
-def attention_reference(q, k, v, causal=False, sm_scale=None):
-    """softmax(q k^T * scale + mask) v in float64, (B, H, Nq, D) x (B, H_KV, Nk, D) -> (B, H, Nq, D).
-
-    Causal uses the bottom-right diagonal: query i sees key j iff j <= i + (Nk - Nq), which is the
-    usual lower triangle when Nq == Nk and "the new tokens come after the cached ones" otherwise.
-    """
-    q, k, v = q.double(), k.double(), v.double()
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, Nk, D)
-    scale = sm_scale if sm_scale is not None else q.shape[-1] ** -0.5
-    s = (q @ k.transpose(-1, -2)) * scale  # (B, H, Nq, Nk)
-    if causal:
-        nq, nk = q.shape[2], k.shape[2]
-        i = torch.arange(nq, device=q.device)[:, None]
-        j = torch.arange(nk, device=q.device)[None, :]
-        s = s.masked_fill(j > i + (nk - nq), float("-inf"))
-    return torch.softmax(s, dim=-1) @ v
+attention_reference = harness.load_build("02_attention").attention_reference
 
 
 # %% Triton kernels: forward
@@ -137,6 +125,25 @@ def attention_reference(q, k, v, causal=False, sm_scale=None):
 # Causal: with diag = Nk - Nq, row i sees keys j <= i + diag. Key blocks entirely at or below the
 # smallest row's limit run without any masking; only the one or two blocks crossing the diagonal
 # (and the ragged last block of a non-causal row) pay for the mask, and blocks above are never visited.
+
+
+@triton.jit
+def _seq_bounds(CU_Q, CU_K, b, n_q, n_k, IS_VARLEN: tl.constexpr):
+    """(first query row, first key row, query count, key count) of sequence b: packed offsets from
+    cu_seqlens in varlen mode, else rows 0.. of a dense (B, H, N, D) batch entry."""
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b)
+        k_start = tl.load(CU_K + b)
+        seq_q = tl.load(CU_Q + b + 1) - q_start
+        seq_k = tl.load(CU_K + b + 1) - k_start
+        q_row0 = q_start.to(tl.int64)
+        k_row0 = k_start.to(tl.int64)
+    else:
+        seq_q = n_q
+        seq_k = n_k
+        q_row0 = 0
+        k_row0 = 0
+    return q_row0, k_row0, seq_q, seq_k
 
 
 @triton.jit
@@ -172,12 +179,12 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, l
     return acc, l_i, m_i
 
 
-@_autotune("fwd", key=["N_BUCKET", "HEAD_DIM", "CAUSAL", "IS_VARLEN"], outputs=["O", "LSE"])
-@triton.jit(do_not_specialize=["n_q", "n_k", "N_BUCKET"])
+@_autotune("fwd", key=["N_BUCKET", "GRID_BUCKET", "HEAD_DIM", "CAUSAL", "IS_VARLEN"], outputs=["O", "LSE"])
+@triton.jit(do_not_specialize=["n_q", "n_k", "N_BUCKET", "GRID_BUCKET"])
 def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on, stride_lb, stride_lh,
-                n_q, n_k, H, GROUP, qk_scale, N_BUCKET,
+                n_q, n_k, H, GROUP, qk_scale, N_BUCKET, GRID_BUCKET,
                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -188,18 +195,8 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
     b = pid_bh // H
     h = pid_bh % H
     h_kv = h // GROUP  # GQA: GROUP consecutive query heads share one kv head, read in place
-    if IS_VARLEN:  # packed (T, H, D): sequence b owns rows cu[b] .. cu[b+1]
-        q_start = tl.load(CU_Q + b)
-        k_start = tl.load(CU_K + b)
-        seq_q = tl.load(CU_Q + b + 1) - q_start
-        seq_k = tl.load(CU_K + b + 1) - k_start
-        q_row0 = q_start.to(tl.int64)
-        k_row0 = k_start.to(tl.int64)
-    else:
-        seq_q = n_q
-        seq_k = n_k
-        q_row0 = 0
-        k_row0 = 0
+    # varlen: packed (T, H, D), sequence b owns rows cu[b] .. cu[b+1]; dense: rows 0 .. n of entry b
+    q_row0, k_row0, seq_q, seq_k = _seq_bounds(CU_Q, CU_K, b, n_q, n_k, IS_VARLEN)
     if start_m < seq_q:  # varlen launches max_seqlen_q rows; shorter sequences stop here
         bl, hl, hkl = b.to(tl.int64), h.to(tl.int64), h_kv.to(tl.int64)  # 64-bit: big batches overflow
         q_base = Q + bl * stride_qb + hl * stride_qh + q_row0 * stride_qn
@@ -283,51 +280,57 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, 
     return dk, dv
 
 
-@_autotune("dkdv", key=["N_BUCKET", "HEAD_DIM", "CAUSAL"], outputs=["DK", "DV"])
-@triton.jit(do_not_specialize=["n_q", "n_k", "N_BUCKET"])
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
+@_autotune("dkdv", key=["N_BUCKET", "GRID_BUCKET", "HEAD_DIM", "CAUSAL", "IS_VARLEN"], outputs=["DK", "DV"])
+@triton.jit(do_not_specialize=["n_q", "n_k", "N_BUCKET", "GRID_BUCKET"])
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
                      stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-                     n_q, n_k, H_KV, GROUP, qk_scale, sm_scale, N_BUCKET,
-                     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+                     stride_lb, stride_lh, n_q, n_k, H_KV, GROUP, qk_scale, sm_scale, N_BUCKET, GRID_BUCKET,
+                     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     start_n = tl.program_id(0) * BLOCK_N
     pid_bh = tl.program_id(1)  # over (batch, kv head)
     b = (pid_bh // H_KV).to(tl.int64)
     h_kv = (pid_bh % H_KV).to(tl.int64)
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    key_ok = offs_n[:, None] < n_k
-    k = tl.load(K + b * stride_kb + h_kv * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                mask=key_ok, other=0.0)  # fmt: skip
-    v = tl.load(V + b * stride_vb + h_kv * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                mask=key_ok, other=0.0)  # fmt: skip
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    diag = n_k - n_q
-    if CAUSAL:
-        # query blocks before lo see none of these keys; from mid on they see all of them
-        lo = tl.maximum(start_n - diag, 0) // BLOCK_M * BLOCK_M
-        mid = tl.maximum(start_n + BLOCK_N - 1 - diag + BLOCK_M - 1, 0) // BLOCK_M * BLOCK_M
-        mid = tl.minimum(tl.maximum(mid, lo), n_q)
-    else:
-        lo = 0
-        mid = 0
-    for g in range(GROUP):  # GQA: this kv head's gradient sums over its GROUP query heads
-        h = h_kv * GROUP + g
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_dob + h * stride_doh
-        lse_base = LSE + (b * GROUP * H_KV + h) * n_q  # LSE and DELTA are contiguous (B, H, Nq)
-        delta_base = DELTA + (b * GROUP * H_KV + h) * n_q
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_don,
-                             offs_n, lo, mid, n_q, diag, qk_scale, HEAD_DIM, BLOCK_M, True)  # fmt: skip
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_don,
-                             offs_n, mid, n_q, n_q, diag, qk_scale, HEAD_DIM, BLOCK_M, False)  # fmt: skip
-    dk_ptrs = DK + b * stride_dkb + h_kv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
-    dv_ptrs = DV + b * stride_dvb + h_kv * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :]
-    tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=key_ok)
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=key_ok)
+    q_row0, k_row0, seq_q, seq_k = _seq_bounds(CU_Q, CU_K, b, n_q, n_k, IS_VARLEN)
+    if start_n < seq_k:  # varlen launches max_seqlen_k keys; shorter sequences stop here
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        key_ok = offs_n[:, None] < seq_k
+        k_rows = (k_row0 + offs_n[:, None]) * stride_kn
+        k = tl.load(K + b * stride_kb + h_kv * stride_kh + k_rows + offs_d[None, :], mask=key_ok, other=0.0)
+        v_rows = (k_row0 + offs_n[:, None]) * stride_vn
+        v = tl.load(V + b * stride_vb + h_kv * stride_vh + v_rows + offs_d[None, :], mask=key_ok, other=0.0)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+        diag = seq_k - seq_q
+        if CAUSAL:
+            # query blocks before lo see none of these keys; from mid on they see all of them
+            lo = tl.maximum(start_n - diag, 0) // BLOCK_M * BLOCK_M
+            mid = tl.maximum(start_n + BLOCK_N - 1 - diag + BLOCK_M - 1, 0) // BLOCK_M * BLOCK_M
+            mid = tl.minimum(tl.maximum(mid, lo), seq_q)
+        else:
+            lo = 0
+            mid = 0
+        for g in range(GROUP):  # GQA: this kv head's gradient sums over its GROUP query heads
+            h = h_kv * GROUP + g
+            q_base = Q + b * stride_qb + h * stride_qh + q_row0 * stride_qn
+            do_base = DO + b * stride_dob + h * stride_doh + q_row0 * stride_don
+            lse_base = LSE + b * stride_lb + h * stride_lh + q_row0  # LSE and DELTA share one layout
+            delta_base = DELTA + b * stride_lb + h * stride_lh + q_row0
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_don,
+                                 offs_n, lo, mid, seq_q, diag, qk_scale, HEAD_DIM, BLOCK_M,
+                                 True)  # fmt: skip
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_don,
+                                 offs_n, mid, seq_q, seq_q, diag, qk_scale, HEAD_DIM, BLOCK_M,
+                                 False)  # fmt: skip
+        dk_rows = (k_row0 + offs_n[:, None]) * stride_dkn
+        dv_rows = (k_row0 + offs_n[:, None]) * stride_dvn
+        dk_ptrs = DK + b * stride_dkb + h_kv * stride_dkh + dk_rows + offs_d[None, :]
+        dv_ptrs = DV + b * stride_dvb + h_kv * stride_dvh + dv_rows + offs_d[None, :]
+        tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=key_ok)
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=key_ok)
 
 
 @triton.jit
@@ -358,14 +361,14 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_
     return dq
 
 
-@_autotune("dq", key=["N_BUCKET", "HEAD_DIM", "CAUSAL"], outputs=["DQ"])
-@triton.jit(do_not_specialize=["n_q", "n_k", "N_BUCKET"])
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
+@_autotune("dq", key=["N_BUCKET", "GRID_BUCKET", "HEAD_DIM", "CAUSAL", "IS_VARLEN"], outputs=["DQ"])
+@triton.jit(do_not_specialize=["n_q", "n_k", "N_BUCKET", "GRID_BUCKET"])
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
-                   stride_dqb, stride_dqh, stride_dqn,
-                   n_q, n_k, H, GROUP, qk_scale, sm_scale, N_BUCKET,
-                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+                   stride_dqb, stride_dqh, stride_dqn, stride_lb, stride_lh,
+                   n_q, n_k, H, GROUP, qk_scale, sm_scale, N_BUCKET, GRID_BUCKET,
+                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     pid_m = tl.program_id(0)
     if CAUSAL:  # heaviest query blocks first, as in the forward
@@ -375,31 +378,38 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     h_kv = h // GROUP
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    rows = offs_m < n_q
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
-                mask=rows[:, None], other=0.0)  # fmt: skip
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
-                 mask=rows[:, None], other=0.0)  # fmt: skip
-    lse = tl.load(LSE + pid_bh.to(tl.int64) * n_q + offs_m, mask=rows, other=0.0)
-    delta = tl.load(DELTA + pid_bh.to(tl.int64) * n_q + offs_m, mask=rows, other=0.0)
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    diag = n_k - n_q
-    if CAUSAL:  # the same block ranges as the forward
-        lo_end = (start_m + diag + 1) // BLOCK_N * BLOCK_N
-        hi = tl.minimum(n_k, start_m + BLOCK_M + diag)
-    else:
-        lo_end = n_k // BLOCK_N * BLOCK_N
-        hi = n_k
-    k_base = K + b * stride_kb + h_kv * stride_kh
-    v_base = V + b * stride_vb + h_kv * stride_vh
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, 0, lo_end, n_k, diag,
-                   qk_scale, HEAD_DIM, BLOCK_N, False, CAUSAL)  # fmt: skip
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, lo_end, hi, n_k, diag,
-                   qk_scale, HEAD_DIM, BLOCK_N, True, CAUSAL)  # fmt: skip
-    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :]
-    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=rows[:, None])
+    q_row0, k_row0, seq_q, seq_k = _seq_bounds(CU_Q, CU_K, b, n_q, n_k, IS_VARLEN)
+    if start_m < seq_q:  # varlen launches max_seqlen_q rows; shorter sequences stop here
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        rows = offs_m < seq_q
+        q_rows = (q_row0 + offs_m[:, None]) * stride_qn
+        q = tl.load(
+            Q + b * stride_qb + h * stride_qh + q_rows + offs_d[None, :], mask=rows[:, None], other=0.0
+        )
+        do_rows = (q_row0 + offs_m[:, None]) * stride_don
+        do = tl.load(DO + b * stride_dob + h * stride_doh + do_rows + offs_d[None, :], mask=rows[:, None],
+                     other=0.0)  # fmt: skip
+        lse_base = LSE + b * stride_lb + h * stride_lh + q_row0  # LSE and DELTA share one layout
+        lse = tl.load(lse_base + offs_m, mask=rows, other=0.0)
+        delta = tl.load(DELTA + b * stride_lb + h * stride_lh + q_row0 + offs_m, mask=rows, other=0.0)
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        diag = seq_k - seq_q
+        if CAUSAL:  # the same block ranges as the forward
+            lo_end = (start_m + diag + 1) // BLOCK_N * BLOCK_N
+            hi = tl.minimum(seq_k, start_m + BLOCK_M + diag)
+        else:
+            lo_end = seq_k // BLOCK_N * BLOCK_N
+            hi = seq_k
+        k_base = K + b * stride_kb + h_kv * stride_kh + k_row0 * stride_kn
+        v_base = V + b * stride_vb + h_kv * stride_vh + k_row0 * stride_vn
+        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, 0, lo_end, seq_k,
+                       diag, qk_scale, HEAD_DIM, BLOCK_N, False, CAUSAL)  # fmt: skip
+        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, lo_end, hi, seq_k,
+                       diag, qk_scale, HEAD_DIM, BLOCK_N, True, CAUSAL)  # fmt: skip
+        dq_rows = (q_row0 + offs_m[:, None]) * stride_dqn
+        dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + dq_rows + offs_d[None, :]
+        tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=rows[:, None])
 
 
 # %% Python wrappers
@@ -433,6 +443,10 @@ def _validate(q, k, v, causal, sm_scale, layout: str):
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     h_axis = 1  # heads sit on axis 1 in both (B, H, N, D) and (T, H, D)
+    if q.shape[h_axis] < 1 or k.shape[h_axis] < 1:
+        raise ValueError(
+            f"query heads must be >= 1 and kv heads must be >= 1, got {q.shape[h_axis]} and {k.shape[h_axis]}"
+        )
     if q.shape[-1] != k.shape[-1] or q.shape[-1] not in HEAD_DIMS:
         raise ValueError(
             f"head dim must match and be one of {HEAD_DIMS}, got q {q.shape[-1]}, k {k.shape[-1]}"
@@ -458,8 +472,9 @@ def _validate(q, k, v, causal, sm_scale, layout: str):
                 f"causal dense attention needs Nq == Nk, got {q.shape[2]} and {k.shape[2]}; "
                 "use flash_attention_varlen for a bottom-right causal diagonal"
             )
-    if sm_scale is not None and not sm_scale > 0:
-        raise ValueError(f"sm_scale must be positive, got {sm_scale}")
+    real = isinstance(sm_scale, (int, float)) and not isinstance(sm_scale, bool)
+    if sm_scale is not None and not (real and math.isfinite(sm_scale) and sm_scale > 0):
+        raise ValueError(f"sm_scale must be a finite number > 0 (or None for D^-0.5), got {sm_scale!r}")
 
 
 def _contig_last(*ts):
@@ -467,60 +482,96 @@ def _contig_last(*ts):
     return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
 
 
-def _flash_fwd(q, k, v, causal, sm_scale, poison=False):
-    B, H, n_q, D = q.shape
-    n_k = k.shape[2]
+def _bhn(t, varlen: bool):
+    """(batch, head, row) strides: a dense (B, H, N, D) tensor's own, or a packed (T, H, D) tensor's
+    with batch stride 0 (the kernels add each sequence's first row from cu_seqlens instead)."""
+    return (0, t.stride(1), t.stride(0)) if varlen else t.stride()[:3]
+
+
+def _bucket(n: int) -> int:
+    return triton.next_power_of_2(max(n, 1))
+
+
+# The checks launch one fixed config per kernel instead of autotuning (fixed_configs below): autotuning
+# compiles every config for every new key, and the checks' tiny grids would fill the autotune cache the
+# benchmark then reuses. Module state, but only ever set inside the `with` of fixed_configs.
+_FIXED = {"index": None}
+
+
+@contextlib.contextmanager
+def fixed_configs(index: int):
+    """Launch config number `index` (modulo each kernel's list) of every kernel, without autotuning."""
+    before, _FIXED["index"] = _FIXED["index"], index
+    try:
+        yield
+    finally:
+        _FIXED["index"] = before
+
+
+def _launch(kernel, kind, grid, *args, **meta):
+    if _FIXED["index"] is None:
+        return kernel[grid](*args, **meta)  # autotuned on the first call of each key
+    cfg = _configs(kind)[_FIXED["index"] % len(_configs(kind))]
+    return kernel.fn[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _fwd(q, k, v, cu, B, n_q, n_k, causal, sm_scale, poison):
+    """Both layouts: dense (B, H, N, D) when cu is None, else packed (T, H, D) with cu = (cu_q, cu_k)
+    and n_q, n_k the longest sequence lengths. Returns o and the base-2 log-sum-exp of every row."""
+    varlen, H, D = cu is not None, q.shape[1], q.shape[-1]
     o = _empty(q.shape, q, poison=poison)
-    lse = _empty((B, H, n_q), q, torch.float32, poison)  # base-2 log-sum-exp per row
+    lse = _empty((H, q.shape[0]) if varlen else (B, H, n_q), q, torch.float32, poison)
+    lse_bh = (0, lse.stride(0)) if varlen else lse.stride()[:2]
+    cu_q, cu_k = cu if varlen else (q, q)  # the cu_seqlens slots are unused in dense mode
     grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _fwd_kernel[grid](
-        q, k, v, o, lse, q, q,  # the two cu_seqlens slots are unused in dense mode
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], H * n_q, n_q,
-        n_q, n_k, H, H // k.shape[1], sm_scale * LOG2E, triton.next_power_of_2(max(n_q, n_k)),
-        HEAD_DIM=D, CAUSAL=causal, IS_VARLEN=False,
-    )  # fmt: skip
+    _launch(_fwd_kernel, "fwd", grid, q, k, v, o, lse, cu_q, cu_k,
+            *_bhn(q, varlen), *_bhn(k, varlen), *_bhn(v, varlen), *_bhn(o, varlen), *lse_bh,
+            n_q, n_k, H, H // k.shape[1], sm_scale * LOG2E, _bucket(max(n_q, n_k)), _bucket(B * H),
+            HEAD_DIM=D, CAUSAL=causal, IS_VARLEN=varlen)  # fmt: skip
     return o, lse
 
 
-def _flash_bwd(do, q, k, v, o, lse, causal, sm_scale, poison=False):
-    B, H, n_q, D = q.shape
-    h_kv, n_k = k.shape[1], k.shape[2]
+def _bwd(do, q, k, v, o, lse, cu, B, n_q, n_k, causal, sm_scale, poison):
+    """dq, dk, dv for either layout (see _fwd); lse and delta share one contiguous layout."""
+    varlen, H, D, h_kv = cu is not None, q.shape[1], q.shape[-1], k.shape[1]
     (do,) = _contig_last(do)
-    delta = _empty((B, H, n_q), q, torch.float32, poison)
-    _bwd_delta_kernel[(triton.cdiv(n_q, 64), B * H)](
-        o, do, delta, *o.stride()[:3], *do.stride()[:3], n_q, H, HEAD_DIM=D, BLOCK_M=64
+    delta = _empty(lse.shape, q, torch.float32, poison)
+    lse_bh = (0, lse.stride(0)) if varlen else lse.stride()[:2]
+    rows, n_b = (q.shape[0], 1) if varlen else (n_q, B)  # varlen: all T rows of a head as one run
+    _bwd_delta_kernel[(triton.cdiv(rows, 64), n_b * H)](
+        o, do, delta, *_bhn(o, varlen), *_bhn(do, varlen), rows, H, HEAD_DIM=D, BLOCK_M=64
     )
     dq, dk, dv = (_empty(t.shape, t, poison=poison) for t in (q, k, v))
-    bucket = triton.next_power_of_2(max(n_q, n_k))
+    cu_q, cu_k = cu if varlen else (q, q)
+    common = dict(HEAD_DIM=D, CAUSAL=causal, IS_VARLEN=varlen)
     grid_kv = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), B * h_kv)  # noqa: E731
-    _bwd_dkdv_kernel[grid_kv](
-        q, k, v, do, lse, delta, dk, dv,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-        *dk.stride()[:3], *dv.stride()[:3],
-        n_q, n_k, h_kv, H // h_kv, sm_scale * LOG2E, sm_scale, bucket, HEAD_DIM=D, CAUSAL=causal,
-    )  # fmt: skip
+    _launch(_bwd_dkdv_kernel, "dkdv", grid_kv, q, k, v, do, lse, delta, dk, dv, cu_q, cu_k,
+            *_bhn(q, varlen), *_bhn(k, varlen), *_bhn(v, varlen), *_bhn(do, varlen),
+            *_bhn(dk, varlen), *_bhn(dv, varlen), *lse_bh,
+            n_q, n_k, h_kv, H // h_kv, sm_scale * LOG2E, sm_scale, _bucket(max(n_q, n_k)), _bucket(B * h_kv),
+            **common)  # fmt: skip
     grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _bwd_dq_kernel[grid_q](
-        q, k, v, do, lse, delta, dq,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
-        n_q, n_k, H, H // h_kv, sm_scale * LOG2E, sm_scale, bucket, HEAD_DIM=D, CAUSAL=causal,
-    )  # fmt: skip
+    _launch(_bwd_dq_kernel, "dq", grid_q, q, k, v, do, lse, delta, dq, cu_q, cu_k,
+            *_bhn(q, varlen), *_bhn(k, varlen), *_bhn(v, varlen), *_bhn(do, varlen), *_bhn(dq, varlen),
+            *lse_bh, n_q, n_k, H, H // h_kv, sm_scale * LOG2E, sm_scale, _bucket(max(n_q, n_k)),
+            _bucket(B * H), **common)  # fmt: skip
     return dq, dk, dv
 
 
 class FlashAttention(torch.autograd.Function):
+    """Both layouts; cu is None (dense) or (cu_seqlens_q, cu_seqlens_k) (varlen)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, causal, sm_scale, poison):
-        o, lse = _flash_fwd(q, k, v, causal, sm_scale, poison)
+    def forward(ctx, q, k, v, cu, B, n_q, n_k, causal, sm_scale, poison):
+        o, lse = _fwd(q, k, v, cu, B, n_q, n_k, causal, sm_scale, poison)
         ctx.save_for_backward(q, k, v, o, lse)  # O(N) extra memory: lse, not the N x N probabilities
-        ctx.causal, ctx.sm_scale, ctx.poison = causal, sm_scale, poison
+        ctx.args = (cu, B, n_q, n_k, causal, sm_scale, poison)
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _flash_bwd(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale, ctx.poison)
-        return dq, dk, dv, None, None, None
+        return *_bwd(do, q, k, v, o, lse, *ctx.args), *[None] * 7
 
 
 def flash_attention(q, k, v, causal=False, sm_scale=None, *, poison=False):
@@ -532,27 +583,47 @@ def flash_attention(q, k, v, causal=False, sm_scale=None, *, poison=False):
     _validate(q, k, v, causal, sm_scale, "dense")
     q, k, v = _contig_last(q, k, v)
     sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
-    return FlashAttention.apply(q, k, v, bool(causal), sm_scale, poison)
+    B, _, n_q, _ = q.shape
+    return FlashAttention.apply(q, k, v, None, B, n_q, k.shape[2], bool(causal), sm_scale, poison)
 
 
 def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False,
                            sm_scale=None, *, poison=False):  # fmt: skip
-    """Forward attention over packed sequences: q (T_q, H, D), k and v (T_k, H_KV, D) -> (T_q, H, D).
+    """Attention over packed sequences: q (T_q, H, D), k and v (T_k, H_KV, D) -> (T_q, H, D).
 
     Sequence b owns query rows cu_seqlens_q[b]:cu_seqlens_q[b+1] and key rows likewise (int32, length
     B+1, starting at 0). One launch covers the batch. Causal aligns the diagonal bottom-right, as
     FlashAttention-2 does: query i of a sequence sees key j iff j <= i + (len_k - len_q), so with a
     cached prefix the new tokens see the whole prefix and themselves causally. That needs
-    len_q <= len_k per sequence (else some queries see nothing). Forward only: no autograd.
+    len_q <= len_k per sequence (else some queries see nothing). Differentiable in q, k and v (training
+    on packed sequences); the argument checks are in the "Varlen arguments" cell below.
     """
     _validate(q, k, v, causal, sm_scale, "varlen")
+    cu_seqlens_q, cu_seqlens_k = _validate_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                  max_seqlen_k, causal)  # fmt: skip
+    q, k, v = _contig_last(q, k, v)
+    sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
+    if q.shape[0] == 0:  # no query rows at all (every sequence empty): nothing to launch
+        return q * 0 + (k[:0].sum() + v[:0].sum())  # empty, but still in the autograd graph of q, k, v
+    B = cu_seqlens_q.numel() - 1
+    cu = (cu_seqlens_q, cu_seqlens_k)
+    return FlashAttention.apply(q, k, v, cu, B, max_seqlen_q, max_seqlen_k, bool(causal), sm_scale, poison)
+
+
+# %% Varlen arguments
+# Not part of the lesson: everything a packed batch description can get wrong, checked with one host
+# sync before the launch (a wrong cu_seqlens would otherwise read or write another sequence's rows).
+
+
+def _validate_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal):
+    """Raise on a malformed batch description; return cu_seqlens_q, cu_seqlens_k made contiguous."""
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
             raise ValueError(f"{name} must be a 1-D int32 tensor of B+1 offsets, got {cu!r}")
         if cu.device != q.device:
             raise ValueError(f"{name} is on {cu.device} but q is on {q.device}")
     for name, n in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if not isinstance(n, int) or n < 0:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise TypeError(f"{name} must be a non-negative int, got {n!r}")
     cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()  # read as plain arrays
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
@@ -571,22 +642,7 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     for flag, msg in zip(torch.stack(bad).tolist(), msgs, strict=True):
         if flag:
             raise ValueError(f"flash_attention_varlen: {msg}")
-    q, k, v = _contig_last(q, k, v)
-    T, H, D = q.shape
-    B = cu_seqlens_q.numel() - 1
-    sm_scale = D**-0.5 if sm_scale is None else float(sm_scale)
-    o = _empty(q.shape, q, poison=poison)
-    lse = _empty((H, T), q, torch.float32, poison)
-    grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _fwd_kernel[grid](
-        q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k,
-        0, q.stride(1), q.stride(0), 0, k.stride(1), k.stride(0), 0, v.stride(1), v.stride(0),
-        0, o.stride(1), o.stride(0), 0, T,
-        max_seqlen_q, max_seqlen_k, H, H // k.shape[1], sm_scale * LOG2E,
-        triton.next_power_of_2(max(max_seqlen_q, max_seqlen_k, 1)),
-        HEAD_DIM=D, CAUSAL=bool(causal), IS_VARLEN=True,
-    )  # fmt: skip
-    return o
+    return cu_seqlens_q, cu_seqlens_k
 
 
 # %% Checks
@@ -631,33 +687,46 @@ def check_dense(B, H, H_KV, NQ, NK, D, causal, dtype, device):
 def check_lse(device):
     """The saved base-2 log-sum-exp equals log2(sum_j exp(s_ij)) for every row, tails included."""
     q, k, v = (torch.randn(1, 2, 37, 64, device=device, dtype=torch.float16) for _ in range(3))
-    _, lse = _flash_fwd(q, k, v, True, 0.125, poison=True)
+    _, lse = _fwd(q, k, v, None, 1, 37, 37, True, 0.125, poison=True)
     s = (q.double() @ k.double().transpose(-1, -2)) * 0.125
     s = s.masked_fill(torch.ones(37, 37, dtype=torch.bool, device=device).triu(1), float("-inf"))
     return harness.assert_close(lse, torch.logsumexp(s, -1) * LOG2E, torch.float16, "lse")
 
 
-def check_varlen(lens_q, lens_k, H, H_KV, D, causal, dtype, device):
-    """Packed varlen forward equals each sequence run on its own (float64 reference and, where the
-    lengths match, the dense kernel)."""
+def check_varlen(lens_q, lens_k, H, H_KV, D, causal, dtype, device, grad=False):
+    """Packed varlen output (and with grad=True dq, dk, dv) equals each sequence run on its own through
+    the float64 reference; where the lengths match, the output also equals the dense kernel's."""
     cu_q = torch.tensor([0, *lens_q], device=device).cumsum(0).to(torch.int32)
     cu_k = torch.tensor([0, *lens_k], device=device).cumsum(0).to(torch.int32)
-    q = torch.randn(sum(lens_q), H, D, device=device, dtype=dtype)  # (T_q, H, D)
-    k = torch.randn(sum(lens_k), H_KV, D, device=device, dtype=dtype)
-    v = torch.randn(sum(lens_k), H_KV, D, device=device, dtype=dtype)
+    q = torch.randn(sum(lens_q), H, D, device=device, dtype=dtype, requires_grad=grad)  # (T_q, H, D)
+    k = torch.randn(sum(lens_k), H_KV, D, device=device, dtype=dtype, requires_grad=grad)
+    v = torch.randn(sum(lens_k), H_KV, D, device=device, dtype=dtype, requires_grad=grad)
     fast = flash_attention_varlen(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal, poison=True)
+    ref_in = [t.detach().double().requires_grad_(grad) for t in (q, k, v)]
     refs, dense_err = [], 0.0
     for b in range(len(lens_q)):
-        qb = q[cu_q[b] : cu_q[b + 1]].transpose(0, 1)[None]  # (1, H, n_q, D)
-        kb = k[cu_k[b] : cu_k[b + 1]].transpose(0, 1)[None]
-        vb = v[cu_k[b] : cu_k[b + 1]].transpose(0, 1)[None]
+        rows_q, rows_k = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        qb, kb, vb = (
+            t[r].transpose(0, 1)[None] for t, r in zip(ref_in, (rows_q, rows_k, rows_k), strict=True)
+        )
         refs.append(attention_reference(qb, kb, vb, causal)[0].transpose(0, 1))  # (n_q, H, D)
         if lens_q[b] == lens_k[b] > 0:
-            dense = flash_attention(qb, kb, vb, causal, poison=True)[0].transpose(0, 1)
-            seg = fast[cu_q[b] : cu_q[b + 1]]
-            dense_err = max(dense_err, harness.assert_close(seg, dense, dtype, f"seq {b} vs dense"))
-    err = harness.assert_close(fast, torch.cat(refs), dtype, "varlen vs float64")
-    return f"vs f64 {err:.1e} | vs dense per sequence {dense_err:.1e}"
+            dense_in = (
+                t.detach()[r].transpose(0, 1)[None]
+                for t, r in zip((q, k, v), (rows_q, rows_k, rows_k), strict=True)
+            )
+            dense = flash_attention(*dense_in, causal, poison=True)[0].transpose(0, 1)
+            dense_err = max(dense_err, harness.assert_close(fast[rows_q], dense, dtype, f"seq {b} vs dense"))
+    ref = torch.cat(refs)
+    err = harness.assert_close(fast, ref, dtype, "varlen vs float64")
+    note = f"vs f64 {err:.1e} | vs dense per sequence {dense_err:.1e}"
+    if grad:
+        do = torch.randn_like(fast)
+        fast_grads, ref_grads = _grads(fast, (q, k, v), do), _grads(ref, ref_in, do.double())
+        errs = [harness.assert_close(f, r, dtype, f"varlen {n} vs float64")
+                for n, f, r in zip(("dq", "dk", "dv"), fast_grads, ref_grads, strict=True)]  # fmt: skip
+        note += " | dq/dk/dv vs f64 " + " ".join(f"{e:.1e}" for e in errs)
+    return note
 
 
 def run_checks(checks, device, quick):
@@ -679,20 +748,27 @@ def run_checks(checks, device, quick):
         ((1, 2, 2, 45, 45, 16, False), f16), ((1, 3, 1, 70, 70, 32, True), f16),
     ]  # fmt: skip
     shapes = [(s, both) for s in cpu_shapes] if (quick or not on_gpu) else gpu_shapes
+    # Each check launches one fixed config per kernel, rotating through the lists so every config the
+    # benchmark may pick is proved somewhere, and never autotunes (see fixed_configs).
+    n = 0
     for s, dtypes in shapes:
         for dtype in dtypes:
             name = f"fwd+bwd B{s[0]} H{s[1]}/{s[2]} Nq{s[3]} Nk{s[4]} D{s[5]} {'causal' if s[6] else 'full'}"
-            checks(f"{name} {str(dtype)[6:]}", check_dense, *s, dtype, device)
-    checks("saved log-sum-exp (base 2)", check_lse, device)
-    # varlen: a zero-length prompt, a one-token prompt, cached prefixes (len_k > len_q) for causal
+            with fixed_configs(n := n + 1):
+                checks(f"{name} {str(dtype)[6:]}", check_dense, *s, dtype, device)
+    with fixed_configs(0):
+        checks("saved log-sum-exp (base 2)", check_lse, device)
+    # varlen, forward and backward: a zero-length prompt, a one-token prompt, cached prefixes
+    # (len_k > len_q) for causal
     small = ([37, 1, 0, 20, 9], [37, 1, 5, 20, 30])
     lens_q, lens_k = small if not on_gpu or quick else ([517, 1, 0, 1200, 64], [517, 9, 3, 1200, 300])
     for dtype in both:
         for causal in (False, True):
             d = 64 if dtype == torch.float16 else 128
             mode = "causal" if causal else "full"
-            name = f"varlen lens_q {lens_q} lens_k {lens_k} D{d} H4/2 {mode} {str(dtype)[6:]}"
-            checks(name, check_varlen, lens_q, lens_k, 4, 2, d, causal, dtype, device)
+            name = f"varlen fwd+bwd lens_q {lens_q} lens_k {lens_k} D{d} H4/2 {mode} {str(dtype)[6:]}"
+            with fixed_configs(n := n + 1):
+                checks(name, check_varlen, lens_q, lens_k, 4, 2, d, causal, dtype, device, True)
 
 
 # %% Benchmark

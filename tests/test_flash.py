@@ -66,7 +66,9 @@ def test_gqa_reads_kv_in_place_and_grads_sum_over_group():
 def test_custom_scale_and_non_contiguous_inputs():
     q, k, v = (torch.randn(1, 21, 2, 64, dtype=F16, device=DEVICE).transpose(1, 2) for _ in range(3))
     out = mod.flash_attention(q, k, v, sm_scale=0.3, poison=True)
-    harness.assert_close(out, mod.attention_reference(q, k, v, sm_scale=0.3), F16, "scale 0.3")
+    harness.assert_close(
+        out, mod.attention_reference(q.double(), k.double(), v.double(), sm_scale=0.3), F16, "scale 0.3"
+    )
 
 
 def test_user_errors_are_clear():
@@ -104,3 +106,64 @@ def test_varlen_strided_offsets_and_bad_lengths():
     torch.testing.assert_close(out, mod.flash_attention_varlen(q, k, v, cu, cu, 7, 7), rtol=0, atol=0)
     with pytest.raises(TypeError, match="max_seqlen_q must be a non-negative int"):
         mod.flash_attention_varlen(q, k, v, cu, cu, 7.0, 7)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), 0.0, -0.5, "0.1"])
+def test_bad_sm_scale_is_refused(bad):
+    q = torch.randn(1, 2, 8, 64, dtype=F16)
+    with pytest.raises(ValueError, match="sm_scale must be a finite number > 0"):
+        mod.flash_attention(q, q, q, sm_scale=bad)
+    t = q[0].transpose(0, 1)
+    cu = torch.tensor([0, 8], dtype=torch.int32)
+    with pytest.raises(ValueError, match="sm_scale must be a finite number > 0"):
+        mod.flash_attention_varlen(t, t, t, cu, cu, 8, 8, sm_scale=bad)
+
+
+def test_zero_heads_are_refused():
+    q = torch.randn(1, 2, 8, 64, dtype=F16)
+    with pytest.raises(ValueError, match="kv heads must be >= 1"):
+        mod.flash_attention(q, q[:, :0], q[:, :0])
+    with pytest.raises(ValueError, match="query heads must be >= 1"):
+        mod.flash_attention(q[:, :0], q, q)
+    t = q[0].transpose(0, 1)
+    cu = torch.tensor([0, 8], dtype=torch.int32)
+    with pytest.raises(ValueError, match="kv heads must be >= 1"):
+        mod.flash_attention_varlen(t, t[:, :0], t[:, :0], cu, cu, 8, 8)
+
+
+def test_autotune_keys_include_the_grid_and_checks_do_not_tune():
+    """The programs a launch has change the best tile, so they are part of every autotune key; the
+    checks launch fixed configs and never reach the autotuner (whose cache the benchmark reuses)."""
+    for kern in (mod._fwd_kernel, mod._bwd_dkdv_kernel, mod._bwd_dq_kernel):
+        assert "GRID_BUCKET" in kern.keys, kern.keys
+
+    def no_tuning(*a, **kw):
+        raise AssertionError("a check reached the autotuner")
+
+    kernels = (mod._fwd_kernel, mod._bwd_dkdv_kernel, mod._bwd_dq_kernel)
+    saved = [k.run for k in kernels]
+    try:
+        for k in kernels:
+            k.run = no_tuning
+        with mod.fixed_configs(0):
+            mod.check_dense(1, 2, 1, 19, 19, 32, True, F16, DEVICE)
+            mod.check_varlen([5, 3], [5, 7], 2, 1, 32, True, F16, DEVICE)
+    finally:
+        for k, run in zip(kernels, saved, strict=True):
+            k.run = run
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_backward_matches_autograd_through_the_reference(causal):
+    """Packed sequences train: dq, dk, dv of the varlen kernel equal autograd through the float64
+    reference run on each sequence alone (GQA 4/2, a zero-length and a one-token sequence, cached
+    prefixes len_k > len_q, lengths off the block size)."""
+    note = mod.check_varlen([21, 1, 0, 17], [21, 4, 3, 30], 4, 2, 32, causal, F16, DEVICE, grad=True)
+    assert "dq/dk/dv" in note
+
+
+def test_reference_is_02s_not_a_copy():
+    """The float64 reference is 02_attention's, loaded through the harness, not a copy of it."""
+    source = (harness.ROOT / "06_flash.py").read_text()
+    assert "def attention_reference" not in source
+    assert mod.attention_reference is load_build("02_attention").attention_reference
