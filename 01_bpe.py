@@ -442,6 +442,10 @@ class Tokenizer:
     The `merges` property returns them differently: an ordered dict {(a, b): new_id}, in rank order.
     """
 
+    # What a model file says about using the tokenizer: from_gguf sets these; save() does not keep them.
+    bos_token_id = eos_token_id = pad_token_id = chat_template = None
+    add_bos_token = add_eos_token = False
+
     def __init__(self, byte_ids, merges, pattern=GPT4_SPLIT_PATTERN, special_tokens=None, *,
                  extra_tokens=None, normalizer=None, ignore_merges=False, added_tokens=None,
                  normalized_tokens=()):  # fmt: skip
@@ -798,6 +802,90 @@ def _from_hf_spec(cls, spec: dict, path) -> "Tokenizer":
                ignore_merges=ignore_merges, added_tokens=added, normalized_tokens=normalized)  # fmt: skip
 
 
+# tokenizer.ggml.pre -> (Hugging Face pre-tokenizers that split as llama.cpp's llama-vocab.cpp does for
+# that name, ignore_merges). "smollm" is what SmolLM2's own tokenizer.json says: every digit alone,
+# then ByteLevel with GPT-2's pattern. llama.cpp also sets ignore_merges for Llama-3's names.
+_HF_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+LLAMA3_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_LLAMA3_PRE = [
+    {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT_PATTERN}, "behavior": "Isolated", "invert": False},
+    _HF_BYTE_LEVEL | {"use_regex": False},
+]
+GGUF_PRE_TOKENIZERS = {
+    "gpt2": ([_HF_BYTE_LEVEL], False),
+    "smollm": ([{"type": "Digits", "individual_digits": True}, _HF_BYTE_LEVEL], False),
+    "llama-bpe": (_LLAMA3_PRE, True),
+    "llama3": (_LLAMA3_PRE, True),
+    "llama-v3": (_LLAMA3_PRE, True),
+}
+GGUF_CONTROL, GGUF_USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values that become added tokens
+
+
+def from_gguf(cls, path_or_reader) -> "Tokenizer":
+    """Load the byte-level BPE tokenizer in a GGUF file's metadata (tokenizer.ggml.model == "gpt2").
+
+    path_or_reader: a .gguf path or a gguf.GGUFReader (PyPI `gguf`). The tables become a tokenizer.json
+    and go through from_hf: tokens (spelled in GPT-2's byte alphabet), "a b" merges, CONTROL tokens as
+    special tokens and USER_DEFINED ones as added tokens (both matched in the raw text), and the split
+    rules of tokenizer.ggml.pre. A vocab lacking some byte tokens (SmolLM2's lacks 21) drops those bytes.
+    The result also carries the file's bos_token_id, eos_token_id, pad_token_id (None where absent),
+    add_bos_token, add_eos_token (False where absent), chat_template (str or None) and gguf_pre.
+    """
+    import gguf  # llama.cpp's reader, only needed here
+
+    if isinstance(path_or_reader, gguf.GGUFReader):
+        reader, where = path_or_reader, "GGUF file"
+    else:
+        where = Path(path_or_reader)
+        if not where.is_file():
+            raise FileNotFoundError(f"GGUF file {where} not found")
+        try:
+            reader = gguf.GGUFReader(where)
+        except ValueError as e:
+            raise ValueError(f"{where} is not a GGUF file: {e}") from e
+
+    def field(key, default=None):
+        f = reader.fields.get(key)
+        return default if f is None else f.contents()
+
+    if (model := field("tokenizer.ggml.model")) != "gpt2":
+        raise ValueError(f"{where}: tokenizer.ggml.model is {model!r}; only 'gpt2' (byte-level BPE) is "
+                         "supported, not 'llama' (SentencePiece) or others")  # fmt: skip
+    pre = field("tokenizer.ggml.pre", "default")
+    if pre not in GGUF_PRE_TOKENIZERS:
+        raise ValueError(f"{where}: tokenizer.ggml.pre {pre!r} is not supported; supported: "
+                         f"{', '.join(GGUF_PRE_TOKENIZERS)}")  # fmt: skip
+    tokens, merges = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.merges")
+    if tokens is None or merges is None:
+        raise ValueError(f"{where}: tokenizer.ggml.tokens or tokenizer.ggml.merges is missing")
+    types = field("tokenizer.ggml.token_type") or [1] * len(tokens)
+    spelled = _bytes_to_unicode()
+    alphabet = set(spelled.values())
+    # A token outside the byte alphabet is respelled from its UTF-8 bytes (what transformers does);
+    # such a CONTROL token would be a mislabel: llama.cpp's converter writes byte-alphabet strings.
+    vocab = {t if set(t) <= alphabet else "".join(spelled[b] for b in t.encode("utf-8")): i
+             for i, t in enumerate(tokens)}  # fmt: skip
+    added = [{"id": i, "content": t, "special": kind == GGUF_CONTROL, "normalized": False}
+             for i, (t, kind) in enumerate(zip(tokens, types, strict=True))
+             if kind in (GGUF_CONTROL, GGUF_USER_DEFINED) and set(t) <= alphabet]  # fmt: skip
+    pre_tokenizers, ignore_merges = GGUF_PRE_TOKENIZERS[pre]
+    spec = {
+        "model": {"type": "BPE", "vocab": vocab, "merges": merges, "ignore_merges": ignore_merges},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": pre_tokenizers},
+        "added_tokens": added,
+    }
+    tok = _from_hf_spec(cls, spec, where)
+    tok.gguf_pre, tok.chat_template = pre, field("tokenizer.chat_template")
+    for name in ("bos", "eos", "padding"):
+        setattr(tok, f"{name[:3]}_token_id", field(f"tokenizer.ggml.{name}_token_id"))
+    tok.add_bos_token = bool(field("tokenizer.ggml.add_bos_token", False))
+    tok.add_eos_token = bool(field("tokenizer.ggml.add_eos_token", False))
+    return tok
+
+
 def _read_tiktoken(path, expected_hash) -> dict[bytes, int]:
     data = Path(path).read_bytes()
     if expected_hash is not None and hashlib.sha256(data).hexdigest() != expected_hash:
@@ -875,9 +963,10 @@ def _hf_normalizer(norm, path) -> str | None:
     raise ValueError(f"{path}: normalizer {norm.get('type')!r} is not supported")
 
 
-# Attached as class methods: Tokenizer.from_tiktoken(path), Tokenizer.from_hf(path).
+# Attached as class methods: Tokenizer.from_tiktoken(path), .from_hf(path), .from_gguf(path).
 Tokenizer.from_tiktoken = classmethod(from_tiktoken)
 Tokenizer.from_hf = classmethod(from_hf)
+Tokenizer.from_gguf = classmethod(from_gguf)
 
 
 # %% [markdown]

