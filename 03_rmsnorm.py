@@ -454,7 +454,12 @@ def _providers(eps, quick, device):
 
 def benchmark(cfg: BenchConfig, dtype, device, quick):
     copy_bw = harness.copy_bandwidth(device, graph=True)  # timed as the kernels are
-    print(f"copy ceiling: {copy_bw / 1e9:.0f} GB/s (device-to-device, read + write)")
+    l2 = (
+        f", L2 {harness.l2_bytes(device) / 2**20:.0f} MiB flushed before every repetition"
+        if device.type == "cuda"
+        else ""
+    )
+    print(f"copy ceiling: {copy_bw / 1e9:.0f} GB/s (device-to-device, read + write){l2}")
     rows = []
     for M, N in cfg.shapes:
         x, w, _ = _inputs(M, N, dtype, device)
@@ -473,9 +478,9 @@ def benchmark(cfg: BenchConfig, dtype, device, quick):
                 continue
             gbs_fwd, gbs_fb = 2 * M * N * e / ms_fwd / 1e6, 5 * M * N * e / ms_fb / 1e6
             rows.append(
-                {"shape": f"{M}x{N}", "provider": name, "fwd_ms": ms_fwd, "fwd_GBs": gbs_fwd,
-                 "fwd_%copy": 100 * gbs_fwd * 1e9 / copy_bw, "fwdbwd_ms": ms_fb, "fwdbwd_GBs": gbs_fb,
-                 "fwdbwd_%copy": 100 * gbs_fb * 1e9 / copy_bw}
+                {"shape": f"{M}x{N}", "provider": name, "x_MiB": M * N * e / 2**20, "fwd_ms": ms_fwd,
+                 "fwd_GBs": gbs_fwd, "fwd_%copy": 100 * gbs_fwd * 1e9 / copy_bw, "fwdbwd_ms": ms_fb,
+                 "fwdbwd_GBs": gbs_fb, "fwdbwd_%copy": 100 * gbs_fb * 1e9 / copy_bw}
             )  # fmt: skip
     for row in rows:  # speed-up of each provider over torch.compile (the practitioner's choice) per shape
         base = next((r for r in rows if r["shape"] == row["shape"] and r["provider"] == "compile"), None)
