@@ -437,55 +437,6 @@ def _empty(shape, like, dtype=None, poison=False):
     return out.fill_(float("nan")) if poison else out  # poison: a row nobody writes stays NaN
 
 
-def _validate(q, k, v, causal, sm_scale, layout: str):
-    ndim = 4 if layout == "dense" else 3
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != ndim:
-            shape = "(B, H, N, D)" if layout == "dense" else "(T, H, D)"
-            raise ValueError(f"{name} must be {ndim}-D {shape}, got shape {tuple(t.shape)}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16):
-        raise TypeError(f"q, k, v must all be float16 or bfloat16, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    h_axis = 1  # heads sit on axis 1 in both (B, H, N, D) and (T, H, D)
-    if q.shape[h_axis] < 1 or k.shape[h_axis] < 1:
-        raise ValueError(
-            f"query heads must be >= 1 and kv heads must be >= 1, got {q.shape[h_axis]} and {k.shape[h_axis]}"
-        )
-    if q.shape[-1] != k.shape[-1] or q.shape[-1] not in HEAD_DIMS:
-        raise ValueError(
-            f"head dim must match and be one of {HEAD_DIMS}, got q {q.shape[-1]}, k {k.shape[-1]}"
-        )
-    if q.shape[h_axis] % k.shape[h_axis] != 0:
-        raise ValueError(
-            f"query heads ({q.shape[h_axis]}) must be a multiple of kv heads ({k.shape[h_axis]})"
-        )
-    seq_axis = 2 if layout == "dense" else 0
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        # batch and head offsets are int64 in the kernels, offsets within a head are int32
-        if (t.shape[seq_axis] - 1) * max(t.stride(seq_axis), math.prod(t.shape[seq_axis + 1 :])) >= 2**31:
-            raise ValueError(
-                f"{name}: (rows - 1) * row stride reaches 2^31 elements; offsets within a head are 32-bit"
-            )
-    if layout == "dense":
-        if q.shape[2] == 0 or k.shape[2] == 0:
-            raise ValueError(f"sequence lengths must be >= 1, got Nq {q.shape[2]} and Nk {k.shape[2]}")
-        if q.shape[0] != k.shape[0]:
-            raise ValueError(f"q and k batch sizes differ: {q.shape[0]} vs {k.shape[0]}")
-        if causal and q.shape[2] != k.shape[2]:
-            raise ValueError(
-                f"causal dense attention needs Nq == Nk, got {q.shape[2]} and {k.shape[2]}; "
-                "use flash_attention_varlen for a bottom-right causal diagonal"
-            )
-    real = isinstance(sm_scale, (int, float)) and not isinstance(sm_scale, bool)
-    if sm_scale is not None and not (real and math.isfinite(sm_scale) and sm_scale > 0):
-        raise ValueError(f"sm_scale must be a finite number > 0 (or None for D^-0.5), got {sm_scale!r}")
-
-
 def _contig_last(*ts):
     # the kernels assume unit stride along D (any other strides are passed through)
     return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
@@ -605,7 +556,7 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     FlashAttention-2 does: query i of a sequence sees key j iff j <= i + (len_k - len_q), so with a
     cached prefix the new tokens see the whole prefix and themselves causally. That needs
     len_q <= len_k per sequence (else some queries see nothing). Differentiable in q, k and v (training
-    on packed sequences); the argument checks are in the "Varlen arguments" cell below.
+    on packed sequences); the argument checks are in the "Argument checks" cell below.
     """
     _validate(q, k, v, causal, sm_scale, "varlen")
     cu_seqlens_q, cu_seqlens_k = _validate_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
@@ -619,9 +570,59 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     return FlashAttention.apply(q, k, v, cu, B, max_seqlen_q, max_seqlen_k, bool(causal), sm_scale, poison)
 
 
-# %% Varlen arguments
-# Not part of the lesson: everything a packed batch description can get wrong, checked with one host
-# sync before the launch (a wrong cu_seqlens would otherwise read or write another sequence's rows).
+# %% Argument checks
+# Not part of the lesson: what a caller can get wrong, each with an error that says what is accepted.
+# For varlen, everything a packed batch description can get wrong is checked with one host sync before
+# the launch (a wrong cu_seqlens would otherwise read or write another sequence's rows).
+
+
+def _validate(q, k, v, causal, sm_scale, layout: str):
+    ndim = 4 if layout == "dense" else 3
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != ndim:
+            shape = "(B, H, N, D)" if layout == "dense" else "(T, H, D)"
+            raise ValueError(f"{name} must be {ndim}-D {shape}, got shape {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"q, k, v must all be float16 or bfloat16, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    h_axis = 1  # heads sit on axis 1 in both (B, H, N, D) and (T, H, D)
+    if q.shape[h_axis] < 1 or k.shape[h_axis] < 1:
+        raise ValueError(
+            f"query heads must be >= 1 and kv heads must be >= 1, got {q.shape[h_axis]} and {k.shape[h_axis]}"
+        )
+    if q.shape[-1] != k.shape[-1] or q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(
+            f"head dim must match and be one of {HEAD_DIMS}, got q {q.shape[-1]}, k {k.shape[-1]}"
+        )
+    if q.shape[h_axis] % k.shape[h_axis] != 0:
+        raise ValueError(
+            f"query heads ({q.shape[h_axis]}) must be a multiple of kv heads ({k.shape[h_axis]})"
+        )
+    seq_axis = 2 if layout == "dense" else 0
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        # batch and head offsets are int64 in the kernels, offsets within a head are int32
+        if (t.shape[seq_axis] - 1) * max(t.stride(seq_axis), math.prod(t.shape[seq_axis + 1 :])) >= 2**31:
+            raise ValueError(
+                f"{name}: (rows - 1) * row stride reaches 2^31 elements; offsets within a head are 32-bit"
+            )
+    if layout == "dense":
+        if q.shape[2] == 0 or k.shape[2] == 0:
+            raise ValueError(f"sequence lengths must be >= 1, got Nq {q.shape[2]} and Nk {k.shape[2]}")
+        if q.shape[0] != k.shape[0]:
+            raise ValueError(f"q and k batch sizes differ: {q.shape[0]} vs {k.shape[0]}")
+        if causal and q.shape[2] != k.shape[2]:
+            raise ValueError(
+                f"causal dense attention needs Nq == Nk, got {q.shape[2]} and {k.shape[2]}; "
+                "use flash_attention_varlen for a bottom-right causal diagonal"
+            )
+    real = isinstance(sm_scale, (int, float)) and not isinstance(sm_scale, bool)
+    if sm_scale is not None and not (real and math.isfinite(sm_scale) and sm_scale > 0):
+        raise ValueError(f"sm_scale must be a finite number > 0 (or None for D^-0.5), got {sm_scale!r}")
 
 
 def _validate_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal):
