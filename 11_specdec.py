@@ -41,6 +41,7 @@ Shapes: T tokens in one forward, K drafted tokens, V vocabulary (256 bytes), C m
 H heads, D head dim, L layers.
 """
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -91,18 +92,18 @@ class BenchConfig:
     )
     draft: GPTConfig = field(default_factory=lambda: GPTConfig(n_layer=2, n_head=4, d_model=256))
     target_train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(steps=1500, batch=32, seq_len=256, lr=1e-3, max_seconds=70)
+        default_factory=lambda: TrainConfig(steps=1500, batch=32, seq_len=256, lr=1e-3, max_seconds=60)
     )
     draft_train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(steps=1500, batch=32, seq_len=256, lr=2e-3, max_seconds=20)
+        default_factory=lambda: TrainConfig(steps=1500, batch=32, seq_len=256, lr=2e-3, max_seconds=15)
     )
     ks: tuple = (1, 2, 3, 4, 5, 6, 7, 8)
     temperatures: tuple = (0.0, 1.0)  # greedy, and plain sampling
     prompts: int = 4  # prompts (and seeds) per configuration
     prompt_len: int = 48
     new_tokens: int = 192  # prompt_len + new_tokens <= block_size
-    joint_samples: int = 12000  # two-token joint check through the full loop
-    rs_samples: int = 30000  # single-step sampler checks
+    joint_samples: int = 5000  # two-token joint check through the full loop (CPU, ~1-2 ms a sample)
+    rs_samples: int = 20000  # single-step chi-square checks
 
 
 QUICK = BenchConfig(
@@ -115,8 +116,8 @@ QUICK = BenchConfig(
     prompts=1,
     prompt_len=24,
     new_tokens=48,
-    joint_samples=2500,
-    rs_samples=12000,
+    joint_samples=1500,
+    rs_samples=10000,
 )
 
 
@@ -411,13 +412,20 @@ class NGramProposer:
         self.device, self.max_n, self.min_n = device, max_n, min_n
 
     def propose(self, tokens, k):
-        L = len(tokens)
-        for n in range(min(self.max_n, L - 1), self.min_n - 1, -1):
+        L, best = len(tokens), []
+        for n in range(min(self.max_n, L - 1), self.min_n - 1, -1):  # longest context first
             suffix = tokens[L - n :]
             for start in range(L - n - 1, -1, -1):  # latest match first: the most local context
                 if tokens[start : start + n] == suffix:
-                    return torch.tensor(tokens[start + n : start + n + k], device=self.device), None
-        return torch.empty(0, dtype=torch.long, device=self.device), None
+                    cont = tokens[start + n : start + n + k]
+                    # subtle: a match near the end has a short continuation ("aaaa" -> "a"); take the
+                    # latest match that has k tokens after it, else the longest continuation seen
+                    if len(cont) == k:
+                        return torch.tensor(cont, device=self.device), None
+                    best = max(best, cont, key=len)
+            if best:
+                break
+        return torch.tensor(best, dtype=torch.long, device=self.device), None
 
     def rollback(self, n):
         pass  # stateless: it re-reads the committed tokens every step
@@ -652,7 +660,7 @@ def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, float]
     return stat.item(), torch.special.gammaincc(df / 2.0, stat / 2.0).item()
 
 
-def random_pq(V, gen, point_mass=False):
+def random_pq(V, gen):
     """Random p and q over V tokens with p = 0 where q > 0 and q = 0 where p > 0, both peaked."""
     p = torch.rand(V, generator=gen, dtype=torch.float64) ** 3
     q = torch.rand(V, generator=gen, dtype=torch.float64) ** 3
@@ -687,15 +695,16 @@ def check_sampler_chi2(n, point_mass, seed=0):
 
 
 def check_sampler_l2(n, equal_pq=False, seed=0):
-    """vLLM's test: estimate the output distribution from 10, 100, ... samples; the L2 distance to p
-    must fall at least 20x more (first size over last) than the distance to 100 random distributions."""
+    """vLLM's test: estimate the output distribution from 10, 100, ... n samples; the L2 distance to p
+    must fall at least 20x more (first size over last) than the distance to 100 random distributions.
+    As in vLLM, p and q are softmaxes of uniform noise (zeros are the chi-square checks' job)."""
     gen = torch.Generator().manual_seed(seed)
-    p, q = random_pq(10, gen)
+    p, q = (torch.softmax(torch.rand(10, generator=gen, dtype=torch.float64), -1) for _ in range(2))
     if equal_pq:
         q = p.clone()  # every draft is accepted; no NaN may appear in the residual
     refs = torch.softmax(torch.rand(100, 10, generator=gen, dtype=torch.float64), -1)
     samples = sample_first_tokens(p, q, n, seed + 1, k=1)
-    sizes = [s for s in (10, 100, 1000, 10000, 100000) if s <= n]
+    sizes = [s for s in (10, 100, 1000, 10000) if s < n] + [n]
     d_target, d_ref = [], []
     for s in sizes:
         est = torch.bincount(samples[:s], minlength=10).double() / s
@@ -710,15 +719,16 @@ def check_sampler_l2(n, equal_pq=False, seed=0):
 
 
 def tiny_models(V=5, seed=0, dtype=torch.float64, device="cpu"):
-    """A random tiny target and a draft that is a noisy copy of it: peaked distributions (init_std 1),
-    and a draft close enough that both acceptance and rejection happen often."""
+    """A random tiny target and a draft that is a noisy copy of it. init_std 0.3 spreads the two-token
+    joint over about 17 of 25 cells (largest 0.31) and the draft's is 0.46 away in total variation, so
+    acceptance and rejection both happen often."""
     torch.manual_seed(seed)
-    cfg = GPTConfig(vocab_size=V, n_layer=1, n_head=2, d_model=8, block_size=64, init_std=1.0)
+    cfg = GPTConfig(vocab_size=V, n_layer=1, n_head=2, d_model=8, block_size=64, init_std=0.3)
     target = GPT(cfg).to(device, dtype).eval()
     draft = copy.deepcopy(target)
     with torch.no_grad():
         for p in draft.parameters():
-            p.add_(0.5 * torch.randn_like(p))
+            p.add_(0.15 * torch.randn_like(p))
     return target, draft
 
 
@@ -789,8 +799,25 @@ def check_rollback(target, draft, prompt, n_new, k, temperature=1.0):
     return err
 
 
-def run_checks(cfg: BenchConfig, target, draft, prompts, device):
+@contextlib.contextmanager
+def one_thread():
+    """Tiny CPU models are all per-op overhead: on a busy 2-core machine, intra-op threads made each
+    op about ten times slower (2.5 ms per two-token sample with one thread, 33 ms with two)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def run_checks(cfg: BenchConfig, target, draft, prompts, device, quick):
     """Every check; the greedy and rollback checks run float64 copies of the trained models too."""
+    with one_thread():
+        _run_checks(cfg, target, draft, prompts, device, quick)
+
+
+def _run_checks(cfg, target, draft, prompts, device, quick):
     checks = harness.Checks()
     tiny_t, tiny_d = tiny_models()
     tiny_prompts = [[1, 2, 3, 4, 0], [2], [4, 4, 4, 1, 2, 4, 4]]
@@ -802,8 +829,10 @@ def run_checks(cfg: BenchConfig, target, draft, prompts, device):
     n = cfg.rs_samples
     checks("sampler chi2, sampled draft, zeros in p and q", check_sampler_chi2, n, False)
     checks("sampler chi2, point-mass draft, zeros in p", check_sampler_chi2, n, True)
-    checks("sampler L2 convergence (vLLM test)", check_sampler_l2, n)
-    checks("sampler L2 convergence, q == p", check_sampler_l2, n, True)
+    # vLLM's criterion is calibrated for 100k samples (the distance to p shrinks as sqrt(n)): always 100k.
+    checks("sampler L2 convergence (vLLM test)", check_sampler_l2, 100_000)
+    if not quick:
+        checks("sampler L2 convergence, q == p", check_sampler_l2, 100_000, True)
     m = cfg.joint_samples
     checks("two-token joint, full loop, draft K=1", check_joint, m, 1)
     checks("two-token joint, full loop, draft K=3, top_k=3", check_joint, m, 3, "draft", 3)
@@ -832,11 +861,12 @@ def run_checks(cfg: BenchConfig, target, draft, prompts, device):
 # steps, so the expected speed-up is tok_per_step / (1 + K * c). c is measured below.
 
 
-def _timed(fn, device):
+def _timed(device, fn, *args, **kwargs):
+    """(fn(*args, **kwargs), seconds), with the GPU drained before and after."""
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    out = fn()
+    out = fn(*args, **kwargs)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return out, time.perf_counter() - t0
@@ -854,7 +884,7 @@ def step_ms(model, device, reps=50):
 
     with torch.no_grad():
         step()
-        _, s = _timed(lambda: [step() for _ in range(reps)], device)
+        _, s = _timed(device, lambda: [step() for _ in range(reps)])
     return 1e3 * s / reps
 
 
@@ -866,9 +896,7 @@ def benchmark(cfg: BenchConfig, target, draft, prompts, device):
             generate(target, prompts[0], 16, temperature=temp)
         plain_s = 0.0
         for i, prompt in enumerate(prompts):
-            _, s = _timed(
-                lambda prompt=prompt, i=i, temp=temp: generate(target, prompt, n, temperature=temp, seed=i), device
-            )
+            _, s = _timed(device, generate, target, prompt, n, temperature=temp, seed=i)
             plain_s += s
         plain_ms = 1e3 * plain_s / (n * len(prompts))
         rows.append(
@@ -887,12 +915,7 @@ def _bench_one(target, draft, prompts, device, name, temp, k, n, plain_ms):
     stats, total_s = SpecStats(), 0.0
     for i, prompt in enumerate(prompts):
         prop = draft if name == "draft" else NGramProposer(device)
-        _, s = _timed(
-            lambda prop=prop, prompt=prompt, i=i: speculative_generate(
-                target, prop, prompt, n, k=k, temperature=temp, seed=i, stats=stats
-            ),
-            device,
-        )
+        _, s = _timed(device, speculative_generate, target, prop, prompt, n, k, temp, seed=i, stats=stats)
         total_s += s
     acc = acceptance(stats, k)
     ms = 1e3 * total_s / (n * len(prompts))
@@ -959,11 +982,15 @@ def report_targets(rows):
 def main():
     parser = harness.build_parser("Speculative decoding: checks and benchmark")
     parser.add_argument("--data", default=None, help="tinyshakespeare.txt or a folder holding it")
-    parser.add_argument("--cache-dir", default=None, help="trained-model cache (default: <out>/cache)")
+    parser.add_argument(
+        "--cache-dir", default=None, help="trained-model cache (default data/cache; <out>/cache with --quick)"
+    )
     args, device, dtype = harness.start(parser)
     cfg = QUICK if args.quick else BenchConfig()
     data = load_text(args.data)
-    cache_dir = args.cache_dir or str(Path(args.out) / "cache")
+    # Full runs keep the weights in the git-ignored data/ folder; --quick (CI) writes only under --out.
+    default_cache = Path(args.out) / "cache" if args.quick else harness.ROOT / "data" / "cache"
+    cache_dir = args.cache_dir or default_cache
     t0 = time.perf_counter()
     target, t_info = trained_model("target", cfg.target, cfg.target_train, data, device, cache_dir, args.seed)
     draft, d_info = trained_model("draft", cfg.draft, cfg.draft_train, data, device, cache_dir, args.seed)
@@ -972,7 +999,7 @@ def main():
     starts = torch.linspace(0, len(val) - cfg.prompt_len - 1, cfg.prompts).long().tolist()
     prompts = [val[s : s + cfg.prompt_len].tolist() for s in starts]
     t0 = time.perf_counter()
-    run_checks(cfg, target, draft, prompts, device)
+    run_checks(cfg, target, draft, prompts, device, args.quick)
     print(f"checks took {time.perf_counter() - t0:.1f} s")
     if args.no_bench:
         return
