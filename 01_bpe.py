@@ -402,6 +402,7 @@ class Tokenizer:
       normalized_tokens  the special/added token strings HF marks normalized=true: matched after all the
                       others, in the text those left (HF's order), so "o world" beats "hello w".
     The `merges` property returns them differently: an ordered dict {(a, b): new_id}, in rank order.
+    Made by train() or load() here, or by the Interop cell's from_tiktoken, from_hf and from_gguf.
     """
 
     # What a model file says about using the tokenizer: from_gguf sets these; save() does not keep them.
@@ -432,8 +433,8 @@ class Tokenizer:
             vocab[new] = vocab[a] + vocab[b]
             self._ranks[(a, b)] = (rank, new)
         for i, tok in (extra_tokens or {}).items():  # vocab entries no merge produces (Hugging Face)
-            if i in vocab:
-                raise ValueError(f"extra token id {i} collides with a merge or byte id")
+            if not _is_id(i) or not isinstance(tok, bytes) or i in vocab:
+                raise ValueError(f"extra token {i!r}: {tok!r} needs a new int id >= 0 and bytes")
             vocab[i] = tok
         self.special_tokens = dict(special_tokens or {})
         self.added_tokens = dict(added_tokens or {})
