@@ -520,21 +520,22 @@ def acceptance(stats: SpecStats, k: int) -> dict:
     alpha_beta = mean of Leviathan's beta over tried positions."""
     full = [a for n, a in stats.steps if n == k]
     if not full:
-        return {
-            "alpha": float("nan"),
-            "alpha_beta": float("nan"),
-            "tok_per_step": float("nan"),
-            "formula": float("nan"),
-        }
+        return dict.fromkeys(("alpha", "alpha_beta", "tok_per_step", "formula", "formula_beta"), float("nan"))
     acc, rej = sum(full), sum(a < k for a in full)
     alpha = acc / max(acc + rej, 1)
-    formula = k + 1 if alpha == 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
+    alpha_beta = sum(stats.beta) / max(len(stats.beta), 1)
     return {
         "alpha": alpha,
-        "alpha_beta": sum(stats.beta) / max(len(stats.beta), 1),
+        "alpha_beta": alpha_beta,
         "tok_per_step": sum(a + 1 for a in full) / len(full),
-        "formula": formula,
+        "formula": expected_tokens(alpha, k),
+        "formula_beta": expected_tokens(alpha_beta, k),
     }
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """Tokens per target forward under i.i.d. acceptance: 1 + alpha + ... + alpha^k."""
+    return k + 1.0 if alpha == 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
 
 
 # %% [markdown]
