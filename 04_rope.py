@@ -445,10 +445,10 @@ _OVERLAP_MSG = ("q and k share memory (the same memory in part or whole): rotati
 def _overlap(q, k) -> bool:
     """Whether q and k share any element (rope_triton_(q, q[:, :, 1:3]) would rotate two heads twice).
 
-    Tensors whose address ranges are disjoint cannot overlap: the usual case, decided without touching
-    memory. Slices of one fused qkv buffer interleave in memory without sharing elements, so when the
-    ranges intersect an exact test marks q's elements in a scratch map of the span and looks for a
-    mark under k (one pass over the span; only on this path)."""
+    Tensors whose address ranges are disjoint cannot overlap: the usual case. Slices of one fused qkv
+    buffer interleave in memory without sharing elements, so when the ranges intersect and the strides
+    agree, _offset_reachable decides exactly from shapes and strides alone (no memory touched, no
+    device sync). Other intersecting layouts get a scratch map: mark q's elements, look under k."""
     if q.numel() == 0 or k.numel() == 0:
         return False
     es = q.element_size()
@@ -462,10 +462,48 @@ def _overlap(q, k) -> bool:
         return False
     if k.element_size() != es or (k0 - q0) % es:  # mixed dtypes over one buffer: refuse, not guess
         return True
+    if q.stride() == k.stride():
+        # q[a] and k[b] are one element iff (a - b) . strides = (k0 - q0) / es, a - b in a box
+        box = [(st, 1 - nk, nq - 1) for st, nq, nk in zip(q.stride(), q.shape, k.shape, strict=True)]
+        found = _offset_reachable((k0 - q0) // es, box)
+        if found is not None:
+            return found
     lo = min(q0, k0)
     mark = torch.zeros((max(q1, k1) - lo) // es, dtype=torch.bool, device=q.device)
     mark.as_strided(q.shape, q.stride(), (q0 - lo) // es).fill_(True)
     return bool(mark.as_strided(k.shape, k.stride(), (k0 - lo) // es).any())
+
+
+def _offset_reachable(delta: int, box, budget: int = 10_000):
+    """Is delta = sum_d c_d * stride_d for integers lo_d <= c_d <= hi_d? box = [(stride, lo, hi)].
+
+    Depth-first from the largest stride: c_d must leave a remainder the smaller strides can still
+    reach, which for tensor layouts leaves about three candidates per dimension. Example: strides
+    (8, 1), c in [-1, 3] x [-7, 7]: delta = 16 -> c = (2, 0): True. None if the search runs past
+    `budget` nodes (then the caller tests memory instead)."""
+    dims = sorted((d for d in box if d[0] > 0 and d[1] < d[2]), reverse=True)  # size-1 dims add nothing
+    reach = [0] * (len(dims) + 1)  # reach[i]: the largest |sum| dims i.. can make
+    for i in range(len(dims) - 1, -1, -1):
+        st, lo, hi = dims[i]
+        reach[i] = reach[i + 1] + st * max(-lo, hi)
+    nodes = 0
+
+    def search(i, rem):
+        nonlocal nodes
+        nodes += 1
+        if nodes > budget:
+            raise OverflowError
+        if i == len(dims):
+            return rem == 0
+        st, lo, hi = dims[i]
+        r = reach[i + 1]
+        c_lo, c_hi = max(lo, -((r - rem) // st)), min(hi, (rem + r) // st)  # |rem - c*st| <= r
+        return any(search(i + 1, rem - c * st) for c in range(c_lo, c_hi + 1))
+
+    try:
+        return search(0, delta)
+    except OverflowError:
+        return None
 
 
 class _RopeFunction(torch.autograd.Function):

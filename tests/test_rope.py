@@ -276,3 +276,26 @@ def test_backward_reads_an_expanded_gradient_through_its_strides():
     rq, rk = mod.apply_rope(ref_leaf[:, :, :2], ref_leaf[:, :, 2:], cos.double(), sin.double())
     (rq.sum() + rk.sum()).backward()
     torch.testing.assert_close(leaf.grad.double(), ref_leaf.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_overlap_test_is_exact_on_views_of_one_buffer(monkeypatch):
+    """_overlap agrees with marking memory on random head/time/channel slices of one qkv buffer, and
+    decides equal-stride views from shapes and strides alone (no scratch map, so no device sync)."""
+    import random
+
+    # hand-checkable: strides (8, 1), c in [-1, 3] x [-7, 7]; 16 = 2*8 + 0; 40 > 3*8 + 7
+    assert mod._offset_reachable(16, [(8, -1, 3), (1, -7, 7)]) is True
+    assert mod._offset_reachable(40, [(8, -1, 3), (1, -7, 7)]) is False
+    rng = random.Random(0)
+    for _ in range(150):
+        B, T, H, D = rng.randint(1, 3), rng.randint(1, 5), rng.randint(2, 7), rng.choice([2, 4, 8])
+        buf = torch.zeros(B, T, H, D)
+        ha, hb = rng.randint(1, H - 1), rng.randint(1, H - 1)
+        a0, b0, t0 = rng.randint(0, H - ha), rng.randint(0, H - hb), rng.randint(0, T - 1)
+        q, k = buf[:, :, a0 : a0 + ha], buf[:, t0:, b0 : b0 + hb]
+        mark = torch.zeros(buf.numel(), dtype=torch.bool)
+        mark.as_strided(q.shape, q.stride(), q.storage_offset()).fill_(True)
+        truth = bool(mark.as_strided(k.shape, k.stride(), k.storage_offset()).any())
+        with monkeypatch.context() as m:  # equal strides: decided without a scratch map
+            m.setattr(mod.torch, "zeros", lambda *a, **kw: pytest.fail("_overlap touched memory"))
+            assert mod._overlap(q, k) == truth, (buf.shape, a0, ha, b0, hb, t0)
