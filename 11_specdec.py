@@ -43,6 +43,7 @@ H heads, D head dim, L layers.
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -92,17 +93,17 @@ class BenchConfig:
     )
     draft: GPTConfig = field(default_factory=lambda: GPTConfig(n_layer=2, n_head=4, d_model=256))
     target_train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(steps=1500, batch=32, seq_len=256, lr=1e-3, max_seconds=60)
+        default_factory=lambda: TrainConfig(steps=1200, batch=32, seq_len=256, lr=1e-3, max_seconds=60)
     )
     draft_train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(steps=1500, batch=32, seq_len=256, lr=2e-3, max_seconds=15)
+        default_factory=lambda: TrainConfig(steps=3000, batch=32, seq_len=256, lr=2e-3, max_seconds=15)
     )
     ks: tuple = (1, 2, 3, 4, 5, 6, 7, 8)
     temperatures: tuple = (0.0, 1.0)  # greedy, and plain sampling
     prompts: int = 4  # prompts (and seeds) per configuration
     prompt_len: int = 48
-    new_tokens: int = 192  # prompt_len + new_tokens <= block_size
-    joint_samples: int = 5000  # two-token joint check through the full loop (CPU, ~1-2 ms a sample)
+    new_tokens: int = 160  # prompt_len + new_tokens <= block_size
+    joint_samples: int = 4000  # two-token joint check through the full loop (CPU, ~1-2 ms a sample)
     rs_samples: int = 20000  # single-step chi-square checks
 
 
@@ -983,11 +984,20 @@ def report_targets(rows):
 def main():
     parser = harness.build_parser("Speculative decoding: checks and benchmark")
     parser.add_argument("--data", default=None, help="tinyshakespeare.txt or a folder holding it")
+    parser.add_argument("--target-layers", type=int, default=None, help="override the target's depth")
+    parser.add_argument("--draft-layers", type=int, default=None, help="override the draft's depth")
     parser.add_argument(
         "--cache-dir", default=None, help="trained-model cache (default data/cache; <out>/cache with --quick)"
     )
     args, device, dtype = harness.start(parser)
-    cfg = QUICK if args.quick else BenchConfig()
+    if device.type == "cpu":  # see one_thread: on a shared 2-core machine, tiny ops run faster on one
+        torch.set_num_threads(1)
+    cfg = dataclasses.replace(QUICK if args.quick else BenchConfig())  # a copy: the flags below edit it
+    for name, layers in (("target", args.target_layers), ("draft", args.draft_layers)):
+        if layers is not None:
+            if layers < 1:
+                raise ValueError(f"--{name}-layers {layers}: accepted >= 1")
+            setattr(cfg, name, dataclasses.replace(getattr(cfg, name), n_layer=layers))
     data = load_text(args.data)
     # Full runs keep the weights in the git-ignored data/ folder; --quick (CI) writes only under --out.
     default_cache = Path(args.out) / "cache" if args.quick else harness.ROOT / "data" / "cache"
