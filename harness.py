@@ -286,7 +286,9 @@ def print_table(rows: list[dict]) -> None:
 
 def git_commit(path: Path = ROOT) -> str | None:
     """Short sha of the checkout holding `path`, with "-dirty" when tracked files have uncommitted
-    changes (untracked files do not count); None without git or outside a repository."""
+    changes (untracked files do not count). Without git or outside a repository (a copy of the tree
+    sent to a GPU machine), $GIT_COMMIT as the sender set it, else None."""
+    fallback = os.environ.get("GIT_COMMIT") or None
 
     def git(*args):
         return subprocess.run(["git", *args], cwd=path, capture_output=True, text=True, timeout=30)
@@ -294,10 +296,10 @@ def git_commit(path: Path = ROOT) -> str | None:
     try:
         head = git("rev-parse", "--short", "HEAD")
         if head.returncode != 0:
-            return None
+            return fallback
         status = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
-        return None
+        return fallback
     dirty = status.returncode != 0 or bool(status.stdout.strip())
     return head.stdout.strip() + ("-dirty" if dirty else "")
 

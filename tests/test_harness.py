@@ -84,7 +84,8 @@ def _git(cwd, *args):
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
-def test_git_commit_clean_dirty_and_outside_a_repository(tmp_path):
+def test_git_commit_clean_dirty_and_outside_a_repository(tmp_path, monkeypatch):
+    monkeypatch.delenv("GIT_COMMIT", raising=False)
     assert harness.git_commit(tmp_path) is None  # not a repository
     _git(tmp_path, "init", "-q")
     assert harness.git_commit(tmp_path) is None  # a repository without commits
@@ -103,7 +104,10 @@ def test_git_commit_clean_dirty_and_outside_a_repository(tmp_path):
 
 def test_git_commit_without_git(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no git executable anywhere on PATH
+    monkeypatch.delenv("GIT_COMMIT", raising=False)
     assert harness.git_commit() is None
+    monkeypatch.setenv("GIT_COMMIT", "abc1234")  # a tree copied without .git: the sender's word
+    assert harness.git_commit() == "abc1234"
 
 
 def test_write_results_records_commit_and_command(tmp_path, monkeypatch):
@@ -116,6 +120,7 @@ def test_write_results_records_commit_and_command(tmp_path, monkeypatch):
     assert record["command"] == f"{exe} 03_rmsnorm.py --out 'my results'"
     monkeypatch.undo()  # the real git_commit and argv again; then hide git
     monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("GIT_COMMIT", raising=False)
     record = json.loads(harness.write_results("00_demo", [], torch.device("cpu"), str(tmp_path)).read_text())
     assert record["commit"] is None and "command" in record
 
