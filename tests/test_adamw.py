@@ -1,0 +1,130 @@
+"""07_adamw.py: the three AdamW implementations against torch.optim.AdamW, the variants against their
+papers' rules, state_dict round trips, and the fused kernel's tables (Triton's interpreter on CPU)."""
+
+import harness
+
+import pytest
+import torch
+from conftest import load_build
+
+adamw = load_build("07_adamw")
+DEVICE = harness.pick_device()
+FORMS = ("single", "foreach") + (("fused",) if adamw._torch_fused_available(DEVICE) else ())
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: a CPU thread pool costs more than it saves (see main() in 07_adamw.py)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_first_step_by_hand():
+    # Step 1 with m0 = v0 = 0: mhat = g, vhat = g^2, so theta = theta (1 - lr wd) - lr g / (|g| + eps).
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
+    p.grad = torch.tensor([0.5, 0.25, -4.0])
+    opt = adamw.AdamW([p], lr=0.1, weight_decay=0.5, eps=0.25, impl="loop")
+    opt.step()
+    expected = torch.tensor([1.0, -2.0, 0.5]) * 0.95 - 0.1 * torch.tensor(
+        [0.5 / 0.75, 0.25 / 0.5, -4.0 / 4.25]
+    )
+    torch.testing.assert_close(p.detach(), expected)
+
+
+@pytest.mark.parametrize("impl", list(adamw.IMPLS))
+@pytest.mark.parametrize("amsgrad,maximize", [(False, False), (True, True)])
+def test_adamw_matches_torch(impl, amsgrad, maximize):
+    # 120 steps, three param groups, a decaying lr, a parameter that skips every third step
+    assert adamw.check_adamw_vs_torch(impl, DEVICE, amsgrad, maximize, FORMS) < 1e-5
+
+
+@pytest.mark.parametrize("impl", list(adamw.IMPLS))
+def test_state_dict_round_trip(impl):
+    assert adamw.check_state_dict(impl, DEVICE) < 1e-5
+
+
+def test_fused_bf16_keeps_fp32_state():
+    assert adamw.check_fused_bf16(DEVICE) < harness.TOLERANCES[torch.bfloat16]
+
+
+def test_fused_one_launch_per_step_and_strided_params():
+    assert adamw.check_fused_launches(DEVICE) < 1e-5
+
+
+def test_fused_splits_launches_only_when_steps_differ():
+    ps = adamw._make_params(((100,), (50,)), torch.float32, DEVICE, 0)
+    opt = adamw.AdamW(ps, impl="fused", block_size=64)
+    for t in range(4):
+        ps[0].grad, ps[1].grad = torch.randn_like(ps[0]), None if t == 1 else torch.randn_like(ps[1])
+        opt.step()
+    # step 1: one launch; step 2: only ps[0]; steps 3 and 4: counts 3 and 2 differ -> two launches each
+    assert opt.launches[0] == 1 + 1 + 2 + 2
+    assert [opt.state[p]["step"].item() for p in ps] == [4.0, 3.0]
+
+
+def test_block_map_example():
+    ts = [torch.zeros(5), torch.zeros(300)]
+    _, numels, block_tensor, block_start, aligned = adamw._fused_tables([ts] * 5, 128, torch.device("cpu"))
+    assert numels.tolist() == [5, 300]
+    assert block_tensor.tolist() == [0, 1, 1, 1]
+    assert block_start.tolist() == [0, 0, 128, 256]
+
+
+@pytest.mark.parametrize("name", ["lion", "ademamix", "sophia"])
+def test_variants_match_paper_transcription(name):
+    assert adamw.check_variant(name, DEVICE) < 1e-5
+
+
+def test_lion_moves_every_coordinate_by_lr():
+    p = torch.nn.Parameter(torch.randn(50))
+    before = p.detach().clone()
+    p.grad = torch.randn(50)
+    adamw.Lion([p], lr=0.01).step()
+    torch.testing.assert_close((p.detach() - before).abs(), torch.full((50,), 0.01))
+
+
+def test_muon_singular_values_and_adamw_half():
+    assert "singular values" in adamw.check_muon(DEVICE)
+
+
+def test_muon_param_groups_split():
+    model = adamw.CharMLP(vocab=11)
+    muon, rest = adamw.muon_param_groups(model)
+    assert [p.shape for p in muon["params"]] == [model.fc.weight.shape]
+    assert len(rest["params"]) == 4  # embedding, fc bias, head weight and bias
+
+
+def test_gnb_estimator_is_unbiased():
+    assert adamw.check_gnb(DEVICE) < 0.1
+
+
+def test_state_bytes_per_param():
+    p = torch.nn.Parameter(torch.randn(10, 10))
+    p.grad = torch.randn(10, 10)
+    for opt, expected in ((adamw.AdamW([p]), 8), (adamw.Lion([p]), 4), (adamw.AdEMAMix([p]), 12)):
+        opt.step()
+        assert adamw.state_bytes_per_param(opt) == expected
+
+
+def test_bad_inputs_raise_clear_errors():
+    p = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match="accepted: loop, foreach, fused"):
+        adamw.AdamW([p], impl="cuda")
+    with pytest.raises(ValueError, match="lr must be >= 0"):
+        adamw.AdamW([p], lr=-1.0)
+    with pytest.raises(ValueError, match=r"betas\[1\] must be in \[0, 1\)"):
+        adamw.AdamW([p], betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match="power of two"):
+        adamw.AdamW([p], block_size=100)
+    with pytest.raises(ValueError, match="b1, b2, b3"):
+        adamw.AdEMAMix([p], betas=(0.9, 0.999))
+    with pytest.raises(ValueError, match="use_muon"):
+        adamw.Muon([{"params": [p]}])
+    with pytest.raises(ValueError, match="2 or more dims"):
+        adamw.Muon([{"params": [p], "use_muon": True}])
+    q = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+    q.grad = torch.randn(3, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        adamw.AdamW([q], impl="fused").step()
