@@ -439,7 +439,11 @@ class PagedKVCache:
         self.block_size = block_size
 
     def write(self, layer: int, k, v, slots: torch.Tensor) -> None:
-        write_kv(self.k[layer], self.v[layer], k, v, slots)
+        """The Triton scatter on CUDA; elsewhere the index_put reference (the interpreter is slow)."""
+        if k.is_cuda:
+            write_kv(self.k[layer], self.v[layer], k, v, slots)
+        else:
+            write_kv_reference(self.k[layer], self.v[layer], k, v, slots)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Apply copy-on-write: block dst becomes a copy of block src, in every layer."""

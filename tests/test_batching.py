@@ -1,0 +1,101 @@
+"""10_batching.py: the scheduler with a deterministic stand-in model (every schedule reproduces each
+request's stand-alone output, budgets hold, FCFS, all blocks freed), and the transformer's paged
+engine against its dense forward."""
+
+import harness
+
+import pytest
+import torch
+from conftest import load_build
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+bt = load_build("10_batching")
+pk = load_build("09_paged_kv")
+DEVICE = harness.pick_device()
+
+SPECS = bt.stand_in_trace()
+EXPECTED = bt.alone(SPECS)
+
+
+@pytest.mark.parametrize("num_blocks", [9, 12, 64])
+@pytest.mark.parametrize("chunk", [None, 1, 2, 5, 16])
+def test_outputs_match_alone_under_any_chunk_and_memory(chunk, num_blocks):
+    bt.check_schedules("t", SPECS, EXPECTED, num_blocks=num_blocks, chunk=chunk)
+
+
+def test_tight_memory_preempts_and_still_matches():
+    msg = bt.check_schedules("t", SPECS, EXPECTED, want_preemption=True, num_blocks=9)
+    assert "preemptions" in msg
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_shared_prefix(prefix_caching):
+    shared = bt.stand_in_trace(shared_prefix=9, seed=1)
+    outs, _, bm, _ = bt.run_stand_in(shared, num_blocks=16, prefix_caching=prefix_caching)
+    assert outs == bt.alone(shared)
+    assert (bm.stats["hit_blocks"] > 0) == prefix_caching
+
+
+def test_static_baseline_matches_and_never_refills_a_running_batch():
+    bt.check_schedules("static", SPECS, EXPECTED, num_blocks=16, static=True)
+    bm = pk.BlockManager(32, 4)
+    sched = bt.StaticScheduler(bm, 8, 16, static_max_len=32)  # 4 slots of 32 tokens
+    for _ in range(6):
+        sched.add(bt.Sequence([1, 2, 3], max_tokens=4))
+    sched.schedule()
+    assert len(sched.running) == 4 and len(sched.waiting) == 2
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 10_000),
+    num_blocks=st.integers(8, 40),
+    max_num_seqs=st.integers(1, 6),
+    budget_extra=st.integers(0, 20),
+    chunk=st.one_of(st.none(), st.integers(1, 8)),
+)
+def test_random_traces(seed, num_blocks, max_num_seqs, budget_extra, chunk):
+    specs = bt.make_trace(8, (1, 12), (1, 10), rate=0.7, seed=seed, vocab=7, shared_prefix=seed % 6)
+    outs, _, _, order = bt.run_stand_in(
+        specs,
+        num_blocks=num_blocks,
+        max_num_seqs=max_num_seqs,
+        budget=max_num_seqs + budget_extra,
+        chunk=chunk,
+    )
+    assert outs == bt.alone(specs)
+    assert order == sorted(order)  # FCFS admission
+
+
+def test_errors():
+    bt.check_errors()
+    with pytest.raises(ValueError, match="max_prefill_chunk"):
+        bt.Scheduler(pk.BlockManager(4, 4), 2, 8, max_prefill_chunk=0)
+
+
+def test_engine_step_and_timings():
+    bm = pk.BlockManager(16, 4)
+    clock = bt.StepClock()
+    engine = bt.Engine(bt.StandInModel(bm), bt.Scheduler(bm, 2, 8), clock=clock)
+    seqs = [bt.Sequence([3, 1, 4, 1, 5], 3, arrival_time=0.0), bt.Sequence([2, 7], 2, arrival_time=1.0)]
+    timeline = bt.serve(engine, seqs)
+    assert [len(s.output_ids) for s in seqs] == [3, 2]
+    assert all(s.first_token_time >= s.arrival_time and s.finish_time >= s.first_token_time for s in seqs)
+    assert timeline[0]["tokens"] == 5  # the first prompt fits the budget of 8 in one chunk
+    row = bt.summarize("continuous", seqs, timeline, engine.scheduler)
+    assert row["output_tokens"] == 5
+
+
+def test_transformer_engine_matches_dense_forward():
+    assert bt.check_model_vs_dense(bt.QUICK_MODEL, DEVICE, torch.float32) < 1e-4
+
+
+def test_demo_continuous_takes_fewer_steps_than_static():
+    demo = bt.QUICK_DEMO
+    model = bt.TinyLlama(bt.QUICK_MODEL, DEVICE, torch.float32)
+    specs = bt.make_trace(10, demo.prompt_len, (2, 24), 1e3, 0, bt.QUICK_MODEL.vocab_size)
+    cont, _ = bt.run_policy("continuous", model, specs, demo)
+    static, _ = bt.run_policy("static", model, specs, demo)
+    assert cont["output_tokens"] == static["output_tokens"]
+    assert cont["steps"] < static["steps"]
