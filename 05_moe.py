@@ -859,6 +859,44 @@ def check_layer(case, impl, dtype, device, d, f):
     return err
 
 
+def check_kernel_rows(device, dtype):
+    """The kernels on NaN-poisoned outputs: every kept row written and right, dropped rows untouched.
+
+    Capacity leaves gaps between experts' row ranges, and one expert gets no rows at all.
+    """
+    T, E, k, d, f = 45, 5, 2, 40, 72
+    ids = torch.randint(0, E - 1, (T, k), device=device)  # expert E-1 stays empty
+    ids[:, 1] = (ids[:, 0] + 1) % (E - 1)
+    keep = capacity_keep(ids, E, 11)
+    plan = plan_dispatch(ids, E, keep)
+    x = torch.randn(T, d, device=device, dtype=dtype)
+    w1, w3 = (torch.randn(E, f, d, device=device, dtype=dtype) / 6 for _ in range(2))
+    w2 = torch.randn(E, d, f, device=device, dtype=dtype) / 8
+    M = T * k
+    a = torch.full((M, f), float("nan"), device=device, dtype=dtype)
+    grouped_gemm(x, w1, a, plan, SWIGLU, a_rows=plan.row_token, w2=w3)
+    y = torch.full((M, d), float("nan"), device=device, dtype=dtype)
+    grouped_gemm(a, w2, y, plan, PLAIN, c_rows=plan.row_pair)
+    dw = torch.full_like(w2, float("nan"))
+    grouped_wgrad(y, a, dw, plan, p_rows=plan.row_pair)
+    pairs = keep.reshape(-1)  # (T*k,) in (t, j) order, the order of y's rows
+    if not (torch.isfinite(y[pairs]).all() and torch.isnan(y[~pairs]).all()):
+        raise AssertionError("the kernel wrote a dropped pair's row or missed a kept one")
+    e_of = ids.reshape(-1)
+    x_of = x.double().repeat_interleave(k, 0)  # token of each (t, j) pair
+    ref_y = torch.zeros(M, d, dtype=torch.float64, device=device)
+    ref_dw = torch.zeros(w2.shape, dtype=torch.float64, device=device)
+    for e in range(E):
+        sel = pairs & (e_of == e)
+        h = swiglu(
+            x_of[sel], w1[e].double(), w3[e].double(), torch.eye(f, dtype=torch.float64, device=device)
+        )
+        ref_y[sel] = h @ w2[e].double().T
+        ref_dw[e] = y[sel].double().T @ h  # dW2-shaped: y^T a over expert e's kept rows
+    err = harness.assert_close(y[pairs], ref_y[pairs], dtype, "poisoned forward")
+    return max(err, harness.assert_close(dw, ref_dw, dtype, "poisoned weight gradient (empty expert: 0)"))
+
+
 def check_routing(device):
     """softmax_topk == topk_softmax (same experts, same weights); fp32 routing == fp64 routing."""
     logits = torch.randn(101, 16, device=device) * 3
@@ -968,12 +1006,9 @@ def run_checks(device, quick):
             runs.append(("grouped_mm", torch.bfloat16))
     else:  # interpreter: tl.dot on bf16 is unreliable in Triton 3.9's interpreter, fp16/fp32 are exact
         d, f, runs = 48, 40, [("loop", torch.float32), ("triton", torch.float32)]
-    checks(
-        f"mixtral checkpoint load {str(runs[0][1]).removeprefix('torch.')}",
-        check_mixtral_load,
-        device,
-        runs[0][1],
-    )
+    dt = str(runs[1][1]).removeprefix("torch.")
+    checks(f"grouped GEMM rows, NaN-poisoned {dt}", check_kernel_rows, device, runs[1][1])
+    checks(f"mixtral checkpoint load {dt}", check_mixtral_load, device, runs[0][1])
     for case in CASES:
         for impl, dtype in runs:
             name = f"{impl:10s} {str(dtype).removeprefix('torch.'):8s} {case}"
