@@ -179,27 +179,11 @@ def _adamw_foreach(params, grads, ms, vs, vmaxs, steps, *, lr, beta1, beta2, eps
 # step) go into separate launches, one per distinct step; in a normal loop that never happens.
 
 
+# fmt: off
 @triton.jit
-def _adamw_block(
-    p_ptr,
-    g_ptr,
-    m_ptr,
-    v_ptr,
-    vmax_ptr,
-    offs,
-    n,
-    decay,
-    w1,
-    beta2,
-    w2,
-    neg_step_size,
-    bc2_sqrt,
-    eps,
-    AMSGRAD: tl.constexpr,
-    MAXIMIZE: tl.constexpr,
-    RNE_BF16: tl.constexpr,
-    MASKED: tl.constexpr,
-):
+def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, n, decay, w1, beta2, w2, neg_step_size, bc2_sqrt,
+                 eps, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, RNE_BF16: tl.constexpr,
+                 MASKED: tl.constexpr):
     # MASKED=False for blocks fully inside their tensor: no mask lets Triton issue 128-bit accesses
     if MASKED:
         mask = offs < n
@@ -234,29 +218,10 @@ def _adamw_block(
 
 
 @triton.jit
-def _adamw_kernel(
-    P_ADDR,
-    G_ADDR,
-    M_ADDR,
-    V_ADDR,
-    VMAX_ADDR,
-    NUMELS,
-    BLOCK_TENSOR,
-    BLOCK_START,
-    decay,
-    w1,
-    beta2,
-    w2,
-    neg_step_size,
-    bc2_sqrt,
-    eps,
-    P_DTYPE: tl.constexpr,
-    AMSGRAD: tl.constexpr,
-    MAXIMIZE: tl.constexpr,
-    ALIGNED: tl.constexpr,
-    RNE_BF16: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
+def _adamw_kernel(P_ADDR, G_ADDR, M_ADDR, V_ADDR, VMAX_ADDR, NUMELS, BLOCK_TENSOR, BLOCK_START,
+                  decay, w1, beta2, w2, neg_step_size, bc2_sqrt, eps,
+                  P_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr,
+                  RNE_BF16: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(BLOCK_TENSOR + pid)  # which tensor this program updates
     start = tl.multiple_of(tl.load(BLOCK_START + pid), BLOCK)  # int64 element offset inside it
@@ -265,11 +230,8 @@ def _adamw_kernel(
     m_addr, v_addr, vmax_addr = tl.load(M_ADDR + t), tl.load(V_ADDR + t), tl.load(VMAX_ADDR + t)
     if ALIGNED:  # the host checked every address is 16-byte aligned: lets Triton emit 128-bit accesses
         p_addr, g_addr = tl.multiple_of(p_addr, 16), tl.multiple_of(g_addr, 16)
-        m_addr, v_addr, vmax_addr = (
-            tl.multiple_of(m_addr, 16),
-            tl.multiple_of(v_addr, 16),
-            tl.multiple_of(vmax_addr, 16),
-        )
+        m_addr, v_addr = tl.multiple_of(m_addr, 16), tl.multiple_of(v_addr, 16)
+        vmax_addr = tl.multiple_of(vmax_addr, 16)
     # a gradient has its parameter's dtype; the state is fp32 whatever the parameter dtype
     if P_DTYPE == 0:
         p_ptr, g_ptr = p_addr.to(tl.pointer_type(tl.float32)), g_addr.to(tl.pointer_type(tl.float32))
@@ -282,47 +244,12 @@ def _adamw_kernel(
     vmax_ptr = vmax_addr.to(tl.pointer_type(tl.float32))
     offs = start + tl.arange(0, BLOCK)
     if start + BLOCK <= n:  # every block but each tensor's last
-        _adamw_block(
-            p_ptr,
-            g_ptr,
-            m_ptr,
-            v_ptr,
-            vmax_ptr,
-            offs,
-            n,
-            decay,
-            w1,
-            beta2,
-            w2,
-            neg_step_size,
-            bc2_sqrt,
-            eps,
-            AMSGRAD,
-            MAXIMIZE,
-            RNE_BF16,
-            False,
-        )
+        _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, n, decay, w1, beta2, w2, neg_step_size,
+                     bc2_sqrt, eps, AMSGRAD, MAXIMIZE, RNE_BF16, False)
     else:
-        _adamw_block(
-            p_ptr,
-            g_ptr,
-            m_ptr,
-            v_ptr,
-            vmax_ptr,
-            offs,
-            n,
-            decay,
-            w1,
-            beta2,
-            w2,
-            neg_step_size,
-            bc2_sqrt,
-            eps,
-            AMSGRAD,
-            MAXIMIZE,
-            RNE_BF16,
-            True,
-        )
+        _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, n, decay, w1, beta2, w2, neg_step_size,
+                     bc2_sqrt, eps, AMSGRAD, MAXIMIZE, RNE_BF16, True)
+# fmt: on
 
 
 def _fused_tables(tensors: list[list[torch.Tensor]], block: int, device) -> tuple:
@@ -340,8 +267,10 @@ def _fused_tables(tensors: list[list[torch.Tensor]], block: int, device) -> tupl
     block_start = (torch.arange(int(n_blocks.sum())) - torch.repeat_interleave(first, n_blocks)) * block
     aligned = all(a % 16 == 0 for row in addrs for a in row)
     ptrs = torch.tensor(addrs, dtype=torch.int64)
-    tables = [x.to(device) for x in (ptrs, numels, block_tensor, block_start)]
-    return (*tables, aligned)
+    ptrs, numels, block_tensor, block_start = (
+        x.to(device) for x in (ptrs, numels, block_tensor, block_start)
+    )
+    return ptrs.unbind(0), numels, block_tensor, block_start, aligned
 
 
 def _contiguous(t: torch.Tensor, writebacks: list) -> torch.Tensor:
@@ -389,26 +318,16 @@ def _adamw_fused(
         ptrs, numels, block_tensor, block_start, aligned = cache[key]
         bias_correction1 = 1 - beta1**step  # float64 on the host, as PyTorch
         bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+        # fmt: off
         _adamw_kernel[(block_tensor.numel(),)](
-            *ptrs,
-            numels,
-            block_tensor,
-            block_start,
-            1 - lr * weight_decay,
-            1 - beta1,
-            beta2,
-            1 - beta2,
-            -lr / bias_correction1,
-            bias_correction2_sqrt,
+            *ptrs, numels, block_tensor, block_start,
+            1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, -lr / bias_correction1, bias_correction2_sqrt,
             eps,
-            P_DTYPE=FUSED_DTYPES[dtype],
-            AMSGRAD=bool(vmaxs),
-            MAXIMIZE=maximize,
-            ALIGNED=aligned,
+            P_DTYPE=FUSED_DTYPES[dtype], AMSGRAD=bool(vmaxs), MAXIMIZE=maximize, ALIGNED=aligned,
             RNE_BF16=harness.INTERPRET and dtype == torch.bfloat16,
-            BLOCK=block,
-            num_warps=FUSED_WARPS if block >= 1024 else 4,
+            BLOCK=block, num_warps=FUSED_WARPS if block >= 1024 else 4,
         )
+        # fmt: on
         counter[0] += 1
         for t, c in writebacks:
             t.copy_(c)
