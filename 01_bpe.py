@@ -791,6 +791,8 @@ def from_gguf(cls, path_or_reader) -> "Tokenizer":
     if tokens is None or merges is None:
         raise ValueError(f"{where}: tokenizer.ggml.tokens or tokenizer.ggml.merges is missing")
     types = field("tokenizer.ggml.token_type") or [1] * len(tokens)
+    if len(types) != len(tokens):
+        raise ValueError(f"{where}: {len(tokens)} tokens but {len(types)} token types")
     spelled = _bytes_to_unicode()
     alphabet = set(spelled.values())
     # A token outside the byte alphabet is respelled from its UTF-8 bytes (what transformers does);
