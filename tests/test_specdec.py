@@ -70,10 +70,11 @@ def test_chi_square_p_value():
 
 
 def test_acceptance_and_formula():
-    stats = sd.SpecStats(steps=[(2, 2), (2, 0), (2, 1), (1, 0)], beta=[0.5, 1.0])
-    a = sd.acceptance(stats, 2)  # full steps only: accepted 3, rejected 2 -> alpha 0.6
+    beta = [torch.tensor(b) for b in ([1.0, 0.5], [0.0], [1.0, 0.0], [0.9])]  # tried positions per step
+    stats = sd.SpecStats(steps=[(2, 2), (2, 0), (2, 1), (1, 0)], beta=beta)
+    a = sd.acceptance(stats, 2)  # full steps only: accepted 3, rejected 2 -> alpha 0.6; beta mean 2.5/5
     assert a["alpha"] == pytest.approx(0.6) and a["tok_per_step"] == pytest.approx(2.0)
-    assert a["formula"] == pytest.approx(1 + 0.6 + 0.36) and a["alpha_beta"] == pytest.approx(0.75)
+    assert a["formula"] == pytest.approx(1 + 0.6 + 0.36) and a["alpha_beta"] == pytest.approx(0.5)
     assert sd.expected_tokens(1.0, 4) == 5.0
 
 
