@@ -293,12 +293,14 @@ class BlockManager:
         their KV is written (or is written by this step's forward, before any attention reads it)."""
         if not self.enable_prefix_caching:
             return
-        bs, h = self.block_size, b""
-        for i in range(min(num_tokens, len(seq)) // bs):
+        bs = self.block_size
+        full = min(num_tokens, len(seq)) // bs
+        first = full  # blocks are named in order: walk back to the last named one, then name forward
+        while first > 0 and self.blocks[seq.block_table[first - 1]].hash is None:
+            first -= 1
+        h = self.blocks[seq.block_table[first - 1]].hash if first > 0 else b""
+        for i in range(first, full):
             block = self.blocks[seq.block_table[i]]
-            if block.hash is not None:  # already named (a cache hit, or registered in an earlier step)
-                h = block.hash
-                continue
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             h = block_hash(h, tokens)
             if h not in self.cached:  # else an identical block is cached already: keep that one
@@ -531,7 +533,7 @@ def _paged_decode_kernel(
     rmask = rows < G
     d = tl.arange(0, D)
     q = tl.load(Q + b * stride_qb + hq[:, None] * stride_qh + d[None, :], mask=rmask[:, None], other=0.0)
-    if DOT_F32:  # fp32 inputs, and the CPU interpreter, whose bf16 tl.dot is broken
+    if DOT_F32:  # fp32 inputs; bf16 in the CPU interpreter, whose bf16 tl.dot is broken
         q = q.to(tl.float32)
     m = tl.full([G_PAD], float("-inf"), tl.float32)
     l = tl.zeros([G_PAD], tl.float32)  # noqa: E741
@@ -673,6 +675,7 @@ def paged_attention_decode(
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
         raise ValueError(f"paged_attention_decode: out {tuple(out.shape)} {out.dtype} must be like q")
     split = num_splits > 1
+    dot_f32 = q.dtype == torch.float32 or (harness.INTERPRET and q.dtype == torch.bfloat16)
     opart = torch.empty(B, H, num_splits, D, device=q.device, dtype=torch.float32) if split else out
     lse = torch.empty(B, H, num_splits, device=q.device, dtype=torch.float32) if split else out
     opart_s = opart.stride()[:3] if split else (0, 0, 0)
@@ -683,7 +686,7 @@ def paged_attention_decode(
         block_tables.stride(0), out.stride(0), out.stride(1), *opart_s, *lse_s,
         sm_scale * LOG2E, split_len,
         G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, BLOCK_SIZE=bs, BLOCK_N=block_n, SPLIT=split,
-        DOT_F32=harness.INTERPRET or q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
+        DOT_F32=dot_f32, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if split:
         _merge_kernel[(B, H)](

@@ -120,6 +120,7 @@ class Sequence(pk.Sequence):
         self.status = Status.WAITING
         self.num_computed_tokens = 0
         self.num_preemptions = 0
+        self.admission_index: int | None = None  # order of first admission: FCFS means arrival order
         self.arrival_time = arrival_time
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
@@ -185,6 +186,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()  # admission order: oldest at the left
         self.num_preemptions = 0
+        self.num_admitted = 0
+        self.more_arrivals = False  # set by the driver; a static batcher waits to fill while it is True
 
     def add(self, seq: Sequence) -> None:
         worst = -(-(seq.num_prompt_tokens + seq.max_tokens) // self.bm.block_size)
@@ -229,6 +232,8 @@ class Scheduler:
         """Blocks for everything known (prompt, plus tokens generated before a preemption), cache hits
         first; the cached tokens count as computed."""
         seq.num_computed_tokens = self.bm.allocate(seq)
+        if seq.admission_index is None:  # first admission (not a re-admission after preemption)
+            seq.admission_index, self.num_admitted = self.num_admitted, self.num_admitted + 1
         seq.status = Status.RUNNING
         self.running.append(seq)
 
@@ -277,10 +282,11 @@ class Scheduler:
 
 
 class StaticScheduler(Scheduler):
-    """The baseline: a batch is formed only when the previous one has finished, and runs until its
-    longest request ends. Like a server with a contiguous cache, it reserves static_max_len tokens of
-    KV per request, so at the same memory it runs num_blocks * BS // static_max_len requests at once.
-    (Finished requests stop computing, which flatters the baseline: a padded static batch keeps them.)"""
+    """The baseline: a batch is formed only when the previous one has finished and enough requests
+    wait to fill it (or no more are coming), and it runs until its longest request ends. Like a
+    server with a contiguous cache, it reserves static_max_len tokens of KV per request, so at the
+    same memory it runs num_blocks * BS // static_max_len requests at once. (Finished requests stop
+    computing, which flatters the baseline: a padded static batch keeps computing them.)"""
 
     def __init__(self, block_manager, max_num_seqs, max_num_batched_tokens, static_max_len: int, **kw):
         super().__init__(block_manager, max_num_seqs, max_num_batched_tokens, **kw)
@@ -299,7 +305,8 @@ class StaticScheduler(Scheduler):
         return False  # nobody joins a running batch
 
     def schedule(self) -> Batch:
-        if not self.running:  # the previous batch is done: the next is whoever has arrived, FCFS
+        full = len(self.waiting) >= self.max_num_seqs or not self.more_arrivals
+        if not self.running and full:  # the previous batch is done and the next is full (or all there is)
             while (
                 self.waiting
                 and len(self.running) < self.max_num_seqs
@@ -341,6 +348,8 @@ class Engine:
 
     def step(self) -> tuple[Batch, list[Sequence]]:
         batch = self.scheduler.schedule()
+        if not batch.items:
+            return batch, []
         logits = self.model(batch)
         next_tokens = self.sample(logits)
         return batch, self.scheduler.postprocess(batch, next_tokens, self.clock())
@@ -369,14 +378,17 @@ def serve(engine: Engine, requests: list[Sequence], on_step=None) -> list[dict]:
     while pending or sched.has_work():
         while pending and pending[0].arrival_time <= clock():
             sched.add(pending.popleft())
-        if not sched.has_work():  # idle until the next arrival
+        sched.more_arrivals = bool(pending)
+        now = clock()
+        batch, _ = engine.step() if sched.has_work() else (None, None)
+        if batch is None or not batch.items:  # idle, or a static batch still filling: next arrival
+            if not pending:
+                raise RuntimeError("the scheduler made no progress with no arrivals left")
             if isinstance(clock, StepClock):
-                clock.t = pending[0].arrival_time
+                clock.t = max(clock.t, pending[0].arrival_time)
             else:
                 time.sleep(max(0.0, pending[0].arrival_time - clock()))
             continue
-        now = clock()
-        batch, _ = engine.step()
         if on_step is not None:
             on_step(batch)
         timeline.append({"t": now, "seqs": len(batch.items), "tokens": batch.num_tokens})
@@ -584,7 +596,6 @@ def run_stand_in(specs, num_blocks, block_size=4, max_num_seqs=6, budget=24, chu
         sched = Scheduler(bm, max_num_seqs, budget, max_prefill_chunk=chunk)
     engine = Engine(StandInModel(bm), sched, clock=StepClock())
     seqs = [Sequence(p, m, a) for p, m, a in specs]
-    admitted: list[int] = []
 
     def on_step(batch):
         ids = [it.seq.seq_id for it in batch.items]
@@ -592,7 +603,6 @@ def run_stand_in(specs, num_blocks, block_size=4, max_num_seqs=6, budget=24, chu
             raise AssertionError(f"budget exceeded: {batch.num_tokens} tokens, {len(ids)} sequences")
         if min((it.num_tokens for it in batch.items), default=1) < 1:
             raise AssertionError("an empty chunk was scheduled")
-        admitted.extend(i for i in ids if i not in admitted)
 
     serve(engine, seqs, on_step)
     if not all(s.status is Status.FINISHED and len(s.output_ids) == s.max_tokens for s in seqs):
@@ -600,7 +610,7 @@ def run_stand_in(specs, num_blocks, block_size=4, max_num_seqs=6, budget=24, chu
     bm.check_invariants([])
     if bm.num_free_blocks != bm.num_blocks or bm.live:
         raise AssertionError("blocks still held at the end")
-    order = [seqs.index(next(s for s in seqs if s.seq_id == i)) for i in admitted]
+    order = sorted(range(len(seqs)), key=lambda i: seqs[i].admission_index)  # request indices, as admitted
     return [s.output_ids for s in seqs], sched, bm, order
 
 
