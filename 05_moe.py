@@ -27,8 +27,8 @@ Does not handle:
     topk_group) and its sequence-wise auxiliary loss, token choice beyond top-k (expert choice);
   - fp8 experts, a persistent kernel with TMA descriptors or warp specialisation (plain pointer loads
     that Triton pipelines into wgmma on Hopper);
-  - the Triton path for d_model or d_ff whose row strides are not 16-byte aligned on the GPU
-    (the interpreter takes any size; the reference loop takes anything).
+  - tuned tiles for sizes that are not multiples of 16 (they run correctly, but Triton compiles
+    separate variants for them; every real model size is a multiple of 16).
 
 References: Shazeer et al., "Outrageously Large Neural Networks" (2017); Fedus et al., "Switch
 Transformers" (2021); Zoph et al., "ST-MoE" (2022, z-loss); Jiang et al., "Mixtral of Experts" (2024);
@@ -616,9 +616,12 @@ class _GroupedExperts(torch.autograd.Function):
             dx_pairs = grouped_gemm(dh1, w1, _pairs_buffer(plan, x.shape[1], x), plan, DUAL,
                                     transpose_w=False, a2=dh3, w2=w3, c_rows=plan.row_pair)  # fmt: skip
             dx = dx_pairs.view(plan.n_tokens, plan.top_k, -1).sum(1)
-        dw1 = grouped_wgrad(dh1, x, torch.empty_like(w1), plan, q_rows=plan.row_token)
-        dw3 = grouped_wgrad(dh3, x, torch.empty_like(w3), plan, q_rows=plan.row_token)
-        dw2 = grouped_wgrad(dy_pairs, a, torch.empty_like(w2), plan, p_rows=plan.row_pair)
+        need = ctx.needs_input_grad
+        dw1 = grouped_wgrad(dh1, x, torch.empty_like(w1), plan, q_rows=plan.row_token) if need[1] else None
+        dw3 = grouped_wgrad(dh3, x, torch.empty_like(w3), plan, q_rows=plan.row_token) if need[2] else None
+        dw2 = (
+            grouped_wgrad(dy_pairs, a, torch.empty_like(w2), plan, p_rows=plan.row_pair) if need[3] else None
+        )
         return dx, dw1, dw3, dw2, None
 
 
@@ -636,7 +639,7 @@ def _check_triton_inputs(x, w1, w3, w2):
 def experts_triton(x, w1, w3, w2, plan: Dispatch) -> torch.Tensor:
     """The grouped-GEMM experts: (T, d) -> (T*k, d) pair outputs (ungated), differentiable."""
     _check_triton_inputs(x, w1, w3, w2)
-    x, w2 = x.contiguous(), w2
+    x = x.contiguous()  # the weights are read through their strides; w1 and w3 must share them
     w1, w3 = (w1, w3) if w1.stride() == w3.stride() else (w1.contiguous(), w3.contiguous())
     return _GroupedExperts.apply(x, w1, w3, w2, plan)
 
@@ -653,31 +656,41 @@ HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
 
 def _padded_layout(plan: Dispatch, align=ALIGN):
-    """Row r (expert e) -> row pstart_e + (r - start_e) of a buffer whose groups are padded to `align`;
-    dropped rows go to a spare row past the last group. Returns (dest, offs, n_rows)."""
+    """Where each sorted row goes in a buffer whose groups are padded to `align` rows.
+
+    Returns (dest, kept_row, offs, n_rows): row r (expert e) -> dest[r] = pstart_e + (r - start_e);
+    dropped rows -> the buffer's last row. The last group's end is stretched to n_rows, so every
+    row of the buffer lies inside a group and _grouped_mm defines every output row.
+    """
     E, M = plan.starts.numel(), plan.row_token.numel()
     kept = (plan.ends - plan.starts).long()
     padded = (kept + align - 1) // align * align
     offs = padded.cumsum(0)
     pstart = offs - padded
+    n_rows = M + E * (align - 1) + 1  # static upper bound: no host sync
+    offs[-1] = n_rows
     r = torch.arange(M, device=kept.device)
     e = torch.searchsorted(plan.starts.long(), r, right=True) - 1  # expert of each sorted row
     local = r - plan.starts.long()[e]
-    n_rows = M + E * (align - 1) + 1
-    dest = torch.where(local < kept[e], pstart[e] + local, n_rows - 1)
-    return dest, offs.to(torch.int32), n_rows
+    kept_row = local < kept[e]
+    dest = torch.where(kept_row, pstart[e] + local, n_rows - 1)
+    return dest, kept_row, offs.to(torch.int32), n_rows
 
 
 def experts_grouped_mm(x, w1, w3, w2, plan: Dispatch) -> torch.Tensor:
     """The experts through torch._grouped_mm; (T, d) -> (T*k, d) pair outputs, differentiable."""
     if not HAS_GROUPED_MM:
         raise RuntimeError(f"torch {torch.__version__} has no torch._grouped_mm; use impl='triton' or 'loop'")
-    dest, offs, n_rows = _padded_layout(plan)
-    xp = x.new_zeros(n_rows, x.shape[1]).index_copy(0, dest, x[plan.row_token.long()])
+    dest, kept_row, offs, n_rows = _padded_layout(plan)
+    src = torch.zeros(n_rows, dtype=torch.long, device=x.device).index_copy(0, dest, plan.row_token.long())
+    valid = torch.zeros(n_rows, dtype=torch.uint8, device=x.device).index_copy(
+        0, dest, kept_row.to(torch.uint8)
+    )
+    xp = torch.where(valid.bool()[:, None], x[src], 0)  # padding and dropped rows: zeros, no gradient
     h1 = torch._grouped_mm(xp, w1.transpose(1, 2), offs=offs)
     h3 = torch._grouped_mm(xp, w3.transpose(1, 2), offs=offs)
     yp = torch._grouped_mm(F.silu(h1) * h3, w2.transpose(1, 2), offs=offs)  # (n_rows, d)
-    y_sorted = yp[dest] * (dest < n_rows - 1)[:, None].to(yp.dtype)  # rows past the groups: unwritten
+    y_sorted = torch.where(kept_row[:, None], yp[dest], 0)
     out = x.new_zeros(plan.n_tokens * plan.top_k, x.shape[1])
     return out.index_copy(0, plan.row_pair.long(), y_sorted)
 
@@ -864,7 +877,7 @@ def check_kernel_rows(device, dtype):
 
     Capacity leaves gaps between experts' row ranges, and one expert gets no rows at all.
     """
-    T, E, k, d, f = 45, 5, 2, 40, 72
+    T, E, k, d, f = 45, 5, 2, 48, 80  # multiples of 16: the GPU reuses the compiled variants
     ids = torch.randint(0, E - 1, (T, k), device=device)  # expert E-1 stays empty
     ids[:, 1] = (ids[:, 0] + 1) % (E - 1)
     keep = capacity_keep(ids, E, 11)
@@ -970,7 +983,7 @@ def check_bias_update(device):
 
 def check_mixtral_load(device, dtype):
     """A layer loaded from HF-named per-expert tensors equals HF's loop over separate Linear experts."""
-    d, f, E = 24, 40, 4
+    d, f, E = 32, 48, 4
     torch.manual_seed(1)
     sd = {"model.layers.3.block_sparse_moe.gate.weight": torch.randn(E, d)}
     for i in range(E):
@@ -1006,6 +1019,8 @@ def run_checks(device, quick):
             runs.append(("grouped_mm", torch.bfloat16))
     else:  # interpreter: tl.dot on bf16 is unreliable in Triton 3.9's interpreter, fp16/fp32 are exact
         d, f, runs = 48, 40, [("loop", torch.float32), ("triton", torch.float32)]
+        if HAS_GROUPED_MM:  # recent CPU builds have it too (any float dtype)
+            runs.append(("grouped_mm", torch.float32))
     dt = str(runs[1][1]).removeprefix("torch.")
     checks(f"grouped GEMM rows, NaN-poisoned {dt}", check_kernel_rows, device, runs[1][1])
     checks(f"mixtral checkpoint load {dt}", check_mixtral_load, device, runs[0][1])
