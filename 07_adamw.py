@@ -479,6 +479,15 @@ class AdamW(torch.optim.Optimizer):
 # as a short loop over parameters (the teaching form; a fused kernel for each is the same recipe as
 # above with a different body). The paper's update is on the line that computes it.
 #
+# Optimizer state per parameter (fp32 state; the demo prints the same figure measured on its model):
+#
+#     optimizer   state tensors                      bytes/param
+#     AdamW       m, v          (+ vmax with amsgrad) 8 (12)
+#     Lion        m                                  4
+#     Muon        momentum (matrices); AdamW's m, v   4 (8 for the AdamW-trained rest)
+#     AdEMAMix    m1, m2, v                          12
+#     Sophia      m, h                               8
+#
 # Lion (Chen et al. 2023, Algorithm 2): the update is a sign, so every coordinate moves by exactly lr.
 # Typical lr is 3-10x smaller than AdamW's and weight decay 3-10x larger. One state tensor.
 
@@ -513,8 +522,9 @@ class Lion(torch.optim.Optimizer):
 # Newton-Schulz iterations approximate it with matmuls only: X <- a X + (b A + c A^2) X, A = X X^T,
 # the quintic p(s) = a s + b s^3 + c s^5 applied to every singular value s. The coefficients
 # (3.4445, -4.7750, 2.0315) trade exactness for speed: a large slope at 0 pulls small s up fast, and
-# after 5 steps every s sits in a band around 1 (roughly 0.7-1.2) instead of at exactly 1, which
-# trains as well. Embeddings, the output head and 1-D parameters (gains, biases) use AdamW.
+# after 5 steps every s sits in a band around 1 (0.67-1.14 for the random matrices of the checks)
+# instead of at exactly 1, which trains as well. Embeddings, the output head and 1-D parameters
+# (gains, biases) use AdamW.
 
 
 def newton_schulz5(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
@@ -960,8 +970,8 @@ def check_muon(device):
         G = torch.randn(shape, generator=gen).to(device)
         s = torch.linalg.svdvals(newton_schulz5(G.reshape(len(G), -1)).float())
         lo, hi = min(lo, s.min().item()), max(hi, s.max().item())
-    if not (0.6 < lo and hi < 1.25):
-        raise AssertionError(f"singular values in [{lo:.3f}, {hi:.3f}], expected inside (0.6, 1.25)")
+    if not (0.55 < lo and hi < 1.3):  # measured on CPU: [0.68, 1.13] in fp32, [0.67, 1.14] in bf16
+        raise AssertionError(f"singular values in [{lo:.3f}, {hi:.3f}], expected inside (0.55, 1.3)")
     w, b = _make_params(((48, 96), (96,)), torch.float32, device, 13)
     ref = torch.nn.Parameter(b.detach().clone())
     opt = Muon([dict(params=[w], use_muon=True), dict(params=[b], use_muon=False, lr=1e-2, weight_decay=0.1)])
@@ -1056,7 +1066,7 @@ def demo(device, steps, fused_ok):
     makers = {
         "torch AdamW": lambda m: torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.1),
         f"AdamW ({adamw_impl})": lambda m: AdamW(m.parameters(), lr=3e-3, weight_decay=0.1, impl=adamw_impl),
-        "Lion": lambda m: Lion(m.parameters(), lr=3e-4, weight_decay=1.0),
+        "Lion": lambda m: Lion(m.parameters(), lr=1e-3, weight_decay=0.3),
         "Muon": lambda m: Muon(
             [{**muon_param_groups(m)[0], "lr": 0.02}, {**muon_param_groups(m)[1], "lr": 3e-3}]
         ),
@@ -1106,7 +1116,7 @@ def plot_curves(curves, out):
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, losses in curves.items():
         smooth = torch.tensor(losses).unfold(0, 10, 1).mean(1)  # 10-step running mean
-        ax.plot(range(9, len(losses)), smooth, label=name)
+        ax.plot(range(9, len(losses)), smooth, label=name, ls="--" if name.startswith("torch") else "-")
     ax.set(xlabel="step", ylabel="train loss (10-step mean)", title="char MLP on tinyshakespeare")
     ax.legend()
     fig.tight_layout()
@@ -1172,7 +1182,9 @@ def benchmark(cfg, device, quick):
                 gbs = n * bpp / ms / 1e6
                 rows.append(
                     {
-                        "params": f"{n / 1e6:.1f}M {str(dtype)[6:]} x{len(params)}",
+                        "params": n,
+                        "tensors": len(params),
+                        "dtype": str(dtype).removeprefix("torch."),
                         "optimizer": name,
                         "ms": ms,
                         "bytes/param": bpp,
@@ -1186,7 +1198,7 @@ def benchmark(cfg, device, quick):
                 opt = None
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-        case = [r for r in rows if r["params"].startswith(f"{n / 1e6:.1f}M {str(dtype)[6:]}")]
+        case = [r for r in rows if r["dtype"] == str(dtype).removeprefix("torch.")]
         base = next((r for r in case if r["optimizer"] == "torch fused"), None)
         for r in case if base else []:
             r["vs_torch_fused"] = base["ms"] / r["ms"]
@@ -1194,9 +1206,20 @@ def benchmark(cfg, device, quick):
     return rows, copy_bw
 
 
+def profile(device, out):
+    """A torch.profiler trace of three fused AdamW steps on the quick benchmark's tensors."""
+    params = _bench_params(QUICK, torch.float32, device)
+    opt = AdamW(params, impl="fused")
+    with torch.profiler.profile() as prof:
+        for _ in range(3):
+            opt.step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
+    harness.save_trace(prof, "07_adamw", out)
+
+
 def report_targets(rows):
     """Targets for the fp32 case on a full GPU run: >= 1.0x torch fused and >= 80% of copy."""
-    ours = next((r for r in rows if r["optimizer"] == "ours fused" and "float32" in r["params"]), None)
+    ours = next((r for r in rows if r["optimizer"] == "ours fused" and r["dtype"] == "float32"), None)
     if ours is None:
         print("target MISSED: no fp32 result for ours fused")
         return
@@ -1225,6 +1248,8 @@ def main():
     run_checks(device, args.quick)
     print(f"checks took {time.perf_counter() - t0:.1f} s")
     cfg = QUICK if args.quick else BenchConfig()
+    if args.profile and (device.type == "cuda" or harness.INTERPRET):
+        profile(device, args.out)
     curves, demo_rows = demo(device, cfg.demo_steps, fused_ok=device.type == "cuda")
     harness.print_table(demo_rows)
     plot_curves(curves, args.out)
