@@ -24,11 +24,10 @@ Does not handle:
     WordPiece, Unigram; GGUF pre-tokenizers other than gpt2, smollm and llama-bpe/llama3;
   - a vocabulary lacking some byte tokens *and* setting an unk token (without one, such bytes are
     dropped before BPE, as Hugging Face does: SmolLM2's GGUF lacks 21 of the 256);
-  - Hugging Face `add_prefix_space=True`, added tokens' lstrip/rstrip/single_word flags and
-    normalized=true under a normalizer (without one the flag changes nothing), post-processors
-    (BOS/EOS templates: compare with `add_special_tokens=False`), BPE dropout;
-  - Hugging Face Split behaviours other than "Isolated", normalizers other than NFC/NFD/NFKC/NFKD,
-    and any pre-tokenizer placed after ByteLevel in a Sequence (it would see "Ġ"-style characters);
+  - Hugging Face `add_prefix_space=True`, added tokens' lstrip/rstrip/single_word and normalized=true
+    under a normalizer, post-processors (BOS/EOS: compare with `add_special_tokens=False`), BPE
+    dropout, Split behaviours but "Isolated", normalizers but NFC/NFD/NFKC/NFKD, and pre-tokenizers
+    after ByteLevel in a Sequence (they would see "Ġ"-style characters);
   - multi-threaded encoding (tiktoken's encode_batch) and training on files larger than memory.
 
 References: Sennrich et al., "Neural Machine Translation of Rare Words with Subword Units" (ACL 2016);
@@ -595,17 +594,7 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path) -> "Tokenizer":
-        try:
-            lines = Path(path).read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path} is not a saved tokenizer: not UTF-8 text ({e.reason} at byte "
-                             f"{e.start})") from None  # fmt: skip
-        while lines and not lines[-1].strip():  # an editor may leave blank lines at the end
-            lines.pop()
-        if not lines or not lines[0].startswith("bpe-tokenizer "):
-            raise ValueError(f"{path} is not a saved tokenizer (first line should be {FORMAT!r})")
-        if lines[0] != FORMAT:
-            raise ValueError(f"{path} has format {lines[0]!r}; this code reads {FORMAT!r}")
+        lines = _read_saved_lines(path)  # UTF-8, first line == FORMAT, trailing blank lines dropped
         try:
             h = json.loads(lines[1])
             merges = [tuple(int(x) for x in line.split()) for line in lines[2:]]
@@ -734,6 +723,8 @@ def _from_hf_spec(cls, spec: dict, path) -> "Tokenizer":
 # tokenizer.ggml.pre -> (Hugging Face pre-tokenizers that split as llama.cpp's llama-vocab.cpp does for
 # that name, ignore_merges). "smollm" is what SmolLM2's own tokenizer.json says: every digit alone,
 # then ByteLevel with GPT-2's pattern. llama.cpp also sets ignore_merges for Llama-3's names.
+# (transformers 5.24 reads "smollm" with GPT-2's pattern alone, so it departs from SmolLM2's own
+# tokenizer where whitespace before a numeral would merge with it: "a  1", " ²". We follow the model.)
 _HF_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
 LLAMA3_SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -983,6 +974,21 @@ def _as_token_ids(ids) -> list[int]:
         except TypeError:
             raise TypeError(f"token ids must be integers, got {i!r} ({type(i).__name__})") from None
     return out
+
+
+def _read_saved_lines(path) -> list[str]:
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not a saved tokenizer: not UTF-8 text ({e.reason} at byte "
+                         f"{e.start})") from None  # fmt: skip
+    while lines and not lines[-1].strip():  # an editor may leave blank lines at the end
+        lines.pop()
+    if not lines or not lines[0].startswith("bpe-tokenizer "):
+        raise ValueError(f"{path} is not a saved tokenizer (first line should be {FORMAT!r})")
+    if lines[0] != FORMAT:
+        raise ValueError(f"{path} has format {lines[0]!r}; this code reads {FORMAT!r}")
+    return lines
 
 
 def _check_whole_tokens(specials: dict, added: dict, vocab: dict) -> None:
