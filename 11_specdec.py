@@ -95,10 +95,10 @@ class BenchConfig:
     )
     draft: GPTConfig = field(default_factory=lambda: GPTConfig(n_layer=2, n_head=4, d_model=256))
     target_train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(steps=1200, batch=32, seq_len=256, lr=1e-3, max_seconds=60)
+        default_factory=lambda: TrainConfig(steps=1200, batch=32, seq_len=256, lr=1e-3, max_seconds=55)
     )
     draft_train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(steps=2000, batch=32, seq_len=256, lr=2e-3, max_seconds=25)
+        default_factory=lambda: TrainConfig(steps=2000, batch=32, seq_len=256, lr=2e-3, max_seconds=20)
     )
     ks: tuple = (1, 2, 3, 4, 5, 6, 7, 8)
     temperatures: tuple = (0.0, 1.0)  # greedy, and plain sampling
@@ -772,8 +772,9 @@ def check_joint(n, k, proposer="draft", top_k=0, seed=0):
     counts = torch.zeros(joint.shape, dtype=torch.long)
     for s in range(n):
         prop = NGramProposer("cpu", max_n=2) if proposer == "ngram" else draft
-        x1, x2 = speculative_generate(target, prop, prompt, 2, k=k, top_k=top_k, seed=seed * 100003 + s)
-        counts[x1, x2] += 1
+        # k + 1 new tokens so that the first step really drafts k (the loop never drafts past the end)
+        out = speculative_generate(target, prop, prompt, k + 1, k=k, top_k=top_k, seed=seed * 100003 + s)
+        counts[out[0], out[1]] += 1
     stat, pval = chi_square(counts, joint)
     if not pval > SIGNIFICANCE:
         raise AssertionError(f"chi2 {stat:.1f}, p-value {pval:.2e} <= {SIGNIFICANCE}")

@@ -113,6 +113,22 @@ def test_two_token_joint_through_the_loop(k, proposer, top_k):
     sd.check_joint(1500, k, proposer, top_k)
 
 
+def test_joint_check_catches_a_biased_loop(monkeypatch):
+    """Power of the full-loop check: resampling from p (not the residual) after a rejection must fail."""
+    exact = sd.rejection_sample
+
+    def biased(target_probs, draft_probs, draft_tokens, generator):
+        out = exact(target_probs, draft_probs, draft_tokens, generator)
+        m = len(out) - 1
+        if m < len(draft_tokens):
+            out[-1] = torch.multinomial(target_probs[m], 1, generator=generator).item()
+        return out
+
+    monkeypatch.setattr(sd, "rejection_sample", biased)
+    with pytest.raises(AssertionError, match="p-value"):
+        sd.check_joint(1500, 1)
+
+
 # The loop: greedy equality, rollback, errors, other models
 
 
