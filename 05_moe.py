@@ -589,17 +589,21 @@ def _pairs_buffer(plan: Dispatch, d, like):
     return alloc(plan.n_tokens * plan.top_k, d, device=like.device, dtype=like.dtype)
 
 
+def _experts_forward(x, w1, w3, w2, plan: Dispatch, save: bool):
+    """The two forward launches; with `save`, also h1, h3 (kept for the backward)."""
+    M, f, d = plan.row_token.numel(), w1.shape[1], x.shape[1]
+    a = x.new_empty(M, f)
+    h1, h3 = (x.new_empty(M, f), x.new_empty(M, f)) if save else (None, None)
+    grouped_gemm(x, w1, a, plan, SWIGLU, a_rows=plan.row_token, w2=w3, h1=h1, h3=h3)
+    y_pairs = grouped_gemm(a, w2, _pairs_buffer(plan, d, x), plan, PLAIN, c_rows=plan.row_pair)
+    return y_pairs, a, h1, h3
+
+
 class _GroupedExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, w3, w2, plan: Dispatch):
-        M, f, d = plan.row_token.numel(), w1.shape[1], x.shape[1]
-        a = x.new_empty(M, f)
-        train = any(ctx.needs_input_grad[:4])
-        h1, h3 = (x.new_empty(M, f), x.new_empty(M, f)) if train else (None, None)
-        grouped_gemm(x, w1, a, plan, SWIGLU, a_rows=plan.row_token, w2=w3, h1=h1, h3=h3)
-        y_pairs = grouped_gemm(a, w2, _pairs_buffer(plan, d, x), plan, PLAIN, c_rows=plan.row_pair)
-        if train:
-            ctx.save_for_backward(x, w1, w3, w2, h1, h3, a)
+        y_pairs, a, h1, h3 = _experts_forward(x, w1, w3, w2, plan, save=True)
+        ctx.save_for_backward(x, w1, w3, w2, h1, h3, a)
         ctx.plan = plan
         return y_pairs
 
@@ -641,7 +645,11 @@ def experts_triton(x, w1, w3, w2, plan: Dispatch) -> torch.Tensor:
     _check_triton_inputs(x, w1, w3, w2)
     x = x.contiguous()  # the weights are read through their strides; w1 and w3 must share them
     w1, w3 = (w1, w3) if w1.stride() == w3.stride() else (w1.contiguous(), w3.contiguous())
-    return _GroupedExperts.apply(x, w1, w3, w2, plan)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, w3, w2)):
+        return _GroupedExperts.apply(x, w1, w3, w2, plan)
+    # inference: no autograd node, and h1, h3 are never written (ctx.needs_input_grad cannot tell:
+    # it reports requires_grad even under torch.no_grad)
+    return _experts_forward(x, w1, w3, w2, plan, save=False)[0]
 
 
 # %% [markdown]

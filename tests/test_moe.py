@@ -105,3 +105,14 @@ def test_bad_inputs_raise_clear_errors():
         layer.double()(torch.randn(3, 8, dtype=torch.float64), impl="triton")
     with pytest.raises(KeyError, match="missing"):
         moe.load_mixtral(moe.MoELayer(8, 8, 4, 2), {}, 0)
+
+
+def test_inference_path_matches_training_path():
+    torch.manual_seed(0)
+    layer = moe.MoELayer(D, F, 8, 2)
+    x = torch.randn(23, D)
+    with torch.no_grad():
+        y_inf, _ = layer(x, impl="triton")
+    y_train, _ = layer(x, impl="triton")
+    assert y_inf.grad_fn is None and y_train.grad_fn is not None
+    torch.testing.assert_close(y_inf, y_train)
