@@ -461,15 +461,17 @@ class AdamW(torch.optim.Optimizer):
         return loss
 
     def load_state_dict(self, state_dict):
-        """PyTorch's, except that bf16/fp16 parameters get their state back in fp32, not cast down."""
+        """PyTorch's, except that bf16/fp16 parameters get their state back in fp32, not cast down, and
+        "step" comes back as a CPU float32 tensor (torch's fused/capturable AdamW keeps it on the GPU)."""
         super().load_state_dict(state_dict)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for i, p in zip(saved_ids, params, strict=True):
-            if p.dtype in LOW_PRECISION and i in state_dict["state"]:
-                for k, v in state_dict["state"][i].items():
-                    if k != "step":
-                        self.state[p][k] = v.to(device=p.device, dtype=torch.float32)
+            for k, v in state_dict["state"].get(i, {}).items():
+                if k == "step":
+                    self.state[p][k] = torch.as_tensor(v, dtype=torch.float32).detach().cpu().clone()
+                elif p.dtype in LOW_PRECISION:
+                    self.state[p][k] = v.to(device=p.device, dtype=torch.float32)
 
 
 # %% [markdown]

@@ -1,6 +1,8 @@
 """07_adamw.py: the three AdamW implementations against torch.optim.AdamW, the variants against their
 papers' rules, state_dict round trips, and the fused kernel's tables (Triton's interpreter on CPU)."""
 
+import copy
+
 import harness
 
 import pytest
@@ -128,3 +130,21 @@ def test_bad_inputs_raise_clear_errors():
     q.grad = torch.randn(3, dtype=torch.float64)
     with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
         adamw.AdamW([q], impl="fused").step()
+
+
+def test_tensor_lr_and_state_from_torch_fused():
+    # a 0-d tensor lr acts as the float; torch fused AdamW state (step a tensor) loads and continues
+    a, b = (adamw._make_params(((40, 3), (17,)), torch.float32, DEVICE, 9) for _ in range(2))
+    ref = torch.optim.AdamW(b, lr=2e-3, fused="fused" in FORMS)
+    ours = adamw.AdamW(a, lr=torch.tensor(2e-3), impl="foreach")
+    for step in range(6):
+        for x, y in zip(a, b, strict=True):
+            x.grad = torch.randn_like(x)
+            y.grad = x.grad.clone()
+        ref.step(), ours.step()
+        if step == 2:
+            ours = adamw.AdamW(a, lr=2e-3, impl="loop")
+            ours.load_state_dict(copy.deepcopy(ref.state_dict()))  # a copy: not the live tensors
+            assert ours.state[a[0]]["step"].device.type == "cpu"
+    for x, y in zip(a, b, strict=True):
+        harness.assert_close(x, y, torch.float32)
