@@ -25,7 +25,7 @@ interface described in the model cell, so the capstone plugs in its own models.
 Does not handle:
   - batches (each sequence accepts a different number of tokens; serving engines pad or ragged-batch);
   - tree speculation (Medusa, EAGLE, SpecInfer), adaptive K, or a draft that shares the target's layers;
-  - CUDA graphs for the decode steps: instead the default target is deep (24 layers) and the draft
+  - CUDA graphs for the decode steps: instead the default target is deep (32 layers) and the draft
     shallow (2 layers, distilled from the target), so one eager target step costs many draft steps,
     which is what the speed-up needs (the run prints the measured ratio; see the benchmark cell).
 
@@ -88,10 +88,10 @@ class TrainConfig:
 @dataclass
 class BenchConfig:
     # At batch 1 an eager decode step costs about a dozen launches a layer, so depth sets the price: the
-    # 24-layer target costs many steps of the 2-layer draft (the run prints the measured ratio c).
+    # 32-layer target costs many steps of the 2-layer draft (the run prints the measured ratio c).
     # Width 512 keeps the target's training inside the time budget.
     target: GPTConfig = field(
-        default_factory=lambda: GPTConfig(n_layer=24, n_head=8, d_model=512, dropout=0.1)
+        default_factory=lambda: GPTConfig(n_layer=32, n_head=8, d_model=512, dropout=0.1)
     )
     draft: GPTConfig = field(default_factory=lambda: GPTConfig(n_layer=2, n_head=4, d_model=256))
     target_train: TrainConfig = field(
