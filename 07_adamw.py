@@ -63,6 +63,9 @@ class BenchConfig:
 QUICK = BenchConfig(shapes=((6, (64, 48)), (2, (1000,)), (2, (33,))), demo_steps=100)
 FUSED_BLOCK = 4096  # elements per Triton program: 16 fp32 per thread at 8 warps, wide 128-bit loads
 FUSED_WARPS = 8
+# Other (BLOCK, warps) the full benchmark also times for fp32, so one GPU run shows whether the
+# default above is the best of them (no autotuner: an in-place update must not be replayed).
+ALT_LAUNCHES = ((1024, 4), (2048, 4), (8192, 8))
 LOW_PRECISION = (torch.bfloat16, torch.float16)  # parameters whose optimizer state is kept in fp32
 FUSED_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the kernel's P_DTYPE code
 
@@ -300,6 +303,7 @@ def _adamw_fused(
     maximize,
     cache: dict,
     block: int,
+    warps: int,
     counter: list,
 ):
     """impl="fused": one _adamw_kernel launch per (device, dtype, step) bucket; normally one a group."""
@@ -327,7 +331,7 @@ def _adamw_fused(
             eps,
             P_DTYPE=FUSED_DTYPES[dtype], AMSGRAD=bool(vmaxs), MAXIMIZE=maximize, ALIGNED=aligned,
             RNE_BF16=harness.INTERPRET and dtype == torch.bfloat16,
-            BLOCK=block, num_warps=FUSED_WARPS if block >= 1024 else 4,
+            BLOCK=block, num_warps=warps,
         )
         # fmt: on
         counter[0] += 1
@@ -382,7 +386,8 @@ class AdamW(torch.optim.Optimizer):
     """AdamW with PyTorch's semantics; impl="loop" | "foreach" | "fused" (one Triton launch a group).
 
     fused needs CUDA tensors (or Triton's interpreter on CPU) of dtype float32, bfloat16 or float16.
-    block_size (fused only) is the elements per Triton program; tests shrink it to cover many blocks.
+    block_size and num_warps (fused only) set the Triton launch: elements per program and warps; tests
+    shrink block_size to cover many blocks.
     """
 
     def __init__(
@@ -397,6 +402,7 @@ class AdamW(torch.optim.Optimizer):
         maximize=False,
         impl="foreach",
         block_size=FUSED_BLOCK,
+        num_warps=None,
     ):
         _check_hparams(lr, betas, eps, weight_decay)
         if impl not in IMPLS:
@@ -408,6 +414,7 @@ class AdamW(torch.optim.Optimizer):
         )
         super().__init__(params, defaults)
         self.impl, self.block_size = impl, block_size
+        self.num_warps = num_warps or (FUSED_WARPS if block_size >= 4096 else 4)
         self._tables: dict = {}  # fused: address tables cached by the addresses they hold
         self.launches = [0]  # fused: kernel launches so far (the tests count them)
 
@@ -458,7 +465,9 @@ class AdamW(torch.optim.Optimizer):
                 maximize=group["maximize"],
             )
             if self.impl == "fused":
-                hp.update(cache=self._tables, block=self.block_size, counter=self.launches)
+                hp.update(
+                    cache=self._tables, block=self.block_size, warps=self.num_warps, counter=self.launches
+                )
             IMPLS[self.impl](*lists, **hp)
         return loss
 
@@ -1174,6 +1183,11 @@ def benchmark(cfg, device, quick):
         contenders = {"torch fused": lambda ps: torch.optim.AdamW(ps, fused=True) if torch_fused_ok else None,
                       "torch foreach": lambda ps: torch.optim.AdamW(ps, foreach=True),
                       "ours fused": lambda ps: AdamW(ps, impl="fused") if fused_ok else None}  # fmt: skip
+        if dtype == torch.float32 and device.type == "cuda" and not quick:
+            for block, warps in ALT_LAUNCHES:
+                contenders[f"ours fused B{block} w{warps}"] = lambda ps, b=block, w=warps: AdamW(
+                    ps, impl="fused", block_size=b, num_warps=w
+                )
         for name, make in contenders.items():
             try:
                 opt = make(params)
@@ -1223,18 +1237,21 @@ def profile(device, out):
 
 def report_targets(rows):
     """Targets for the fp32 case on a full GPU run: >= 1.0x torch fused and >= 80% of copy."""
-    ours = next((r for r in rows if r["optimizer"] == "ours fused" and r["dtype"] == "float32"), None)
+    fp32 = [r for r in rows if r["dtype"] == "float32" and r["optimizer"].startswith("ours fused")]
+    ours = next((r for r in fp32 if r["optimizer"] == "ours fused"), None)
     if ours is None:
         print("target MISSED: no fp32 result for ours fused")
         return
-    for label, ok in (
-        (
-            f"ours fused fp32 vs torch fused {ours.get('vs_torch_fused', 0):.2f}x >= 1.0x",
-            ours.get("vs_torch_fused", 0) >= 1.0,
-        ),
-        (f"ours fused fp32 {ours['%copy']:.0f}% of copy >= 80%", ours["%copy"] >= 80),
-    ):
-        print(f"target {'met' if ok else 'MISSED'}: {label}")
+    speedup = ours.get("vs_torch_fused", 0.0)
+    print(
+        f"target {'met' if speedup >= 1.0 else 'MISSED'}: ours fused fp32 {speedup:.2f}x torch fused (>= 1x)"
+    )
+    pct = ours["%copy"]
+    print(f"target {'met' if pct >= 80 else 'MISSED'}: ours fused fp32 {pct:.0f}% of copy (>= 80%)")
+    best = min(fp32, key=lambda r: r["ms"])
+    print(
+        f"fastest fused launch, fp32: {best['optimizer']} ({best['ms']:.2f} ms; default {ours['ms']:.2f} ms)"
+    )
 
 
 # %% [markdown]
