@@ -668,12 +668,12 @@ def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, float]
     Returns (statistic, p-value) with the p-value from the chi-square survival function Q(df/2, x/2)."""
     n = counts.sum()
     counts, expected = counts.double().flatten(), (probs.double().flatten() * n)
+    if (counts[expected == 0] > 0).any():
+        return float("inf"), 0.0  # a token of probability 0 was emitted: checked before any pooling
     small = expected < 5
     if small.any():
         counts = torch.cat([counts[~small], counts[small].sum(0, keepdim=True)])
         expected = torch.cat([expected[~small], expected[small].sum(0, keepdim=True)])
-    if (expected == 0).any() and (counts[expected == 0] > 0).any():
-        return float("inf"), 0.0  # a token with probability 0 was emitted
     keep = expected > 0
     stat = (((counts - expected) ** 2)[keep] / expected[keep]).sum()
     df = keep.sum() - 1

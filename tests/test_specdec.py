@@ -67,6 +67,8 @@ def test_chi_square_p_value():
     stat, pval = sd.chi_square(torch.tensor([60, 40]), torch.tensor([0.5, 0.5]))
     assert stat == pytest.approx(4.0) and pval == pytest.approx(0.0455, abs=1e-4)
     assert sd.chi_square(torch.tensor([5, 5]), torch.tensor([1.0, 0.0]))[1] == 0.0  # impossible token seen
+    counts, probs = torch.tensor([5000, 3000, 1999, 1]), torch.tensor([0.5, 0.3, 0.2, 0.0])
+    assert sd.chi_square(counts, probs)[1] == 0.0  # even once, even where small cells would be pooled
 
 
 def test_acceptance_and_formula():
