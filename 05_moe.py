@@ -73,8 +73,8 @@ class MoEConfig:
     renormalize: bool = True  # rescale the k chosen weights to sum to 1 (Mixtral, DeepSeek-V3: yes)
     n_shared_experts: int = 0  # DeepSeek: experts every token passes through, no gate (d_ff each)
     capacity_factor: float | None = None  # Switch: each expert takes ceil(cf * T * k / E) pairs at most
-    routed_scale: float = 1.0  # DeepSeek-V3's routed_scaling_factor (2.5) multiplies the gate weights
-    balance_coef: float = 0.01  # alpha of the Switch loss (Switch 1e-2; Mixtral's coefficient is 0.02)
+    routed_scale: float = 1.0  # DeepSeek-V3's routed_scaling_factor: multiplies the gate weights
+    balance_coef: float = 0.01  # alpha of the Switch loss (the Switch paper's value)
     z_coef: float = 1e-3  # ST-MoE's z-loss weight: keeps router logits small for bf16 stability
     bias_rate: float = 1e-3  # DeepSeek-V3's bias update speed gamma (sigmoid_bias routing only)
     impl: str = "auto"  # one of IMPLS; auto: Triton on CUDA, the loop elsewhere
@@ -711,7 +711,8 @@ class MoELayer(torch.nn.Module):
     """MoELayer(d_model, d_ff, n_experts, top_k, **MoEConfig options); forward(x) -> (y, aux).
 
     Parameters (Mixtral layout, see the Interop cell for checkpoint names):
-      gate (E, d)   w1 (E, f, d)   w3 (E, f, d)   w2 (E, d, f);  shared_w1/w3 (S*f, d), shared_w2 (d, S*f)
+      gate (E, d)   w1 (E, f, d)   w3 (E, f, d)   w2 (E, d, f)
+      shared experts (S = n_shared_experts): shared_w1, shared_w3 (S*f, d), shared_w2 (d, S*f)
     aux: balance_loss, z_loss, loss (their sum, to add to the training loss), tokens_per_expert (E,)
     routed pair counts, dropped (pairs dropped by the capacity limit), routing (the Routing).
     """
@@ -726,14 +727,16 @@ class MoELayer(torch.nn.Module):
         self.w3 = torch.nn.Parameter(torch.randn(E, f, d, **kw) * d**-0.5)
         self.w2 = torch.nn.Parameter(torch.randn(E, d, f, **kw) * f**-0.5)
         self.register_buffer("expert_bias", torch.zeros(E, device=device, dtype=torch.float32))
-        self.shared = None
-        if cfg.n_shared_experts:
-            fs = cfg.n_shared_experts * f
-            self.shared = torch.nn.ParameterList([
-                torch.nn.Parameter(torch.randn(fs, d, **kw) * d**-0.5),
-                torch.nn.Parameter(torch.randn(fs, d, **kw) * d**-0.5),
-                torch.nn.Parameter(torch.randn(d, fs, **kw) * fs**-0.5),
-            ])  # fmt: skip
+        # shared experts (DeepSeek): one SwiGLU MLP of width S*f that every token passes through
+        fs = cfg.n_shared_experts * f
+        shared = cfg.n_shared_experts > 0
+        self.shared_w1 = torch.nn.Parameter(torch.randn(fs, d, **kw) * d**-0.5) if shared else None
+        self.shared_w3 = torch.nn.Parameter(torch.randn(fs, d, **kw) * d**-0.5) if shared else None
+        self.shared_w2 = torch.nn.Parameter(torch.randn(d, fs, **kw) * max(fs, 1) ** -0.5) if shared else None
+
+    @property
+    def shared(self):
+        return None if self.shared_w1 is None else (self.shared_w1, self.shared_w3, self.shared_w2)
 
     def route(self, x2):
         bias = self.expert_bias if self.cfg.routing == "sigmoid_bias" else None
@@ -750,8 +753,12 @@ class MoELayer(torch.nn.Module):
         if x.shape[-1] != self.cfg.d_model:
             raise ValueError(f"MoELayer: x has last dim {x.shape[-1]}, expected d_model {self.cfg.d_model}")
         impl = impl or self.cfg.impl
-        if impl == "auto":
-            impl = "triton" if x.is_cuda else "loop"
+        if impl == "auto":  # the kernel on CUDA for the dtypes it takes; the reference loop otherwise
+            impl = (
+                "triton"
+                if x.is_cuda and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                else "loop"
+            )
         if impl not in IMPLS:
             raise ValueError(f"impl {impl!r} unknown; accepted: {', '.join(IMPLS)}")
         x2 = x.reshape(-1, x.shape[-1])  # (T, d)
@@ -849,7 +856,7 @@ def _reference_grads(layer, x, dy, expert_ids):
     x64 = x.detach().double().requires_grad_()
     bias = layer.expert_bias.double() if layer.cfg.routing == "sigmoid_bias" else None
     r = route(F.linear(x64, P["gate"]), layer.cfg, bias, expert_ids=expert_ids)
-    shared = [P[f"shared.{i}"] for i in range(3)] if layer.shared is not None else None
+    shared = [P[f"shared_w{i}"] for i in (1, 3, 2)] if layer.shared is not None else None
     y = moe_dense_reference(x64, P["w1"], P["w3"], P["w2"], r, shared)
     loss = (y * dy.double()).sum() + balance_loss(r, layer.cfg.n_experts, layer.cfg.balance_coef)
     loss = loss + z_loss(r, layer.cfg.z_coef)
