@@ -286,9 +286,13 @@ def print_table(rows: list[dict]) -> None:
 
 def git_commit(path: Path = ROOT) -> str | None:
     """Short sha of the checkout holding `path`, with "-dirty" when tracked files have uncommitted
-    changes (untracked files do not count). Without git or outside a repository (a copy of the tree
-    sent to a GPU machine), $GIT_COMMIT as the sender set it, else None."""
-    fallback = os.environ.get("GIT_COMMIT") or None
+    changes (untracked files do not count); None without git or outside a repository.
+
+    $GIT_COMMIT, when set, wins: a copy of the tree sent to a GPU machine may carry stale git
+    metadata (seen: the copy's HEAD was the sender's first commit of the day), and the sender knows
+    which commit it sent."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
 
     def git(*args):
         return subprocess.run(["git", *args], cwd=path, capture_output=True, text=True, timeout=30)
@@ -296,10 +300,10 @@ def git_commit(path: Path = ROOT) -> str | None:
     try:
         head = git("rev-parse", "--short", "HEAD")
         if head.returncode != 0:
-            return fallback
+            return None
         status = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
-        return fallback
+        return None
     dirty = status.returncode != 0 or bool(status.stdout.strip())
     return head.stdout.strip() + ("-dirty" if dirty else "")
 

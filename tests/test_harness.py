@@ -100,13 +100,15 @@ def test_git_commit_clean_dirty_and_outside_a_repository(tmp_path, monkeypatch):
     assert harness.git_commit(tmp_path) == sha
     (tmp_path / "a.txt").write_text("two")
     assert harness.git_commit(tmp_path) == sha + "-dirty"
+    monkeypatch.setenv("GIT_COMMIT", "abc1234")  # the sender's word wins over a copy's git metadata
+    assert harness.git_commit(tmp_path) == "abc1234"
 
 
 def test_git_commit_without_git(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no git executable anywhere on PATH
     monkeypatch.delenv("GIT_COMMIT", raising=False)
     assert harness.git_commit() is None
-    monkeypatch.setenv("GIT_COMMIT", "abc1234")  # a tree copied without .git: the sender's word
+    monkeypatch.setenv("GIT_COMMIT", "abc1234")  # a copied tree: the sender's word
     assert harness.git_commit() == "abc1234"
 
 
