@@ -169,7 +169,7 @@ PRESETS = {
 #
 # Module names mirror Hugging Face's (model.layers.0.self_attn.q_proj, ...) so a checkpoint's
 # state dict loads by name, with one exception: Mixtral's experts, stored per expert in the
-# checkpoint, are stacked into 05_moe.py's (E, ...) tensors on load.
+# checkpoint, are stacked into 05_moe.py's (E, ...) tensors on load (05's load_mixtral).
 
 
 class Attention(nn.Module):
@@ -218,8 +218,7 @@ class MLP(nn.Module):
 
 def make_moe(cfg: ModelConfig) -> nn.Module:
     """Mixtral's sparse MLP: 05_moe.py's layer with softmax -> top-k -> renormalise routing."""
-    moe = harness.load_build("05_moe")
-    return moe.MoELayer(cfg.d_model, cfg.d_ff, cfg.n_experts, cfg.top_k, routing="softmax_topk_renorm")
+    return harness.load_build("05_moe").MoELayer(cfg.d_model, cfg.d_ff, cfg.n_experts, cfg.top_k)
 
 
 class Block(nn.Module):
@@ -403,37 +402,23 @@ def _hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     )
 
 
-def stack_experts(weights: dict, cfg: ModelConfig) -> dict:
-    """Mixtral checkpoints store each expert's w1/w2/w3 apart; 05_moe.py's layer keeps them stacked
-    as (E, ...) tensors, so one grouped GEMM can run them all. w1 is the gate, w3 the up projection,
-    w2 the down projection, each an nn.Linear weight (out, in)."""
-    out = dict(weights)
-    for i in range(cfg.n_layer):
-        pre = f"model.layers.{i}.block_sparse_moe"
-        for w in ("w1", "w2", "w3"):
-            names = [f"{pre}.experts.{e}.{w}.weight" for e in range(cfg.n_experts)]
-            missing = [n for n in names if n not in out]
-            if missing:
-                raise KeyError(f"checkpoint lacks {missing[0]} (and {len(missing) - 1} more expert tensors)")
-            out[f"{pre}.{w}"] = torch.stack([out.pop(n) for n in names])
-    return out
-
-
 def load_state(model: Transformer, weights: dict) -> None:
-    """Copy a checkpoint's tensors into the model by name, with an error naming the first misfit."""
-    own = model.state_dict()
-    if model.cfg.tie_word_embeddings:
-        weights = {k: v for k, v in weights.items() if k != "lm_head.weight"}  # the same matrix
+    """Copy a checkpoint's tensors into the model by name, with an error naming the first misfit.
+    Mixtral's experts, stored one by one, go through 05_moe.py's loader, which stacks them."""
+    weights, own = dict(weights), model.state_dict()
+    if model.cfg.tie_word_embeddings:  # one matrix under two names: load it once
+        weights.pop("lm_head.weight", None)
         own.pop("lm_head.weight")
-    moe_keys = {
-        k for k in own if ".block_sparse_moe." in k and not k.endswith(("w1", "w2", "w3", "gate.weight"))
-    }
-    for k in moe_keys:  # 05_moe.py's own buffers (e.g. a selection bias) that Mixtral has no use for
-        own.pop(k)
+    if model.cfg.n_experts:
+        moe = harness.load_build("05_moe")
+        for i, layer in enumerate(model.model.layers):
+            moe.load_mixtral(layer.block_sparse_moe, weights, i)
+            for names in moe.mixtral_keys(i, model.cfg.n_experts).values():
+                for name in [names] if isinstance(names, str) else names:
+                    weights.pop(name)
+        own = {k: v for k, v in own.items() if ".block_sparse_moe." not in k}
     missing = sorted(own.keys() - weights.keys())
-    unexpected = sorted(
-        weights.keys() - own.keys() - {k for k in weights if k.endswith("rotary_emb.inv_freq")}
-    )
+    unexpected = sorted(k for k in weights.keys() - own.keys() if not k.endswith("rotary_emb.inv_freq"))
     if missing:
         raise KeyError(f"checkpoint lacks {len(missing)} tensor(s) the config needs, e.g. {missing[0]}")
     if unexpected:
@@ -464,8 +449,6 @@ def load_hf(folder, device=None, dtype=torch.float32) -> tuple[Transformer, dict
         if eos is not None:
             cfg.eos_token_ids = [eos] if isinstance(eos, int) else list(eos)
     weights = _hf_weights(folder)
-    if cfg.n_experts:
-        weights = stack_experts(weights, cfg)
     model = Transformer(cfg)
     load_state(model, weights)
     extras = {"tokenizer": None, "chat_template": None}
