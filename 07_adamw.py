@@ -233,10 +233,6 @@ def _adamw_kernel(P_ADDR, G_ADDR, M_ADDR, V_ADDR, VMAX_ADDR, NUMELS, BLOCK_TENSO
     n = tl.load(NUMELS + t)
     p_addr, g_addr = tl.load(P_ADDR + t), tl.load(G_ADDR + t)  # int64 addresses
     m_addr, v_addr, vmax_addr = tl.load(M_ADDR + t), tl.load(V_ADDR + t), tl.load(VMAX_ADDR + t)
-    if ALIGNED:  # the host checked every address is 16-byte aligned: lets Triton emit 128-bit accesses
-        p_addr, g_addr = tl.multiple_of(p_addr, 16), tl.multiple_of(g_addr, 16)
-        m_addr, v_addr = tl.multiple_of(m_addr, 16), tl.multiple_of(v_addr, 16)
-        vmax_addr = tl.multiple_of(vmax_addr, 16)
     # a gradient has its parameter's dtype; the state is fp32 whatever the parameter dtype
     if P_DTYPE == 0:
         p_ptr, g_ptr = p_addr.to(tl.pointer_type(tl.float32)), g_addr.to(tl.pointer_type(tl.float32))
@@ -247,6 +243,13 @@ def _adamw_kernel(P_ADDR, G_ADDR, M_ADDR, V_ADDR, VMAX_ADDR, NUMELS, BLOCK_TENSO
     m_ptr = m_addr.to(tl.pointer_type(tl.float32))
     v_ptr = v_addr.to(tl.pointer_type(tl.float32))
     vmax_ptr = vmax_addr.to(tl.pointer_type(tl.float32))
+    if ALIGNED:
+        # The host checked every address is 16-byte aligned; saying so lets Triton emit 128-bit loads
+        # and stores (checked in the PTX: without it every access is 32-bit). subtle: the hint must go
+        # on the pointer; put on the integer before the cast it is lost.
+        p_ptr, g_ptr = tl.multiple_of(p_ptr, 16), tl.multiple_of(g_ptr, 16)
+        m_ptr, v_ptr = tl.multiple_of(m_ptr, 16), tl.multiple_of(v_ptr, 16)
+        vmax_ptr = tl.multiple_of(vmax_ptr, 16)
     offs = start + tl.arange(0, BLOCK)
     if start + BLOCK <= n:  # every block but each tensor's last
         _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, n, decay, w1, beta2, w2, neg_step_size,
