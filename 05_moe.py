@@ -392,9 +392,10 @@ def _grouped_gemm_kernel(
     a_ptrs = A + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak  # (BLOCK_M, BLOCK_K)
     b_off = expert.to(tl.int64) * stride_be + offs_k[:, None] * stride_bk + n_in[None, :] * stride_bn
     b_ptrs = B + b_off  # (BLOCK_K, BLOCK_N), B_e[k, n]
-    if MODE == 1 or MODE == 3:  # a second weight (w3) with the same strides
+    if MODE == 1:  # a second weight (w3) with the same strides
         b2_ptrs = B2 + b_off
-    if MODE == 3:  # a second A (dh3) with the same strides
+    if MODE == 3:  # a second weight (w3) and a second A (dh3), each with its partner's strides
+        b2_ptrs = B2 + b_off
         a2_ptrs = A2 + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if MODE == 1:
