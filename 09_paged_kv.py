@@ -1013,6 +1013,31 @@ def launch_sweep(cfg, dtype, device, copy_bw, cases=((1, 32768), (64, 4096), (25
     return rows
 
 
+def split_sweep(cfg, dtype, device, copy_bw, splits=(1, 2, 4, 8, 16)):
+    """The decode kernel with forced split counts against the heuristic's choice: useful-bytes % of copy
+    on the long single sequence and the mixed-length batches, where the choice matters most."""
+    g = torch.Generator().manual_seed(1)
+    cases = [[32768]] + [torch.randint(lo, hi + 1, (n,), generator=g).tolist() for n, lo, hi in cfg.mixed]
+    rows = []
+    for lens in cases:
+        k_cache, v_cache, tables, ctx = random_paged_cache(lens, cfg.n_kv_head, cfg.block_size, cfg.head_dim,
+                                                           dtype, device, spare=0)  # fmt: skip
+        q = torch.randn(len(lens), cfg.n_head, cfg.head_dim, device=device, dtype=dtype)
+        useful = sum(lens) * cfg.n_kv_head * cfg.head_dim * 2 * q.element_size()
+        auto = choose_num_splits(len(lens), cfg.n_kv_head, max(lens), _sm_count(device))
+        row = {"B": len(lens), "L_max": max(lens), "auto_splits": auto}
+        for n in (None, *splits):
+            fn = functools.partial(paged_attention_decode, q, k_cache, v_cache, tables, ctx,
+                                   max_context_len=max(lens), num_splits=n)  # fmt: skip
+            try:
+                ms = harness.bench(fn, device, graph=True)
+                row[f"%copy S={n or 'auto'}"] = 100 * useful / (ms * 1e-3) / copy_bw
+            except Exception as e:
+                print(f"  splits {n} B={len(lens)}: {type(e).__name__}: {e}")
+        rows.append(row)
+    return rows
+
+
 def memory_waste(block_sizes=(16, 32), max_lens=(4096, 32768), n=10000, seed=0):
     """KV slots reserved vs used for n requests of lognormal total length (median 1024 tokens, sigma 1,
     clipped to [16, max_len]): contiguous preallocation to max_len vs pages of BS tokens."""
@@ -1069,17 +1094,20 @@ def main():
     rows, copy_bw = benchmark(cfg, dtype, device)
     print(f"benchmark took {time.perf_counter() - t0:.1f} s")
     harness.print_table(rows)
-    sweep = []
+    sweep, splits = [], []
     if device.type == "cuda" and not args.quick:
         report_targets(rows)
         sweep = launch_sweep(cfg, dtype, device, copy_bw)
         print(f"launch sweep (default {DECODE_LAUNCH}):")
         harness.print_table(sweep)
+        splits = split_sweep(cfg, dtype, device, copy_bw)
+        print("split-count sweep (useful bytes, % of copy):")
+        harness.print_table(splits)
     note = {} if device.type == "cuda" else {"note": "CPU interpreter: timings are not a benchmark"}
     harness.write_results(
         "09_paged_kv", rows, device, args.out, dtype=str(dtype), copy_GBs=copy_bw / 1e9,
-        memory_waste=waste, launch_sweep=sweep, decode_launch=DECODE_LAUNCH, config=dataclasses.asdict(cfg),
-        quick=args.quick, **note,
+        memory_waste=waste, launch_sweep=sweep, split_sweep=splits, decode_launch=DECODE_LAUNCH,
+        config=dataclasses.asdict(cfg), quick=args.quick, **note,
     )  # fmt: skip
 
 
