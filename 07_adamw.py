@@ -593,7 +593,7 @@ class Muon(torch.optim.Optimizer):
                     buf.lerp_(g, 1 - beta)  # B_t = mu B_{t-1} + (1 - mu) G_t
                     u = g.lerp(buf, beta) if group["nesterov"] else buf  # Nesterov: look one step ahead
                     o = newton_schulz5(u.reshape(len(u), -1), group["ns_steps"]).view_as(p32)  # O_t ~ U V^T
-                    scale = max(1.0, p.size(0) / o[0].numel()) ** 0.5  # tall matrices: same RMS per row
+                    scale = max(1.0, p.size(0) / o[0].numel()) ** 0.5  # tall: lift the RMS to a wide one's
                     p32.mul_(1 - lr * group["weight_decay"])
                     p32.add_(o, alpha=-lr * scale)  # theta -= lr O_t
                 else:
@@ -603,20 +603,11 @@ class Muon(torch.optim.Optimizer):
                         )
                     state["step"] += 1
                     beta1, beta2 = group["betas"]
-                    adamw_update_(
-                        p32,
-                        g,
-                        state["exp_avg"],
-                        state["exp_avg_sq"],
-                        None,
-                        step=state["step"].item(),
-                        lr=lr,
-                        beta1=beta1,
-                        beta2=beta2,
-                        eps=group["eps"],
-                        weight_decay=group["weight_decay"],
-                        maximize=False,
+                    hp = dict(
+                        lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"]
                     )
+                    m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"].item()
+                    adamw_update_(p32, g, m, v, None, step=t, maximize=False, **hp)
                 _write_back(p, p32)
         return loss
 
