@@ -250,7 +250,6 @@ class BlockManager:
                 if bid is None or self.blocks[bid].token_ids != tokens:  # subtle: tokens compared too
                     break
                 hits.append(bid)
-            self.stats["queried_blocks"] += (n - 1) // bs
         fresh = -(-n // bs) - len(hits)
         # hits parked in the LRU count as free blocks but will not be free once reused
         self._need(fresh + sum(self.blocks[b].ref_count == 0 for b in hits), f"allocate({n} tokens)")
@@ -258,6 +257,7 @@ class BlockManager:
             if self.blocks[bid].ref_count == 0:
                 del self.evictable[bid]
             self.blocks[bid].ref_count += 1
+        self.stats["queried_blocks"] += (n - 1) // bs if self.enable_prefix_caching else 0
         self.stats["hit_blocks"] += len(hits)
         seq.block_table = hits + [self._take() for _ in range(fresh)]
         seq.num_cached_tokens = len(hits) * bs
