@@ -486,12 +486,12 @@ def _grouped_wgrad_kernel(
 
 # %% [markdown]
 # Autotuning. Tiles of 128 rows keep Hopper's wgmma full (two warpgroups at 8 warps); K steps of 64
-# bf16 (128 bytes) with 3-4 pipeline stages hide the load latency. The fused SWIGLU and DUAL modes
-# hold two (128, BLOCK_N) operands per step, so they take BLOCK_N 128 (a 128 x 256 output's worth of
-# work, the tutorial's best Hopper tile); the single-operand modes try 128 x 256 as well. The lists
-# are short on purpose: every config compiles once per mode (about 14 compiles in the full run). The
-# key holds N, K and a token bucket, so the checks' small shapes never choose the benchmark's tiles.
-# On the CPU interpreter one small config keeps the tests fast.
+# bf16 (128 bytes) with 3-4 pipeline stages hide the load latency. The fused SWIGLU mode holds two
+# (128, BLOCK_N) weight tiles per step, so BLOCK_N 128 gives it a 128 x 256 output's worth of work,
+# the Triton tutorial's best Hopper tile; PLAIN tries 128 x 256 directly. The lists are short on
+# purpose: every config compiles once per mode and gather/scatter variant (13 compiles in the full
+# run). The key holds N, K and a token bucket, so the checks' small shapes never choose the
+# benchmark's tiles. On the CPU interpreter one small config keeps the tests fast.
 
 
 def _cfg(bm, bn, bk, warps, stages, **extra):
@@ -503,7 +503,12 @@ def _configs(kind: str) -> list:
     if harness.INTERPRET:
         return [_cfg(32, 32, 32, 4, 1, GROUP_M=4)] if kind != "wgrad" else [_cfg(32, 32, 0, 4, 1, BLOCK_R=32)]
     return {
+        # SWIGLU (two B tiles a step, two accumulators) and SWIGLU_BWD (h1, h3 loaded in the epilogue):
+        # 128 x 128, 48 KB of shared memory a stage, so 3 or 4 stages fit in Hopper's 227 KB
         "dual": [_cfg(128, 128, 64, 8, 3, GROUP_M=8), _cfg(128, 128, 64, 8, 4, GROUP_M=8)],
+        # DUAL: four operand tiles a step (64 KB); only 3 stages fit, so one config
+        "dx": [_cfg(128, 128, 64, 8, 3, GROUP_M=8)],
+        # PLAIN: the tutorial's best Hopper tile, or a deeper pipeline on a smaller one
         "single": [_cfg(128, 256, 64, 8, 3, GROUP_M=8), _cfg(128, 128, 64, 8, 4, GROUP_M=8)],
         "wgrad": [_cfg(128, 128, 0, 8, 3, BLOCK_R=64), _cfg(128, 256, 0, 8, 3, BLOCK_R=64)],
     }[kind]
@@ -521,10 +526,14 @@ def _autotune(kind: str, key: list):
     return triton.autotune(**kw, warmup=5, rep=25)  # older Triton
 
 
-# Two autotuners over the one jitted kernel: compiled binaries are shared, the tile lists differ.
+# Several autotuners over the one jitted kernel: compiled binaries are shared, the tile lists differ.
 _GEMM_KEY = ["N", "K", "M_BUCKET", "MODE", "GATHER_A", "SCATTER_C", "SAVE"]
-_gemm_dual = _autotune("dual", _GEMM_KEY)(_grouped_gemm_kernel)
-_gemm_single = _autotune("single", _GEMM_KEY)(_grouped_gemm_kernel)
+_TUNER = {
+    PLAIN: _autotune("single", _GEMM_KEY)(_grouped_gemm_kernel),
+    SWIGLU: _autotune("dual", _GEMM_KEY)(_grouped_gemm_kernel),
+    SWIGLU_BWD: _autotune("dual", _GEMM_KEY)(_grouped_gemm_kernel),
+    DUAL: _autotune("dx", _GEMM_KEY)(_grouped_gemm_kernel),
+}
 _wgrad = _autotune("wgrad", ["MP", "NQ", "M_BUCKET", "GATHER_P", "GATHER_Q"])(_grouped_wgrad_kernel)
 
 
@@ -547,7 +556,7 @@ def grouped_gemm(a, w, out, plan: Dispatch, mode, *, transpose_w=True, a_rows=No
         K, N = w.shape[1], w.shape[2]
         s_be, s_bk, s_bn = w.stride(0), w.stride(1), w.stride(2)
     M = plan.row_token.numel()
-    tuner = _gemm_dual if mode in (SWIGLU, DUAL) else _gemm_single
+    tuner = _TUNER[mode]
     dummy = plan.row_token
     tuner[lambda meta: ((triton.cdiv(M, meta["BLOCK_M"]) + E) * triton.cdiv(N, meta["BLOCK_N"]),)](
         a, a if a2 is None else a2, w, w if w2 is None else w2, out, out if out2 is None else out2,
