@@ -164,8 +164,10 @@ class Batch:
 #   2. running sequences still in their prompt: the next chunk, as large as the token budget allows;
 #   3. waiting sequences in arrival order: allocate blocks for the whole known sequence (prompt, plus
 #      the tokens generated before a preemption), reusing prefix-cached blocks, and schedule the first
-#      chunk. The first one that does not fit stops admission: nobody overtakes it (FCFS), so nobody
-#      starves.
+#      chunk. The first one that does not fit stops admission: nobody overtakes it (FCFS).
+# No starvation: preemption only ever takes the newest running sequence, so the oldest one always
+# makes progress (add() refuses requests larger than the whole pool), finishes and frees its blocks;
+# then the next oldest is the oldest, and so on. A preempted sequence rejoins at the head of the queue.
 # Full blocks are registered in the prefix cache when the step that writes their KV is scheduled: within
 # a step, every layer writes all new K/V before any attention reads it.
 
