@@ -2,7 +2,7 @@ r"""Mixture-of-Experts: routing, dispatch, a grouped-GEMM Triton kernel, and loa
 
 A Mixture-of-Experts (MoE) layer replaces one feed-forward network with E of them ("experts") and a
 router that sends each token to only k of them. Parameters grow E-fold while the FLOPs per token stay
-those of k experts: Mixtral 8x7B holds 47B parameters but runs 13B per token. This file builds the
+those of k experts: Mixtral 8x7B holds about 47B parameters but runs about 13B per token. This file builds the
 layer the way Mixtral and DeepSeek-V3 run it: the router, the dispatch of token-expert pairs to their
 experts, the combination of expert outputs, and the losses that keep the router from collapsing onto
 a few experts. The fast path sorts the pairs by expert and runs every expert in one grouped-GEMM
@@ -15,7 +15,7 @@ You will learn:
   - the Switch load-balancing loss alpha * E * sum_i f_i * P_i (for top-k too) and the router z-loss;
   - dispatch as a sort: group token-expert pairs by expert, so each expert's tokens are contiguous;
   - a grouped GEMM: each M-tile of rows belongs to one expert, found on the device from the per-expert
-    row ranges (no host sync, CUDA-graph safe); gate and up projections fused with the SwiGLU
+    row ranges (no host sync); gate and up projections fused with the SwiGLU
     epilogue; the backward as the same kernel (dX = dY W) plus a grouped GEMM over the token
     dimension (dW_e = dY_e^T X_e);
   - how routing collapses without a balancing loss, shown by training a small model both ways.
