@@ -113,3 +113,8 @@ def test_bad_arguments(small):
     state = ld.TokenLoader(small, 8, 16, seed=1).state_dict()
     with pytest.raises(ValueError, match="seed"):
         ld.TokenLoader(small, 8, 16, seed=2).load_state_dict(state)
+
+
+def test_device_path_logic_on_this_machine(small):
+    """On a GPU machine this is the CUDA path (pinned memory, side stream, prefetch); here the CPU one."""
+    assert ld.check_device_path(small, 16, 8, harness.pick_device())
