@@ -191,18 +191,23 @@ def nanogpt_get_batch(path, B: int, T: int, device, ix=None):
 # val_fraction of the characters, go to val) and by characters when there is one (nanoGPT: the first
 # 90% of TinyShakespeare trains). The tokenizer is trained on the train text only, so val is unseen.
 #
-# Progress: long documents are encoded in ~1 MB pieces cut just after a newline that is followed by
-# a non-space character. With the GPT-2/GPT-4 split patterns no pre-token spans such a cut, so the
-# ids are identical to encoding the whole text (checked in `check_prepare`).
+# Progress: long documents are encoded in ~1 MB pieces, cut just after a lone newline between two
+# non-space characters ("x\nA"). The GPT-2 and cl100k split patterns make such a newline a pre-token
+# of its own, at the end of a piece as in the middle of the text, so the ids are identical to
+# encoding the whole text (checked in `check_prepare`). A cut after "\n\n" would not be: GPT-2's
+# pattern splits "\n\nA" as "\n", "\n" but a piece ending in "\n\n" as one pre-token.
 
 EOT = "<|endoftext|>"
 
 
 def _pieces(text: str, size: int = 1 << 20):
+    def safe(i):  # a cut before text[i] is safe after a lone newline between non-space characters
+        return i >= 2 and text[i - 1] == "\n" and not text[i].isspace() and not text[i - 2].isspace()
+
     start = 0
     while start < len(text):
         end = min(start + size, len(text))
-        while end < len(text) and not (text[end - 1] == "\n" and not text[end].isspace()):
+        while end < len(text) and not safe(end):
             end += 1  # advance to the next safe cut (subtle: a cut inside a pre-token changes ids)
         yield text[start:end]
         start = end
@@ -352,9 +357,8 @@ class WindowBatches(torch.utils.data.Dataset):
         if self._tokens is None:
             self._tokens = open_tokens(self.path).tokens
         starts = self.plan.starts(b, self.perm)
-        signed = np.int16 if self._tokens.dtype == np.uint16 else np.int32
-        buf = torch.empty((len(starts), self.plan.T + 1), dtype=torch.from_numpy(np.empty(0, signed)).dtype,
-                          pin_memory=self.pin)  # fmt: skip
+        bits = torch.int16 if self._tokens.dtype == np.uint16 else torch.int32  # same width, signed
+        buf = torch.empty((len(starts), self.plan.T + 1), dtype=bits, pin_memory=self.pin)
         gather(self._tokens, starts, self.plan.T, buf.numpy().view(self._tokens.dtype))
         return buf
 
@@ -420,9 +424,8 @@ class TokenLoader:
         """(B, T + 1) raw ids -> x, y int64 (B, T) contiguous; uint16 bits were carried as int16."""
         if not raw.is_cuda:  # numpy widens uint16 -> int64 in one pass (torch's CPU cast is slower)
             ids = raw.numpy().view(np.uint16 if raw.dtype == torch.int16 else np.int32)
-            return torch.from_numpy(ids[:, :-1].astype(np.int64)), torch.from_numpy(
-                ids[:, 1:].astype(np.int64)
-            )
+            x, y = ids[:, :-1].astype(np.int64), ids[:, 1:].astype(np.int64)
+            return torch.from_numpy(x), torch.from_numpy(y)
         x, y = raw[:, :-1].long(), raw[:, 1:].long()  # .long() of a strided slice: contiguous result
         if raw.dtype == torch.int16:
             x.bitwise_and_(0xFFFF), y.bitwise_and_(0xFFFF)  # undo the sign extension of ids >= 32768
