@@ -36,6 +36,7 @@ Run:
 Shapes: P parameters (elements) in T tensors; BLOCK elements per Triton program.
 """
 
+import gc
 import io
 import math
 import time
@@ -1194,22 +1195,14 @@ def benchmark(cfg, device, quick):
                 ms = harness.bench(opt.step, device, reps=3 if quick else 20)
                 bpp = _bytes_per_param(opt, params[0])
                 gbs = n * bpp / ms / 1e6
-                rows.append(
-                    {
-                        "params": n,
-                        "tensors": len(params),
-                        "dtype": str(dtype).removeprefix("torch."),
-                        "optimizer": name,
-                        "ms": ms,
-                        "bytes/param": bpp,
-                        "GB/s": gbs,
-                        "%copy": 100 * gbs * 1e9 / copy_bw,
-                    }
-                )
+                rows.append({"params": n, "tensors": len(params), "dtype": str(dtype).removeprefix("torch."),
+                             "optimizer": name, "ms": ms, "bytes/param": bpp, "GB/s": gbs,
+                             "%copy": 100 * gbs * 1e9 / copy_bw})  # fmt: skip
             except Exception as e:  # one failing row must not take the others with it
                 print(f"{name} {dtype}: FAILED {type(e).__name__}: {e}")
             finally:
                 opt = None
+                gc.collect()  # torch.optim.AdamW sits in a reference cycle: free its state before the next
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
         case = [r for r in rows if r["dtype"] == str(dtype).removeprefix("torch.")]
