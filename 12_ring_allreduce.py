@@ -245,16 +245,16 @@ def check_sum(length: int, dtype, members: list[int], group, device, seed: int) 
     gen = torch.Generator().manual_seed(seed * 1000 + length)
     xs = [(torch.randn(length, generator=gen) * (i + 1)).to(dtype) for i in range(n)]  # fresh, unequal
     ref = torch.stack([x.double() for x in xs]).sum(0)
-    ours = xs[r].to(device)
+    ours, theirs = xs[r].to(device), xs[r].to(device)
     ring_allreduce(ours, group)
-    err = harness.assert_close(ours, ref, dtype, "ring vs float64 sum")
     lo, hi = ours.float().clone(), ours.float().clone()  # identical bits on every rank: min == max
     dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
     dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(theirs, group=group)
+    # all communication is done: judging (and raising) now cannot leave another rank waiting
+    err = harness.assert_close(ours, ref, dtype, "ring vs float64 sum")
     if not (torch.equal(lo, hi) and torch.equal(lo, ours.float())):
         raise AssertionError("ranks disagree on the result")
-    theirs = xs[r].to(device)
-    dist.all_reduce(theirs, group=group)
     harness.assert_close(ours, theirs.double(), dtype, "ring vs dist.all_reduce")
     return err
 
@@ -392,8 +392,9 @@ def benchmark(cfg: Config, device, dtype) -> list[dict]:
 #   - InfiniBand NDR: 400 Gb/s per port (NVIDIA ConnectX-7 / Quantum-2 specifications), B = 50 GB/s.
 # alpha is an assumption, not a measurement: 2 us per step on NVLink, 5 us on InfiniBand (the order
 # of NCCL's per-hop latency for small messages). Tree: t = 2 log2(n) alpha + 2 S/B (pipelined double
-# binary tree with perfect pipelining: an upper bound on what a tree does; NCCL's tuner rates its
-# trees' bandwidth below the ring's, which is why rings still carry large messages).
+# binary tree with perfect pipelining: an upper bound on what a tree does. NCCL's tuner, in
+# src/graph/tuning.cc, caps tree bandwidth per channel below the ring's and multiplies it by a
+# correction factor < 1 for medium sizes, which is why rings still carry large messages).
 
 LINKS = {  # name: (bytes/s per direction, alpha seconds)
     "NVLink 4 (450 GB/s/dir, alpha 2 us)": (450e9, 2e-6),
