@@ -678,14 +678,15 @@ def _padded_layout(plan: Dispatch, align=ALIGN):
 
     Returns (dest, kept_row, offs, n_rows): row r (expert e) -> dest[r] = pstart_e + (r - start_e);
     dropped rows -> the buffer's last row. The last group's end is stretched to n_rows, so every
-    row of the buffer lies inside a group and _grouped_mm defines every output row.
+    row of the buffer lies inside a group and _grouped_mm defines every output row; every offset
+    stays a multiple of `align`.
     """
     E, M = plan.starts.numel(), plan.row_token.numel()
     kept = (plan.ends - plan.starts).long()
     padded = (kept + align - 1) // align * align
     offs = padded.cumsum(0)
     pstart = offs - padded
-    n_rows = M + E * (align - 1) + 1  # static upper bound: no host sync
+    n_rows = (M + E * (align - 1) + align) // align * align  # static bound, a multiple of align, > last row
     offs[-1] = n_rows
     r = torch.arange(M, device=kept.device)
     e = torch.searchsorted(plan.starts.long(), r, right=True) - 1  # expert of each sorted row
