@@ -245,7 +245,7 @@ def check_sum(length: int, dtype, members: list[int], group, device, seed: int) 
     gen = torch.Generator().manual_seed(seed * 1000 + length)
     xs = [(torch.randn(length, generator=gen) * (i + 1)).to(dtype) for i in range(n)]  # fresh, unequal
     ref = torch.stack([x.double() for x in xs]).sum(0)
-    ours, theirs = xs[r].to(device), xs[r].to(device)
+    ours, theirs = xs[r].to(device, copy=True), xs[r].to(device, copy=True)  # copies, even on the CPU
     ring_allreduce(ours, group)
     lo, hi = ours.float().clone(), ours.float().clone()  # identical bits on every rank: min == max
     dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
