@@ -663,11 +663,14 @@ def experts_triton(x, w1, w3, w2, plan: Dispatch) -> torch.Tensor:
 
 
 # %% [markdown]
-# `torch._grouped_mm` (PyTorch >= 2.8, CUDA, bf16) runs the same grouped GEMM through CUTLASS:
-# _grouped_mm(a (M, K), b (E, K, N), offs (E,) int32 cumulative group ends) -> (M, N). Its checks (in
-# torch/_meta_registrations.py) ask for bf16 and 16-byte-aligned strides; torchtitan additionally pads
-# each group to a multiple of 16 rows, which we do too (ALIGN below) so that any kernel version
-# accepts the offsets. b = w.transpose(1, 2) is the column-major layout CUTLASS wants, with no copy.
+# `torch._grouped_mm` runs the same grouped GEMM through CUTLASS on CUDA:
+# _grouped_mm(a (M, K), b (E, K, N), offs (E,) int32 cumulative group ends) -> (M, N); rows past
+# offs[-1] are not computed. Its checks (torch/_meta_registrations.py, torch 2.13) ask for bf16 on
+# CUDA and strides that are multiples of 16 bytes (the CPU build, which also takes float32, raises
+# "strides should be multiple of 16 bytes" for others). torchtitan additionally pads each group to a
+# multiple of 16 rows; we do too (ALIGN), so any kernel version accepts the offsets, and keep every
+# buffer row inside a group so no output row is left unwritten. b = w.transpose(1, 2) is the
+# column-major layout CUTLASS wants, with no copy. Feature-detected: absent, the row says so.
 
 ALIGN = 16
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")

@@ -116,3 +116,13 @@ def test_inference_path_matches_training_path():
     y_train, _ = layer(x, impl="triton")
     assert y_inf.grad_fn is None and y_train.grad_fn is not None
     torch.testing.assert_close(y_inf, y_train)
+
+
+def test_grouped_mm_layout_is_aligned_and_complete():
+    # capacity leaves gaps; every group offset must be a multiple of 16 and every kept row placed once
+    ids = torch.randint(0, 8, (37, 2))
+    plan = moe.plan_dispatch(ids, 8, moe.capacity_keep(ids, 8, 7))
+    dest, kept_row, offs, n_rows = moe._padded_layout(plan)
+    assert (offs % moe.ALIGN == 0).all() and offs[-1].item() == n_rows
+    placed = dest[kept_row]
+    assert placed.unique().numel() == placed.numel() and (dest[~kept_row] == n_rows - 1).all()
