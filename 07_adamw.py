@@ -41,6 +41,7 @@ import io
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import harness  # first: sets TRITON_INTERPRET=1 when there is no GPU, before Triton is imported
 
@@ -1132,8 +1133,6 @@ def plot_curves(curves, out):
     ax.set(xlabel="step", ylabel="train loss (10-step mean)", title="char MLP on tinyshakespeare")
     ax.legend()
     fig.tight_layout()
-    from pathlib import Path
-
     path = Path(out) / "07_adamw.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
