@@ -160,28 +160,33 @@ from triton.backends.compiler import GPUTarget
 sys.path.insert(0, sys.argv[1])
 import harness
 adamw = harness.load_build("07_adamw")
-sig = {n: "*i64" for n in ("P_ADDR", "G_ADDR", "M_ADDR", "V_ADDR", "VMAX_ADDR", "NUMELS", "BLOCK_START")}
-sig["BLOCK_TENSOR"] = "*i32"
-sig.update({n: "fp32" for n in ("decay", "w1", "beta2", "w2", "neg_step_size", "bc2_sqrt", "eps")})
-consts = dict(P_DTYPE=0, AMSGRAD=False, MAXIMIZE=False, ALIGNED=True, RNE_BF16=False, BLOCK=adamw.FUSED_BLOCK)
-sig.update({c: "constexpr" for c in consts})
-attrs = {(i,): [["tt.divisibility", 16]] for i in range(8)}
-src = triton.compiler.ASTSource(fn=adamw._adamw_kernel, signature=sig, constexprs=consts, attrs=attrs)
 warps = adamw.AdamW([adamw.torch.zeros(1)]).num_warps
-ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
-v4 = adamw.FUSED_BLOCK // (32 * warps) // 4  # 128-bit accesses per thread per fp32 tensor
-print(len(re.findall(r"ld\.global\.v4\.b32 ", ptx)), len(re.findall(r"st\.global\.v4\.b32 ", ptx)), v4)
+for p_dtype in (0, 1):  # fp32, bf16 parameters
+    sig = {n: "*i64" for n in ("P_ADDR", "G_ADDR", "M_ADDR", "V_ADDR", "VMAX_ADDR", "NUMELS", "BLOCK_START")}
+    sig["BLOCK_TENSOR"] = "*i32"
+    sig.update({n: "fp32" for n in ("decay", "w1", "beta2", "w2", "neg_step_size", "bc2_sqrt", "eps")})
+    consts = dict(P_DTYPE=p_dtype, AMSGRAD=False, MAXIMIZE=False, ALIGNED=True, RNE_BF16=False,
+                  BLOCK=adamw.FUSED_BLOCK)
+    sig.update({c: "constexpr" for c in consts})
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(8)}
+    src = triton.compiler.ASTSource(fn=adamw._adamw_kernel, signature=sig, constexprs=consts, attrs=attrs)
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
+    print(p_dtype, adamw.FUSED_BLOCK // (32 * warps), len(re.findall(r"ld\.global\.v4\.b32 ", ptx)),
+          len(re.findall(r"st\.global\.v4\.b32 ", ptx)))
 """
 
 
 def test_fused_kernel_compiles_to_128_bit_accesses_for_sm90():
-    # Compiles (no GPU needed) for an H100/H200 with the default launch and counts vector accesses in
-    # the unmasked path: 4 fp32 tensors read and 3 written, each as v4 128-bit accesses per thread.
+    # Compiles (no GPU needed) for an H100/H200 with the default launch and counts 128-bit accesses in
+    # the unmasked path: p, g, m, v read and p, m, v written, each thread's elements in 16-byte pieces.
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     proc = subprocess.run(
         [sys.executable, "-c", PTX_SCRIPT, str(ROOT)], env=env, capture_output=True, text=True
     )
     if proc.returncode != 0:
         pytest.skip(f"cannot compile for sm_90 here: {proc.stderr.strip().splitlines()[-1:]}")
-    loads, stores, v4 = map(int, proc.stdout.split())
-    assert v4 >= 1 and (loads, stores) == (4 * v4, 3 * v4)
+    for line in proc.stdout.splitlines():
+        p_dtype, per_thread, loads, stores = map(int, line.split())
+        v4_state = per_thread * 4 // 16  # fp32 m and v
+        v4_param = per_thread * (4 if p_dtype == 0 else 2) // 16  # p and g in the parameter dtype
+        assert v4_param >= 1 and (loads, stores) == (2 * v4_param + 2 * v4_state, v4_param + 2 * v4_state)
