@@ -717,9 +717,9 @@ def run_checks(text_path: Path, quick: bool, device) -> None:
 # On CUDA each timed loop ends with a synchronize, so copies still in flight are counted.
 #
 # Consumption of a 124M-parameter GPT: training costs ~6 * N_params FLOPs per token (forward 2N,
-# backward 4N; attention's extra FLOPs ignored, which only lowers the rate), so at the bf16 matmul
-# rate R measured in this run it consumes at most R / (6 * 124e6) tokens/s (MFU 100%: an upper bound;
-# a well-tuned run reaches ~40-50% MFU, half of that).
+# backward 4N; ignoring attention's extra FLOPs overstates the consumption), so at the bf16 matmul
+# rate R measured in this run it consumes at most R / (6 * 124e6) tokens/s: MFU 100%, an upper bound
+# (real runs reach a fraction of it, so the true margin is larger than the one printed).
 
 
 class _NanoGPTBatches(torch.utils.data.Dataset):
