@@ -383,6 +383,14 @@ def _state_like(p: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(p, dtype=torch.float32 if p.dtype in LOW_PRECISION else p.dtype)
 
 
+def _lazy_state(state: dict, p: torch.Tensor, *names: str) -> dict:
+    """On a parameter's first step: a float32 step count on the CPU and a zero tensor per name."""
+    if not state:
+        state["step"] = torch.tensor(0.0)
+        state.update({k: _state_like(p) for k in names})
+    return state
+
+
 def _grad_of(p: torch.Tensor, who: str) -> torch.Tensor:
     if p.grad.is_sparse or p.is_complex():
         raise TypeError(f"{who} does not handle sparse or complex gradients (got {p.grad.layout}, {p.dtype})")
@@ -601,11 +609,7 @@ class Muon(torch.optim.Optimizer):
                     p32.mul_(1 - lr * group["weight_decay"])
                     p32.add_(o, alpha=-lr * scale)  # theta -= lr O_t
                 else:
-                    if not state:
-                        state.update(
-                            step=torch.tensor(0.0), exp_avg=_state_like(p), exp_avg_sq=_state_like(p)
-                        )
-                    state["step"] += 1
+                    _lazy_state(state, p, "exp_avg", "exp_avg_sq")["step"] += 1
                     beta1, beta2 = group["betas"]
                     hp = dict(
                         lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"]
@@ -644,30 +648,13 @@ def ademamix_schedules(step, alpha, beta1, beta3, T):
 
 
 class AdEMAMix(torch.optim.Optimizer):
-    def __init__(
-        self,
-        params,
-        lr=1e-3,
-        betas=(0.9, 0.999, 0.9999),
-        alpha=5.0,
-        T_alpha_beta3=None,
-        eps=1e-8,
-        weight_decay=0.0,
-    ):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=5.0, T_alpha_beta3=None, eps=1e-8,
+                 weight_decay=0.0):  # fmt: skip
         _check_hparams(lr, betas, eps, weight_decay)
         if len(betas) != 3:
             raise ValueError(f"AdEMAMix takes betas=(b1, b2, b3), got {betas}")
-        super().__init__(
-            params,
-            dict(
-                lr=lr,
-                betas=tuple(betas),
-                alpha=alpha,
-                T_alpha_beta3=T_alpha_beta3,
-                eps=eps,
-                weight_decay=weight_decay,
-            ),
-        )
+        defaults = dict(lr=lr, betas=tuple(betas), alpha=alpha, eps=eps, weight_decay=weight_decay)
+        super().__init__(params, {**defaults, "T_alpha_beta3": T_alpha_beta3})
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -676,14 +663,7 @@ class AdEMAMix(torch.optim.Optimizer):
             lr, (beta1, beta2, beta3), eps = _scalar(group["lr"], "lr"), group["betas"], group["eps"]
             for p in (p for p in group["params"] if p.grad is not None):
                 state, p32 = self.state[p], _master(p)
-                if not state:
-                    state.update(
-                        step=torch.tensor(0.0),
-                        exp_avg=_state_like(p),
-                        exp_avg_slow=_state_like(p),
-                        exp_avg_sq=_state_like(p),
-                    )
-                state["step"] += 1
+                _lazy_state(state, p, "exp_avg", "exp_avg_slow", "exp_avg_sq")["step"] += 1
                 t = state["step"].item()
                 alpha_t, beta3_t = ademamix_schedules(t, group["alpha"], beta1, beta3, group["T_alpha_beta3"])
                 g = _grad_of(p, "AdEMAMix").to(p32.dtype)
@@ -731,9 +711,7 @@ class Sophia(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay, eps=eps))
 
     def _state(self, p):
-        if not self.state[p]:
-            self.state[p].update(step=torch.tensor(0.0), exp_avg=_state_like(p), hessian=_state_like(p))
-        return self.state[p]
+        return _lazy_state(self.state[p], p, "exp_avg", "hessian")
 
     @torch.no_grad()
     def update_hessian(self, estimates: dict) -> None:
