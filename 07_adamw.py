@@ -405,20 +405,8 @@ class AdamW(torch.optim.Optimizer):
     shrink block_size to cover many blocks.
     """
 
-    def __init__(
-        self,
-        params,
-        lr=1e-3,
-        betas=(0.9, 0.999),
-        eps=1e-8,
-        weight_decay=1e-2,
-        amsgrad=False,
-        *,
-        maximize=False,
-        impl="foreach",
-        block_size=FUSED_BLOCK,
-        num_warps=None,
-    ):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 maximize=False, impl="foreach", block_size=FUSED_BLOCK, num_warps=None):  # fmt: skip
         _check_hparams(lr, betas, eps, weight_decay)
         if impl not in IMPLS:
             raise ValueError(f"impl={impl!r} not supported; accepted: {', '.join(IMPLS)}")
