@@ -789,17 +789,30 @@ def _state_list(opt):
 def check_adamw_vs_torch(
     impl, device, amsgrad=False, maximize=False, forms=("single",), steps=120, block=1024
 ):
-    """Ours (one run) against each of torch.optim.AdamW's forms: every parameter, state and step count."""
+    """Ours (one run) against each of torch.optim.AdamW's forms: every parameter, state and step count.
+
+    torch's own forms disagree with each other on a GPU (its fused CUDA kernel rounds differently:
+    1.3e-5 after 120 steps on an H200), so against a form that is not torch's single-tensor one the
+    tolerance is twice that form's own distance from single-tensor, measured here, or fp32's if larger.
+    """
     kw = dict(amsgrad=amsgrad, maximize=maximize, weight_decay=0.05)
     ours = _make_params(CHECK_SHAPES, torch.float32, device, 0)
     opt = _run(lambda g: AdamW(g, **kw, impl=impl, block_size=block), ours, steps, 1)
     torch_kw = {"single": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
+
+    def torch_run(form):
+        ref = _make_params(CHECK_SHAPES, torch.float32, device, 0)
+        ref_opt = _run(lambda g: torch.optim.AdamW(g, **kw, **torch_kw[form]), ref, steps, 1)
+        return ref, ref_opt, ref + _state_list(ref_opt)
+
+    single = torch_run("single")[2]
     err = 0.0
     for form in forms:
-        ref = _make_params(CHECK_SHAPES, torch.float32, device, 0)
-        ref_opt = _run(lambda g, form=form: torch.optim.AdamW(g, **kw, **torch_kw[form]), ref, steps, 1)
-        for a, b in zip(ours + _state_list(opt), ref + _state_list(ref_opt), strict=True):
-            err = max(err, harness.assert_close(a, b, torch.float32, f"{impl} vs torch ({form})"))
+        ref, ref_opt, tensors = torch_run(form)
+        spread = max(harness.rel_err(a, b) for a, b in zip(tensors, single, strict=True))
+        tol = max(harness.TOLERANCES[torch.float32], 2 * spread)
+        for a, b in zip(ours + _state_list(opt), tensors, strict=True):
+            err = max(err, harness.assert_close(a, b, torch.float32, f"{impl} vs torch ({form})", tol))
         steps_ours = [opt.state[p]["step"].item() for p in ours]
         if steps_ours != [ref_opt.state[p]["step"].item() for p in ref]:
             raise AssertionError(f"step counts differ from torch ({form}): {steps_ours}")
