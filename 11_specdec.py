@@ -95,16 +95,16 @@ class BenchConfig:
     )
     draft: GPTConfig = field(default_factory=lambda: GPTConfig(n_layer=2, n_head=4, d_model=256))
     target_train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(steps=1200, batch=32, seq_len=256, lr=1e-3, max_seconds=55)
+        default_factory=lambda: TrainConfig(steps=1200, batch=32, seq_len=256, lr=1e-3, max_seconds=45)
     )
     draft_train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(steps=2000, batch=32, seq_len=256, lr=2e-3, max_seconds=20)
+        default_factory=lambda: TrainConfig(steps=2000, batch=32, seq_len=256, lr=2e-3, max_seconds=15)
     )
-    ks: tuple = (1, 2, 3, 4, 5, 6, 7, 8)
+    ks: tuple = (1, 2, 3, 4, 6, 8)
     temperatures: tuple = (0.0, 1.0)  # greedy, and plain sampling
-    prompts: int = 3  # prompts (and seeds) per configuration
+    prompts: int = 2  # prompts (and seeds) per configuration
     prompt_len: int = 48
-    new_tokens: int = 160  # prompt_len + new_tokens <= block_size
+    new_tokens: int = 128  # prompt_len + new_tokens <= block_size
     joint_samples: int = 3000  # two-token joint check through the full loop (CPU, ~1-2 ms a sample)
     rs_samples: int = 20000  # single-step chi-square checks
 
@@ -845,7 +845,7 @@ def _run_checks(cfg, target, draft, prompts, device, quick):
     ks = tuple(range(1, 9))
     checks("greedy == plain, tiny random models", check_greedy, tiny_t, tiny_d, tiny_prompts, 24, ks)
     t64, d64 = copy.deepcopy(target).double(), copy.deepcopy(draft).double()
-    n_greedy = 32 if device.type == "cpu" else 64
+    n_greedy = 32
     checks("greedy == plain, trained models (fp64)", check_greedy, t64, d64, prompts[:2], n_greedy, cfg.ks)
     n = cfg.rs_samples
     checks("sampler chi2, sampled draft, zeros in p and q", check_sampler_chi2, n, False)
