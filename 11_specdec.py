@@ -101,7 +101,7 @@ class BenchConfig:
         default_factory=lambda: TrainConfig(steps=2000, batch=32, seq_len=256, lr=2e-3, max_seconds=15)
     )
     ks: tuple = (1, 2, 3, 4, 6, 8)
-    temperatures: tuple = (0.0, 1.0)  # greedy, and plain sampling
+    temperatures: tuple = (1.0, 0.0)  # plain sampling (where the targets are judged) first, then greedy
     prompts: int = 2  # prompts (and seeds) per configuration
     prompt_len: int = 48
     new_tokens: int = 128  # prompt_len + new_tokens <= block_size
@@ -911,8 +911,17 @@ def step_ms(model, device, reps=50):
     return 1e3 * s / reps
 
 
-def benchmark(cfg: BenchConfig, target, draft, prompts, device):
+def benchmark(cfg: BenchConfig, target, draft, prompts, device, on_row=None):
+    """Rows of the table; on_row(rows) after each one, so a run cut short still keeps what it measured."""
     rows, n = [], cfg.new_tokens
+
+    def add(row):
+        rows.append(row)
+        cells = (f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
+        print("  " + "  ".join(cells), flush=True)
+        if on_row:
+            on_row(rows)
+
     for temp in cfg.temperatures:
         for _ in range(2):  # warm-up: allocator, cuBLAS handles, SDPA kernel choice
             speculative_generate(target, draft, prompts[0], 16, k=4, temperature=temp)
@@ -922,13 +931,11 @@ def benchmark(cfg: BenchConfig, target, draft, prompts, device):
             _, s = _timed(device, generate, target, prompt, n, temperature=temp, seed=i)
             plain_s += s
         plain_ms = 1e3 * plain_s / (n * len(prompts))
-        rows.append(
-            {"proposer": "none (plain)", "temp": temp, "K": 0, "ms_per_token": plain_ms, "speedup": 1.0}
-        )
+        add({"proposer": "none (plain)", "temp": temp, "K": 0, "ms_per_token": plain_ms, "speedup": 1.0})
         for name in ("draft", "ngram"):
             for k in cfg.ks:
                 try:
-                    rows.append(_bench_one(target, draft, prompts, device, name, temp, k, n, plain_ms))
+                    add(_bench_one(target, draft, prompts, device, name, temp, k, n, plain_ms))
                 except Exception as e:  # one failing row must not hide the rest
                     print(f"  row {name} temp {temp} K={k} failed: {type(e).__name__}: {e}")
     return rows
@@ -1056,17 +1063,21 @@ def main():
         profile(target, draft, prompts[0], args.out)
     t_ms, d_ms = step_ms(target, device), step_ms(draft, device)
     print(f"decode step: target {t_ms:.3f} ms, draft {d_ms:.3f} ms, c = draft/target = {d_ms / t_ms:.3f}")
+
+    def save(rows, complete=False):
+        harness.write_results(
+            "11_specdec", rows, device, args.out, dtype=str(infer_dtype), quick=args.quick,
+            target=t_info, draft=d_info, target_step_ms=t_ms, draft_step_ms=d_ms,
+            new_tokens=cfg.new_tokens, prompts=cfg.prompts, complete=complete,
+        )  # fmt: skip
+
     t0 = time.perf_counter()
-    rows = benchmark(cfg, target, draft, prompts, device)
+    rows = benchmark(cfg, target, draft, prompts, device, on_row=None if args.quick else save)
     print(f"benchmark took {time.perf_counter() - t0:.1f} s")
     harness.print_table(rows)
     if not args.quick:
         report_targets(rows)
-    harness.write_results(
-        "11_specdec", rows, device, args.out, dtype=str(infer_dtype), quick=args.quick,
-        target=t_info, draft=d_info, target_step_ms=t_ms, draft_step_ms=d_ms,
-        new_tokens=cfg.new_tokens, prompts=cfg.prompts,
-    )  # fmt: skip
+    save(rows, complete=True)
     if not args.quick:
         plot(rows, Path(args.out) / "11_specdec.png")
 
