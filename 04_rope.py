@@ -826,10 +826,9 @@ def benchmark(cfg: BenchConfig, dtype, device, quick):
 
 def plot_frequencies(out, head_dim=128, base=500000.0, orig=8192, factor=4.0):
     """Wavelength (tokens per turn) and stretch (theta / theta_scaled) per pair, each type at factor 4."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = harness.pyplot()
+    if plt is None:
+        return
 
     o = {"factor": factor, "original_max_position_embeddings": orig}
     i = torch.arange(head_dim // 2) / (head_dim // 2 - 1)

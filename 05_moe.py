@@ -1123,13 +1123,8 @@ def demonstrate(device, steps, tokens, out) -> dict:
 
 
 def _plot_demo(runs, out):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = harness.pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.6), sharey=True)
     for ax, (title, fr) in zip(axes, runs.items(), strict=True):

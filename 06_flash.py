@@ -887,10 +887,9 @@ def bench_all(cfg, device, dtype):
 
 
 def plot(rows, path, dtype_name):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = harness.pyplot()
+    if plt is None:
+        return
 
     dims = sorted({r["D"] for r in rows})  # MHA rows only: the GQA/MQA rows are in the table and JSON
     fig, axes = plt.subplots(len(dims), 2, figsize=(12, 4.5 * len(dims)), squeeze=False)

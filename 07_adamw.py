@@ -1097,13 +1097,8 @@ def demo(device, steps, fused_ok):
 
 
 def plot_curves(curves, out):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = harness.pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, losses in curves.items():

@@ -768,13 +768,8 @@ def demo_run(model_cfg, demo: DemoConfig, device, dtype, seed):
 
 
 def plot_timelines(timelines, path: Path, demo: DemoConfig):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = harness.pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True)
     for ax, (policy, tl) in zip(axes, timelines.items(), strict=True):

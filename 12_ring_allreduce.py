@@ -416,21 +416,23 @@ def crossover_bytes(n, B, alpha) -> float:
 
 
 def plot_model(path: Path) -> dict:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """The cost model's ring/tree crossover sizes, and (where matplotlib is installed) its plot."""
+    summary = {
+        f"{name.split(' (')[0]} n={n} crossover_bytes": crossover_bytes(n, B, alpha)
+        for name, (B, alpha) in LINKS.items()
+        for n in (8, 64, 1024)
+    }
+    plt = harness.pyplot()
+    if plt is None:
+        return summary
     sizes = [2.0**k for k in range(10, 36)]  # 1 KB .. 32 GB
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=False)
-    summary = {}
     for ax, (name, (B, alpha)) in zip(axes, LINKS.items(), strict=True):
         for n, color in ((8, "C0"), (64, "C1"), (1024, "C3")):
             bus = lambda t, S, n=n: S / t * 2 * (n - 1) / n / 1e9  # noqa: E731
             ax.plot(sizes, [bus(t_ring(n, S, B, alpha), S) for S in sizes], color=color, label=f"ring n={n}")
             ax.plot(sizes, [bus(t_tree(n, S, B, alpha), S) for S in sizes], color=color, ls="--",
                     label=f"tree n={n}")  # fmt: skip
-            summary[f"{name.split(' (')[0]} n={n} crossover_bytes"] = crossover_bytes(n, B, alpha)
         ax.axhline(B / 1e9, color="gray", lw=0.8)
         ax.set(
             xscale="log", yscale="log", title=name, xlabel="message bytes S", ylabel="bus bandwidth (GB/s)"
@@ -445,10 +447,9 @@ def plot_model(path: Path) -> dict:
 
 
 def plot_bench(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = harness.pyplot()
+    if plt is None:
+        return
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, label in (("ours", "ring_allreduce (ours)"), ("torch", "dist.all_reduce")):

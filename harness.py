@@ -338,6 +338,20 @@ def write_results(build: str, rows: list[dict], device: torch.device, out: str, 
     return path
 
 
+def pyplot():
+    """matplotlib.pyplot with the file-only Agg backend (no display needed), or None, with a note,
+    where matplotlib is not installed: a missing plot must not cost a run its results."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return None
+    return plt
+
+
 def save_trace(prof, build: str, out: str) -> Path:
     """Write a torch.profiler trace as out/<build>_trace.json, for chrome://tracing or Perfetto."""
     path = Path(out) / f"{build}_trace.json"

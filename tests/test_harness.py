@@ -144,3 +144,11 @@ def test_matmul_flops_in_the_compared_dtype(monkeypatch):
     assert harness.matmul_flops(torch.device("cpu"), torch.float16, graph=True) > 0
     assert harness.copy_bandwidth(torch.device("cpu")) > 0
     assert seen == [False, True, False]  # matmul: bench's default, then the flag; copy: always eager
+
+
+def test_pyplot_uses_a_file_backend_or_says_why_not(monkeypatch, capsys):
+    plt = harness.pyplot()
+    assert plt is not None and plt.get_backend().lower() == "agg"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    assert harness.pyplot() is None
+    assert "matplotlib not installed" in capsys.readouterr().out
