@@ -39,7 +39,7 @@ test: lint
 	$(PY) -m pytest -n 2
 
 demo: $(SETUP)
-	set -e; for f in $(BUILDS); do echo "== $$f --quick"; $(PY) $$f --quick --out $$(mktemp -d); done
+	set -e; for f in $(BUILDS) capstone_minivllm.py; do echo "== $$f --quick"; $(PY) $$f --quick --out $$(mktemp -d); done
 
 gpu-check: $(SETUP)
 	set -e; for f in $(BUILDS); do echo "== $$f"; $(PY) $$f --out results; done

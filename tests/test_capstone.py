@@ -204,3 +204,20 @@ def test_gguf_chat_template_and_greedy_generation_equal_transformers(smollm2):
         ref = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids) :].tolist()
         ours_ids = cap.generate(ours, ids, 32)
         assert ours_ids == ref[: len(ours_ids)], prompt  # transformers pads past EOS; we stop there
+
+
+def test_quick_main_answers_a_chat_prompt(tmp_path):
+    """What a reader runs first: the embedded model loads on the CPU, passes its checks and answers."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, str(cap.harness.ROOT / "capstone_minivllm.py"), "--quick", "--out", str(tmp_path)],
+        cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "All results match." in proc.stdout
+    reply = proc.stdout.split("assistant:", 1)[1]
+    assert "Paris" in reply, reply
