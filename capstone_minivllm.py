@@ -29,6 +29,7 @@ reference implementation of the family; ggml's docs/gguf.md and gguf-py's quants
 
 Run:
   python capstone_minivllm.py --quick              # checks, then chats with the embedded SmolLM2-135M
+                                                   # (part 1 has no benchmark: a full run does the same)
   python capstone_minivllm.py --model PATH --prompt "..."   # a Hugging Face folder or a .gguf file
   python capstone_minivllm.py --random-weights --arch llama-3.2-1b   # a preset with random weights
 
@@ -39,7 +40,9 @@ Shapes: B batch, T tokens, C model width, H query heads, Hkv key/value heads, D 
 V vocabulary, E experts.
 """
 
+import datetime
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,7 +87,8 @@ class ModelConfig:
     rope_scaling: dict | None = None  # HF's rope_scaling dict (linear, dynamic, yarn, llama3, longrope)
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False  # the LM head reuses the embedding matrix (SmolLM2, small Qwens)
-    qkv_bias: bool = False  # Qwen2
+    qkv_bias: bool = False  # Qwen2 (and Llama/Qwen3 configs with attention_bias)
+    o_bias: bool = False  # Llama/Qwen3 attention_bias also biases the output projection (Qwen2 does not)
     qk_norm: bool = False  # Qwen3
     n_experts: int = 0  # Mixtral: E experts per layer (0: a dense MLP)
     top_k: int = 2  # Mixtral: experts per token
@@ -140,6 +144,7 @@ def config_from_hf(cfg: dict) -> ModelConfig:
         max_position_embeddings=cfg.get("max_position_embeddings", 4096),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=mt == "qwen2" or bool(cfg.get("attention_bias", False)),
+        o_bias=mt != "qwen2" and bool(cfg.get("attention_bias", False)),
         qk_norm=mt == "qwen3",
         n_experts=cfg.get("num_local_experts", 0) if mt == "mixtral" else 0,
         top_k=cfg.get("num_experts_per_tok", 2),
@@ -182,7 +187,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(C, H * D, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(C, Hkv * D, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(C, Hkv * D, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(H * D, C, bias=False)
+        self.o_proj = nn.Linear(H * D, C, bias=cfg.o_bias)
         if cfg.qk_norm:  # Qwen3: normalise each head's q and k, which keeps attention logits bounded
             self.q_norm = rms.RMSNorm(D, cfg.rms_eps)
             self.k_norm = rms.RMSNorm(D, cfg.rms_eps)
@@ -376,13 +381,19 @@ def read_safetensors(path) -> dict[str, torch.Tensor]:
                 f"{path}: tensor {name} has dtype {info['dtype']}; supported: {list(SAFETENSORS_DTYPES)}"
             )
         start, end = info["data_offsets"]
-        buf = raw[8 + n + start : 8 + n + end].tobytes()
-        t = (
-            torch.frombuffer(bytearray(buf), dtype=SAFETENSORS_DTYPES[info["dtype"]])
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        want = math.prod(info["shape"]) * dtype.itemsize
+        if end - start != want or 8 + n + end > len(raw):
+            raise ValueError(
+                f"{path}: tensor {name} needs {want} bytes at offsets {start}..{end} of a "
+                f"{len(raw) - 8 - n}-byte data section: the file is truncated or corrupt"
+            )
+        buf = bytearray(raw[8 + n + start : 8 + n + end].tobytes())
+        out[name] = (
+            torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
             if buf
-            else torch.empty(0)
+            else torch.empty(info["shape"], dtype=dtype)
         )
-        out[name] = t.reshape(info["shape"])
     return out
 
 
@@ -458,7 +469,9 @@ def load_hf(folder, device=None, dtype=torch.float32) -> tuple[Transformer, dict
     if tc.is_file():
         tcfg = json.loads(tc.read_text())
         extras["chat_template"] = tcfg.get("chat_template")
-        extras["bos_token"], extras["eos_token"] = tcfg.get("bos_token"), tcfg.get("eos_token")
+        for key in ("bos_token", "eos_token"):  # a str, or an AddedToken dict {"content": ...} (Llama 2)
+            tok = tcfg.get(key)
+            extras[key] = tok.get("content") if isinstance(tok, dict) else tok
     if (folder / "chat_template.jinja").is_file():  # transformers 5 saves the template beside
         extras["chat_template"] = (folder / "chat_template.jinja").read_text()
     return model.to(device=device, dtype=dtype).eval(), extras
@@ -542,8 +555,23 @@ def config_from_gguf(reader) -> ModelConfig:
         max_position_embeddings=g("context_length", 4096),
         tie_word_embeddings="output.weight" not in names,
         bos_token_id=_gguf_field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_ids=[_gguf_field(reader, "tokenizer.ggml.eos_token_id")],
+        eos_token_ids=[e] if (e := _gguf_field(reader, "tokenizer.ggml.eos_token_id")) is not None else [],
+        rope_scaling=_gguf_rope_scaling(g),
     )  # fmt: skip
+
+
+def _gguf_rope_scaling(g) -> dict | None:
+    """llama.rope.scaling.* as a Hugging Face rope_scaling dict (linear and yarn are what GGUF records)."""
+    kind = g("rope.scaling.type")
+    if kind in (None, "none"):
+        return None
+    factor = float(g("rope.scaling.factor", 1.0))
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": factor}
+    if kind == "yarn":
+        orig = g("rope.scaling.original_context_length")
+        return {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": orig}
+    raise ValueError(f"GGUF rope scaling type {kind!r} is not supported; supported: none, linear, yarn")
 
 
 def load_gguf(path, device=None, dtype=torch.float32) -> tuple[Transformer, dict]:
@@ -569,6 +597,11 @@ def load_gguf(path, device=None, dtype=torch.float32) -> tuple[Transformer, dict
         else:
             top = {"token_embd.weight": "model.embed_tokens.weight",
                    "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}  # fmt: skip
+            if t.name == "rope_freqs.weight":  # Llama-3.1's per-frequency RoPE factors, precomputed
+                raise ValueError(
+                    "GGUF tensor rope_freqs.weight (Llama-3.1-style precomputed RoPE scaling) is not "
+                    "supported; load the Hugging Face folder instead, whose rope_scaling 04_rope.py reads"
+                )
             if t.name not in top:
                 raise KeyError(f"GGUF tensor {t.name} has no place in a llama model")
             weights[top[t.name]] = w
@@ -611,8 +644,9 @@ def load_model(path=None, device=None, dtype=torch.float32):
 # ### Chat templates
 # A chat model is trained on conversations in one exact text format; the tokenizer ships that format
 # as a Jinja program. transformers renders it in a sandbox with trim_blocks and lstrip_blocks, a
-# `raise_exception` helper, and a `tojson` filter; rendering it the same way gives byte-identical
-# prompts. add_generation_prompt appends the opening of the assistant's turn.
+# `raise_exception` helper, a `strftime_now` clock (Llama 3's date line) and a `tojson` filter;
+# rendering it the same way gives the same prompt (tests/test_capstone.py compares them).
+# add_generation_prompt appends the opening of the assistant's turn.
 
 
 def render_chat(template: str, messages: list[dict], add_generation_prompt=True, **special) -> str:
@@ -625,10 +659,15 @@ def render_chat(template: str, messages: list[dict], add_generation_prompt=True,
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
     )
-    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(
-        x, indent=indent, ensure_ascii=ensure_ascii
-    )
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
+
+    env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
     if not template:
         raise ValueError("this model has no chat template; pass a raw prompt instead")
     return env.from_string(template).render(
@@ -658,7 +697,7 @@ def chat(model, extras, messages, max_new_tokens=64, **sampling) -> str:
 
 
 def check_dequantize(path) -> float:
-    """Every tensor type in the file, first rows, against gguf-py's own dequantize."""
+    """One whole tensor of every type in the file against gguf-py's own dequantize, bit for bit."""
     import gguf
 
     reader, seen, worst = gguf.GGUFReader(path), set(), 0.0
@@ -687,10 +726,10 @@ def check_cache(model) -> float:
     return harness.assert_close(torch.cat(steps, 1), full, name="cached decode vs full forward")
 
 
-def run_checks(model, path, quick):
+def run_checks(model, path):
     checks = harness.Checks()
     if path is not None and Path(path).suffix == ".gguf":
-        checks("dequantize Q4_1/Q8_0/F32 == gguf-py", check_dequantize, path)
+        checks("dequantize (every tensor type in the file) == gguf-py", check_dequantize, path)
     checks("cached decode == full forward", check_cache, model)
     checks.finish()
 
@@ -725,7 +764,7 @@ def main():
     print(f"loaded {path or args.arch}: {model.cfg.arch}, {n_params / 1e6:.1f}M parameters, "
           f"{time.perf_counter() - t0:.1f} s")  # fmt: skip
     with torch.no_grad():
-        run_checks(model, path, args.quick)
+        run_checks(model, path)
     if extras is None or extras["tokenizer"] is None:
         return
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)

@@ -49,6 +49,7 @@ CASES = {
                                                "original_max_position_embeddings": 32}}),
     "yarn-rope": ("llama", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
                                              "original_max_position_embeddings": 64}}),
+    "llama-attention-bias": ("llama", {"attention_bias": True}),
     "qwen2-bias": ("qwen2", {}),
     "qwen3-qknorm": ("qwen3", {}),
     "mixtral": ("mixtral", {}),
@@ -221,3 +222,49 @@ def test_quick_main_answers_a_chat_prompt(tmp_path):
     assert "All results match." in proc.stdout
     reply = proc.stdout.split("assistant:", 1)[1]
     assert "Paris" in reply, reply
+
+
+def test_chat_template_helpers_match_transformers(tmp_path):
+    """Llama-2-style AddedToken dicts for bos/eos, tojson's full signature, strftime_now."""
+    save_tiny(tmp_path, "llama")
+    template = (
+        "{{ bos_token }}{{ messages | tojson(sort_keys=True, separators=(',', ':')) }}"
+        "{{ strftime_now('%Y') }}{{ eos_token }}"
+    )
+    added = {"__type": "AddedToken", "content": "<s>", "lstrip": False, "normalized": False,
+             "rstrip": False, "single_word": False}  # fmt: skip
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": template, "bos_token": added, "eos_token": "</s>"})
+    )
+    _, extras = cap.load_hf(tmp_path)
+    assert extras["bos_token"] == "<s>"
+    messages = [{"role": "user", "content": "hi", "a": 1}]
+    text = cap.render_chat(extras["chat_template"], messages, False, bos_token="<s>", eos_token="</s>")
+    import datetime
+
+    year = datetime.datetime.now().strftime("%Y")
+    assert text == '<s>[{"a":1,"content":"hi","role":"user"}]' + year + "</s>"
+
+
+def test_gguf_rope_scaling_and_truncated_safetensors(tmp_path):
+    meta = {
+        "rope.scaling.type": "yarn",
+        "rope.scaling.factor": 4.0,
+        "rope.scaling.original_context_length": 4096,
+    }
+    g = lambda k, d=None: meta.get(k, d)  # noqa: E731
+    assert cap._gguf_rope_scaling(g) == {
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 4096,
+    }
+    assert cap._gguf_rope_scaling(lambda k, d=None: d) is None
+    with pytest.raises(ValueError, match="rope scaling type 'longrope' is not supported"):
+        cap._gguf_rope_scaling(lambda k, d=None: "longrope" if k == "rope.scaling.type" else d)
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.randn(300, 5)}, tmp_path / "x.safetensors")
+    data = (tmp_path / "x.safetensors").read_bytes()
+    (tmp_path / "x.safetensors").write_bytes(data[:-20])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        cap.read_safetensors(tmp_path / "x.safetensors")
