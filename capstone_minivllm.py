@@ -303,6 +303,22 @@ class Transformer(nn.Module):
 # (Holtzman et al., 2020). A seeded generator makes a sampled run repeatable.
 
 
+def filter_logits(logits, temperature=1.0, top_k=0, top_p=1.0):
+    """Logits (B, V) divided by the temperature, with tokens outside top-k and top-p set to -inf, in
+    transformers' order (temperature, then top-k, then top-p)."""
+    logits = logits.float() / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[:, -1:]  # (B, 1) the k-th largest
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens before it already reach top_p (the first token always stays)
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return logits
+
+
 def sample(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
     """Next token from logits (B, V): greedy at temperature 0, else filtered sampling. Returns (B,)."""
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
@@ -311,17 +327,7 @@ def sample(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
         )
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k:
-        kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[:, -1:]  # (B, 1) the k-th largest
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1:
-        sorted_logits, order = logits.sort(-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        # drop a token when the tokens before it already reach top_p (the first token always stays)
-        drop = (cum - sorted_logits.softmax(-1)) >= top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1)
+    probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 

@@ -268,3 +268,27 @@ def test_gguf_rope_scaling_and_truncated_safetensors(tmp_path):
     (tmp_path / "x.safetensors").write_bytes(data[:-20])
     with pytest.raises(ValueError, match="truncated or corrupt"):
         cap.read_safetensors(tmp_path / "x.safetensors")
+
+
+def test_filters_keep_the_tokens_transformers_keeps():
+    """Temperature, top-k and top-p against transformers' logits warpers on random logits (no ties)."""
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        V = int(torch.randint(2, 200, (), generator=g))
+        logits = torch.randn(2, V, generator=g) * float(torch.rand((), generator=g) * 4 + 0.1)
+        temp = float(torch.rand((), generator=g)) * 2 + 0.05
+        top_k = int(torch.randint(0, V + 2, (), generator=g)) if trial % 3 else 0
+        top_p = float(torch.rand((), generator=g)) * 0.99 + 0.01 if trial % 2 else 1.0
+        ref = TemperatureLogitsWarper(temp)(None, logits.clone())
+        if top_k:
+            ref = TopKLogitsWarper(top_k)(None, ref)
+        if top_p < 1:
+            ref = TopPLogitsWarper(top_p)(None, ref)
+        ours = cap.filter_logits(logits, temp, top_k, top_p)
+        assert torch.equal(torch.isfinite(ours), torch.isfinite(ref)), (trial, V, temp, top_k, top_p)
