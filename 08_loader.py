@@ -493,14 +493,18 @@ class TokenLoader:
 
 
 def _windows(loader, limit=None) -> list[int]:
-    """The window start of every row the loader yields (x[:, 0] identifies nothing; recompute)."""
+    """The window start of every row the loader yields (x[:, 0] identifies nothing; recompute), after
+    checking that each batch holds exactly those windows: x = tokens[s : s + T], y = x shifted by one."""
     starts = []
     plan = loader.plan()
     data = WindowBatches(loader.path, plan)
-    for b, (x, _) in enumerate(loader):
+    for b, (x, y) in enumerate(loader):
         s = plan.starts(b, data.perm)
         if x.shape[0] != len(s):
             raise AssertionError(f"batch {b} has {x.shape[0]} rows, the plan says {len(s)}")
+        want = torch.from_numpy(gather(loader.file.tokens, s, plan.T).astype(np.int64))
+        if not (torch.equal(x.cpu(), want[:, :-1]) and torch.equal(y.cpu(), want[:, 1:])):
+            raise AssertionError(f"batch {b}: content differs from tokens[s : s + T + 1] at planned starts")
         starts += s.tolist()
         if limit is not None and b + 1 >= limit:
             break

@@ -118,3 +118,18 @@ def test_bad_arguments(small):
 def test_device_path_logic_on_this_machine(small):
     """On a GPU machine this is the CUDA path (pinned memory, side stream, prefetch); here the CPU one."""
     assert ld.check_device_path(small, 16, 8, harness.pick_device())
+
+
+class _ZerosLoader(ld.TokenLoader):
+    """Yields batches of the right shapes but all zeros: the window checks must catch it."""
+
+    def __iter__(self):
+        for x, y in super().__iter__():
+            yield torch.zeros_like(x), torch.zeros_like(y)
+
+
+def test_window_checks_look_at_the_content(small):
+    with pytest.raises(AssertionError, match="content"):
+        ld._windows(_ZerosLoader(small, 8, 16, seed=5))
+    with pytest.raises(AssertionError, match="content"):
+        ld._windows(_ZerosLoader(small, 8, 16, seed=5, rank=1, world_size=2, num_workers=2))
