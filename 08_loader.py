@@ -99,13 +99,18 @@ N_PARAMS_124M = 124_000_000  # GPT-2 small, the model the consumption margin is 
 
 
 def token_dtype(vocab_size: int):
-    if not isinstance(vocab_size, int) or vocab_size < 1 or vocab_size > 2**32:
-        raise ValueError(f"vocab_size must be an int in [1, 2**32], got {vocab_size!r}")
+    if not isinstance(vocab_size, int | np.integer) or not 1 <= vocab_size <= 2**32 - 1:
+        raise ValueError(f"vocab_size must be an int in [1, 2**32 - 1], got {vocab_size!r}")
     return np.uint16 if vocab_size <= 1 << 16 else np.uint32
 
 
 def write_tokens(path, ids, vocab_size: int, eot: int) -> Path:
     """Write ids (any integer array) as a token file; atomic (temp file, then rename)."""
+    ok = isinstance(vocab_size, int | np.integer) and isinstance(eot, int | np.integer)
+    if not (ok and 0 <= eot < vocab_size <= 2**32 - 1):  # the header stores both as uint32
+        raise ValueError(
+            f"need 0 <= eot < vocab_size <= 2**32 - 1 (ints), got eot {eot!r}, vocab_size {vocab_size!r}"
+        )
     dtype = token_dtype(vocab_size)
     ids = np.asarray(ids)
     if ids.ndim != 1 or ids.dtype.kind not in "iu":
@@ -146,7 +151,7 @@ def read_header(path) -> tuple[type, int, int, int]:
     if itemsize not in DTYPES:
         raise ValueError(f"{path}: {itemsize} bytes per token; accepted: 2 (uint16) or 4 (uint32)")
     if vocab > (1 << 8 * itemsize) or eot >= vocab:
-        raise ValueError(f"{path}: vocab {vocab} / eot {eot} do not fit {itemsize}-byte tokens")
+        raise ValueError(f"{path}: vocab {vocab}, eot {eot}: need eot < vocab <= 2**{8 * itemsize}")
     expected = HEADER_BYTES + count * itemsize
     if size != expected:
         raise ValueError(
@@ -538,6 +543,7 @@ def corrupt_cases(path: Path) -> dict:
         "truncated": good[:-1],
         "trailing bytes": good + b"\0\0",
         "short header": good[:10],
+        "eot >= vocab": bad_header(eot=fields["vocab"]),
     }
 
 
@@ -667,9 +673,10 @@ def check_prepare(text_path: Path, tmp: Path, quick: bool) -> str:
         raise AssertionError(f"expected 2 end-of-text tokens, one ending each split; found {n_eot}")
     if tok.decode(ids[ids != train.eot].tolist()) != text:
         raise AssertionError("decoding the token files does not give back the text")
-    piece = text[:300_000]
-    if encode_document(tok, piece) != tok.encode_ordinary(piece):
-        raise AssertionError("piecewise encoding differs from encoding the whole text")
+    piece = text[:300_000]  # cut into pieces of ~2000 characters: ~100 seams, each at a safe cut
+    n_pieces = sum(1 for _ in _pieces(piece, 2000))
+    if n_pieces < 10 or encode_document(tok, piece, piece_chars=2000) != tok.encode_ordinary(piece):
+        raise AssertionError(f"piecewise encoding ({n_pieces} pieces) differs from encoding the whole text")
     if train.tokens.dtype != np.uint16:
         raise AssertionError("a 4096 vocabulary should give uint16")
     return f"{info['train_tokens']} train + {info['val_tokens']} val tokens, decode == text"

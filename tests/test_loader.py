@@ -28,7 +28,7 @@ def test_file_round_trip_and_dtype(tmp_path):
 
 CORRUPTIONS = {"magic": "not a token file", "version": "version", "dtype": "bytes per token",
                "count too large": "header says", "truncated": "header says", "trailing bytes": "header says",
-               "short header": "shorter than"}  # fmt: skip
+               "short header": "shorter than", "eot >= vocab": "need eot < vocab"}  # fmt: skip
 
 
 @pytest.mark.parametrize("case", list(CORRUPTIONS))
@@ -47,6 +47,13 @@ def test_write_rejects_bad_ids(tmp_path):
         ld.write_tokens(tmp_path / "x.bin", np.array([0, 5]), 5, 0)
     with pytest.raises(TypeError, match="1-D integer"):
         ld.write_tokens(tmp_path / "x.bin", np.array([0.5]), 5, 0)
+
+
+@pytest.mark.parametrize("vocab, eot", [(5, 5), (5, -1), (2**32, 0), (0, 0)])
+def test_write_rejects_what_the_reader_rejects(tmp_path, vocab, eot):
+    """The writer refuses a header the reader would refuse (or could not even pack)."""
+    with pytest.raises(ValueError, match="need 0 <= eot < vocab_size"):
+        ld.write_tokens(tmp_path / "x.bin", np.array([0, 1]), vocab, eot)
 
 
 def test_prepare_with_our_bpe(tmp_path):
