@@ -205,12 +205,16 @@ def tokens_per_expert(expert_ids: torch.Tensor, n_experts: int, keep=None) -> to
 
 
 def balance_loss(r: Routing, n_experts: int, alpha: float) -> torch.Tensor:
+    if r.expert_ids.numel() == 0:  # no tokens: no imbalance (and no 0/0)
+        return r.probs.sum() * 0.0
     f = tokens_per_expert(r.expert_ids, n_experts).to(r.probs.dtype) / r.expert_ids.numel()  # (E,)
     P = r.probs.mean(0)  # (E,)
     return alpha * n_experts * (f * P).sum()
 
 
 def z_loss(r: Routing, beta: float) -> torch.Tensor:
+    if r.logits.shape[0] == 0:  # no tokens: the mean of nothing is 0 here, not nan
+        return r.logits.sum() * 0.0
     return beta * torch.logsumexp(r.logits, dim=-1).pow(2).mean()
 
 
@@ -233,15 +237,16 @@ def swiglu(x, w1, w3, w2):
 
 
 def experts_loop(x, w1, w3, w2, r: Routing) -> torch.Tensor:
-    """sum_j w_tj * expert_{ids_tj}(x_t), one expert at a time; fp32 accumulator, output in x.dtype."""
-    y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    """sum_j w_tj * expert_{ids_tj}(x_t), one expert at a time; fp32 (fp64 for fp64) accumulator."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    y = torch.zeros(x.shape, dtype=acc, device=x.device)
     chosen = r.expert_ids if r.keep is None else r.expert_ids.masked_fill(~r.keep, -1)  # -1: dropped
     for e in range(w1.shape[0]):
         tok, slot = torch.where(chosen == e)  # the tokens routed to expert e (host sync)
         if tok.numel() == 0:
             continue
         out = swiglu(x[tok], w1[e], w3[e], w2[e]) * r.weights[tok, slot, None].to(x.dtype)
-        y = y.index_add(0, tok, out.float())
+        y = y.index_add(0, tok, out.to(acc))
     return y.to(x.dtype)
 
 
@@ -310,7 +315,7 @@ def plan_dispatch(expert_ids: torch.Tensor, n_experts: int, keep: torch.Tensor |
 def combine(y_pairs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """y_t = sum_j w_tj * y_pairs[t*k + j]: (T*k, d), (T, k) -> (T, d), one batched matmul."""
     T, k = weights.shape
-    y = torch.bmm(weights.to(y_pairs.dtype).unsqueeze(1), y_pairs.view(T, k, -1))  # (T, 1, d)
+    y = torch.bmm(weights.to(y_pairs.dtype).unsqueeze(1), y_pairs.view(T, k, y_pairs.shape[-1]))  # (T, 1, d)
     return y.squeeze(1)
 
 
@@ -629,7 +634,7 @@ class _GroupedExperts(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx_pairs = grouped_gemm(dh1, w1, _pairs_buffer(plan, x.shape[1], x), plan, DUAL,
                                     transpose_w=False, a2=dh3, w2=w3, c_rows=plan.row_pair)  # fmt: skip
-            dx = dx_pairs.view(plan.n_tokens, plan.top_k, -1).sum(1)
+            dx = dx_pairs.view(plan.n_tokens, plan.top_k, x.shape[1]).sum(1)
         need = ctx.needs_input_grad
         dw1 = grouped_wgrad(dh1, x, torch.empty_like(w1), plan, q_rows=plan.row_token) if need[1] else None
         dw3 = grouped_wgrad(dh3, x, torch.empty_like(w3), plan, q_rows=plan.row_token) if need[2] else None

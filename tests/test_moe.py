@@ -22,7 +22,10 @@ def test_forward_and_gradients_match_dense_float64(case, impl):
     if impl == "grouped_mm" and not moe.HAS_GROUPED_MM:
         pytest.skip(f"torch {torch.__version__} has no torch._grouped_mm")
     # every routing option, top-1/2/3/8, capacity, shared experts; output and all gradients
-    assert moe.check_layer(case, impl, torch.float32, DEVICE, D, F) < harness.TOLERANCES[torch.float32]
+    err = moe.check_layer(case, impl, torch.float32, DEVICE, D, F)
+    assert isinstance(err, float) and err < harness.TOLERANCES[torch.float32]
+    if getattr(err, "note", None):  # a torch whose _grouped_mm has no backward: only the forward ran
+        pytest.skip(f"gradients not checked: {err.note}")
 
 
 def test_triton_fp16():
@@ -126,3 +129,30 @@ def test_grouped_mm_layout_is_aligned_and_complete():
     assert (offs % moe.ALIGN == 0).all() and offs[-1].item() == n_rows
     placed = dest[kept_row]
     assert placed.unique().numel() == placed.numel() and (dest[~kept_row] == n_rows - 1).all()
+    # each kept row lands inside its own expert's group: offs[e-1] <= dest < offs[e] (offs[-1] = 0)
+    expert = ids.t().reshape(-1).sort(stable=True).values  # expert of each sorted row
+    group_start = torch.cat([offs.new_zeros(1), offs[:-1]])
+    e = expert[kept_row]
+    assert ((group_start[e] <= placed) & (placed < offs[e])).all()
+
+
+@pytest.mark.parametrize("impl", ["loop", "triton"])
+def test_empty_input_gives_empty_output_and_zero_losses(impl):
+    layer = moe.MoELayer(D, F, 8, 2)
+    x = torch.randn(0, D, requires_grad=True)
+    y, aux = layer(x, impl=impl)
+    assert y.shape == (0, D)
+    assert aux["loss"].item() == 0.0 and aux["balance_loss"].item() == 0.0 and aux["z_loss"].item() == 0.0
+    (y.sum() + aux["loss"]).backward()
+    assert x.grad.shape == (0, D) and torch.isfinite(layer.gate.grad).all()
+
+
+def test_float64_layer_matches_dense_float64():
+    # auto picks the loop for float64; it must accumulate in float64, not float32
+    torch.manual_seed(3)
+    layer = moe.MoELayer(D, F, 8, 2, dtype=torch.float64)
+    x = torch.randn(23, D, dtype=torch.float64)
+    with torch.no_grad():
+        y, aux = layer(x)
+        ref = moe.moe_dense_reference(x, layer.w1, layer.w3, layer.w2, aux["routing"])
+    harness.assert_close(y, ref, torch.float64)
