@@ -76,8 +76,10 @@ class BenchConfig:
 QUICK = BenchConfig(n_head=4, n_kv_head=2, head_dim=32, batches=(2,), contexts=(80,), mixed=((3, 5, 70),))
 MIN_SPLIT_TOKENS = 256  # a split shorter than this spends more on its merge than it saves
 MAX_SPLITS = 64
-# Decode launch (BLOCK_N tokens per iteration, warps, pipeline stages). Not yet tuned on an H200: the
-# benchmark's launch sweep prints the alternatives so the default can be set from measurement.
+# Decode launch (BLOCK_N tokens per iteration, warps, pipeline stages). The H200 run in
+# results/09_paged_kv.json ("launch_sweep": B=1 L=32768, B=64 L=4096, B=256 L=2048) measured this default
+# at 58, 97 and 93% of copy; (64, 4, 3) measured 61, 98 and 101% there and is the candidate to adopt
+# once the whole benchmark is re-run with it (the committed table was measured with (64, 4, 2)).
 DECODE_LAUNCH = (64, 4, 2)
 INTERPRET_LAUNCH = (64, 1, 1)  # the interpreter runs programs one after another: few, large tiles
 LAUNCH_SWEEP = ((32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 8, 2))
@@ -216,7 +218,7 @@ class BlockManager:
     # -- the API ----------------------------------------------------------------------------------
 
     def blocks_needed(self, seq: Sequence, num_tokens: int | None = None) -> int:
-        """New blocks that covering the first num_tokens (default all) of seq would take, before cache hits;
+        """New blocks covering the first num_tokens (default all) of seq would take, before cache hits;
         plus one when its last block is shared and about to be written (copy-on-write)."""
         n = len(seq) if num_tokens is None else num_tokens
         grow = max(0, -(-n // self.block_size) - len(seq.block_table))
@@ -527,7 +529,9 @@ def _paged_decode_kernel(
     b, kvh, s = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     ctx = tl.load(CTX + b)
     start = s * split_len
-    end = tl.minimum(start + split_len, ctx)
+    # the last slice runs to the sequence's own end: a max_context_len below the true one (a launch
+    # hint, never read from the device) costs speed, not tokens
+    end = tl.where(s == tl.num_programs(2) - 1, ctx, tl.minimum(start + split_len, ctx))
     rows = tl.arange(0, G_PAD)
     hq = kvh * G + rows  # the query heads of this KV head's group; rows >= G are padding
     rmask = rows < G
@@ -586,11 +590,13 @@ def _merge_kernel(
     s = tl.arange(0, S_PAD)
     smask = s < num_splits
     lse = tl.load(LSE + b * stride_lb + h * stride_lh + s, mask=smask, other=float("-inf"))
-    w = tl.exp2(lse - tl.max(lse, 0))  # slice 0 is never empty (L >= 1), so the max is finite
+    mx = tl.max(lse, 0)  # -inf only for an empty sequence (L = 0): every weight 0, output 0
+    w = tl.exp2(lse - tl.where(mx == float("-inf"), 0.0, mx))
     d = tl.arange(0, D)
     p_ptr = OPART + b * stride_pb + h * stride_ph + s[:, None] * stride_ps + d[None, :]
     o = tl.load(p_ptr, mask=smask[:, None], other=0.0)
-    out = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
+    den = tl.sum(w, 0)
+    out = tl.sum(o * w[:, None], 0) / tl.where(den > 0, den, 1.0)
     tl.store(O + b * stride_ob + h * stride_oh + d, out.to(O.dtype.element_ty))
 
 
@@ -601,9 +607,29 @@ def _sm_count(device: torch.device) -> int:
 
 def choose_num_splits(batch: int, n_kv_head: int, max_context_len: int, sm_count: int) -> int:
     """Slices per sequence: enough programs for two waves over the SMs (B * H_KV * S >= 2 * SMs), no
-    slice shorter than MIN_SPLIT_TOKENS. E.g. 132 SMs: B=1, H_KV=8, L=32k -> 33; B=64, L=8k -> 1."""
+    slice shorter than MIN_SPLIT_TOKENS. E.g. 132 SMs: B=1, H_KV=8, L=32k -> 33; B=64, L=8k -> 1.
+    This is the count asked for; decode_split rounds it to what runs (33 -> 32 slices of 1024)."""
     want = -(-2 * sm_count // (batch * n_kv_head))
     return max(1, min(want, max_context_len // MIN_SPLIT_TOKENS, MAX_SPLITS))
+
+
+def decode_split(batch, n_kv_head, max_context_len, device, num_splits=None, block_n=None) -> tuple[int, int]:
+    """(slices that run, tokens per slice) of a decode launch: the requested count (default: the
+    heuristic's) rounded so that each slice is whole BLOCK_N tiles and none is empty for every sequence."""
+    if not isinstance(max_context_len, int) or max_context_len < 1:
+        raise ValueError(
+            f"paged_attention_decode: max_context_len must be an int >= 1, got {max_context_len!r}"
+        )
+    if num_splits is None:
+        num_splits = choose_num_splits(batch, n_kv_head, max_context_len, _sm_count(torch.device(device)))
+    if not isinstance(num_splits, int) or num_splits < 1:
+        raise ValueError(
+            f"paged_attention_decode: num_splits must be an int >= 1 or None, got {num_splits!r}"
+        )
+    if block_n is None:
+        block_n = (INTERPRET_LAUNCH if harness.INTERPRET else DECODE_LAUNCH)[0]
+    split_len = triton.cdiv(triton.cdiv(max_context_len, num_splits), block_n) * block_n
+    return triton.cdiv(max_context_len, split_len), split_len
 
 
 def _check_decode_inputs(q, k_cache, v_cache, block_tables, context_lens):
@@ -653,7 +679,10 @@ def paged_attention_decode(
 
     q [B, H, D]; k_cache, v_cache [NB, H_KV, BS, D]; block_tables [B, max_blocks] (int32, padded with
     any valid id); context_lens [B] (>= 1 each). Returns [B, H, D] in q's dtype. Pass max_context_len
-    to avoid a device->host read (needed under CUDA-graph capture); num_splits overrides the heuristic;
+    (>= 1; it sizes the launch, the kernel still reads every sequence to its own context_lens) to avoid a
+    device->host read (needed under CUDA-graph capture); without it context_lens is read and an entry
+    < 1 raises ValueError; with it, an empty sequence's output is 0. num_splits overrides the heuristic
+    (decode_split gives the count that runs);
     out (optional, [B, H, D]) receives the result; launch = (BLOCK_N, num_warps, num_stages) overrides
     DECODE_LAUNCH (the benchmark's launch sweep uses it).
     """
@@ -663,13 +692,12 @@ def paged_attention_decode(
     G = H // h_kv
     q = q.contiguous()
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
-    if max_context_len is None:
-        max_context_len = int(context_lens.max())
-    if num_splits is None:
-        num_splits = choose_num_splits(B, h_kv, max_context_len, _sm_count(q.device))
+    if max_context_len is None:  # one device->host read for both bounds
+        lo, max_context_len = torch.stack(torch.aminmax(context_lens)).tolist()
+        if lo < 1:
+            raise ValueError(f"paged_attention_decode: context_lens must all be >= 1, found {lo}")
     block_n, num_warps, num_stages = launch or (INTERPRET_LAUNCH if harness.INTERPRET else DECODE_LAUNCH)
-    split_len = triton.cdiv(triton.cdiv(max_context_len, num_splits), block_n) * block_n
-    num_splits = triton.cdiv(max_context_len, split_len)  # no slice that is empty for every sequence
+    num_splits, split_len = decode_split(B, h_kv, max_context_len, q.device, num_splits, block_n)
     if out is None:
         out = torch.empty_like(q)
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
@@ -890,12 +918,14 @@ def random_paged_cache(lens, n_kv_head, block_size, head_dim, dtype, device, spa
     return k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int32, device=device)
 
 
-def check_decode(lens, n_head, n_kv_head, block_size, dtype, device, head_dim=64, num_splits=None) -> float:
+def check_decode(lens, n_head, n_kv_head, block_size, dtype, device, head_dim=64, num_splits=None,
+                 max_context_len=None) -> float:  # fmt: skip
     k_cache, v_cache, tables, ctx = random_paged_cache(lens, n_kv_head, block_size, head_dim, dtype, device)
     q = torch.randn(len(lens), n_head, head_dim, device=device).to(dtype)
     scale = head_dim**-0.5
     out = torch.full_like(q, float("nan"))  # poison: every element must be written
-    paged_attention_decode(q, k_cache, v_cache, tables, ctx, scale, num_splits=num_splits, out=out)
+    paged_attention_decode(q, k_cache, v_cache, tables, ctx, scale, num_splits=num_splits, out=out,
+                           max_context_len=max_context_len)  # fmt: skip
     ref64 = paged_attention_reference(q.double(), k_cache.double(), v_cache.double(), tables, ctx, scale)
     err = harness.assert_close(out, ref64, dtype, "paged decode vs float64 reference")
     sdpa = paged_attention_reference(q, k_cache, v_cache, tables, ctx, scale)
@@ -919,11 +949,12 @@ def run_checks(device, quick):
         name = str(dtype).removeprefix("torch.")
         for bs in (16, 32):
             for G in (1, 4, 8):
-                for splits in (None, 3):  # the heuristic's choice (no split on CPU) and a forced split
+                for splits in (None, 3):  # the heuristic's choice (no split on CPU) and 3 asked for
                     full_grid = dtype != torch.float32 if not quick else dtype == torch.float16 and splits
                     if not full_grid and (bs, G) != (16, 4):
                         continue  # every compile costs ~1 s on the GPU, minutes in the interpreter
-                    label = f"decode {name} bs={bs} G={G} splits={splits or 'auto'} lens={lens}"
+                    ran = decode_split(len(lens), 2, max(lens), device, splits)[0]  # 3 asked -> 2 on CPU
+                    label = f"decode {name} bs={bs} G={G} splits={ran} ({splits or 'auto'}) lens={lens}"
                     checks(label, check_decode, lens, 2 * G, 2, bs, dtype, device, 64, splits)
     checks.finish()
 
@@ -960,8 +991,9 @@ def bench_case(lens, cfg, dtype, device, copy_bw):
     sdpa = lambda: F.scaled_dot_product_attention(qg, k_pad, v_pad, attn_mask=mask)  # noqa: E731
     harness.assert_close(paged(), sdpa().view(B, H, D), dtype, "benchmark case vs padded SDPA")
     useful = sum(lens) * h_kv * D * 2 * q.element_size()
+    # splits: the slices that run (decode_split), not the heuristic's request
     row = {"B": B, "L": f"{L}" if uniform else f"U[{min(lens)},{L}]", "tokens": sum(lens),
-           "splits": choose_num_splits(B, h_kv, L, _sm_count(device))}  # fmt: skip
+           "splits": decode_split(B, h_kv, L, device)[0]}  # fmt: skip
     for name, fn in (("paged", paged), ("sdpa_padded", sdpa)):
         try:
             ms = harness.bench(fn, device, graph=True)
@@ -1025,9 +1057,12 @@ def split_sweep(cfg, dtype, device, copy_bw, splits=(1, 2, 4, 8, 16)):
                                                            dtype, device, spare=0)  # fmt: skip
         q = torch.randn(len(lens), cfg.n_head, cfg.head_dim, device=device, dtype=dtype)
         useful = sum(lens) * cfg.n_kv_head * cfg.head_dim * 2 * q.element_size()
-        auto = choose_num_splits(len(lens), cfg.n_kv_head, max(lens), _sm_count(device))
+        auto = decode_split(len(lens), cfg.n_kv_head, max(lens), device)[0]  # the slices that run
         row = {"B": len(lens), "L_max": max(lens), "auto_splits": auto}
         for n in (None, *splits):
+            ran = decode_split(len(lens), cfg.n_kv_head, max(lens), device, n)[0]
+            if n is not None and ran != n:
+                print(f"  splits {n} B={len(lens)} L_max={max(lens)}: {ran} slices run")
             fn = functools.partial(paged_attention_decode, q, k_cache, v_cache, tables, ctx,
                                    max_context_len=max(lens), num_splits=n)  # fmt: skip
             try:
@@ -1039,11 +1074,11 @@ def split_sweep(cfg, dtype, device, copy_bw, splits=(1, 2, 4, 8, 16)):
     return rows
 
 
-def memory_waste(block_sizes=(16, 32), max_lens=(4096, 32768), n=10000, seed=0):
-    """KV slots reserved vs used for n requests of lognormal total length (median 1024 tokens, sigma 1,
+def memory_waste(block_sizes=(16, 32), max_lens=(4096, 32768), n=10000, seed=0, median=1024, sigma=1.0):
+    """KV slots reserved vs used for n requests of lognormal total length (median tokens, sigma,
     clipped to [16, max_len]): contiguous preallocation to max_len vs pages of BS tokens."""
     g = torch.Generator().manual_seed(seed)
-    logn = torch.empty(n).log_normal_(math.log(1024), 1.0, generator=g)
+    logn = torch.empty(n).log_normal_(math.log(median), sigma, generator=g)
     rows = []
     for max_len in max_lens:
         lens = logn.clamp(16, max_len).round().long()
@@ -1085,8 +1120,12 @@ def main():
     t0 = time.perf_counter()
     run_checks(device, args.quick)
     print(f"checks took {time.perf_counter() - t0:.1f} s")
-    waste = memory_waste()
-    print("KV memory reserved but unused, 10000 requests, lognormal lengths (median 1024, sigma 1):")
+    waste_args = {"n": 10000, "median": 1024, "sigma": 1.0}
+    waste = memory_waste(**waste_args)
+    print(
+        f"KV memory reserved but unused, {waste_args['n']} requests, lognormal lengths "
+        f"(median {waste_args['median']}, sigma {waste_args['sigma']}, clipped to [16, max_len]):"
+    )
     harness.print_table(waste)
     if args.no_bench:
         return

@@ -94,14 +94,18 @@ def test_decode_kernel(G, block_size, dtype):
 
 @pytest.mark.parametrize("num_splits", [None, 1, 7])
 def test_decode_kernel_splits_and_fp32(num_splits):
-    # 7 slices of a 300-token context: some slices are empty for the short sequences
+    # 7 slices asked of a 300-token context run as 5 of 64 tokens (whole BLOCK_N = 64 tiles in the
+    # interpreter); some slices are empty for the short sequences
     lens = [300, 3, 45]
+    if num_splits == 7:
+        assert pk.decode_split(3, 2, 300, DEVICE, 7, 64) == (5, 64)
     err = pk.check_decode(lens, 4, 2, 16, torch.float32, DEVICE, 16, num_splits=num_splits)
     assert err < harness.TOLERANCES[torch.float32]
 
 
 def test_split_heuristic():
     assert pk.choose_num_splits(1, 8, 32768, 132) == 33
+    assert pk.decode_split(1, 8, 32768, DEVICE, 33, 64) == (32, 1024)  # what runs: 32 slices of 1024
     assert pk.choose_num_splits(64, 8, 8192, 132) == 1
     assert pk.choose_num_splits(1, 8, 300, 132) == 1  # too short to split
 
@@ -125,3 +129,39 @@ def test_memory_waste_table():
     rows = pk.memory_waste(n=500)
     for r in rows:
         assert r["paged_bs16_waste_%"] < r["contiguous_waste_%"]
+
+
+@pytest.mark.parametrize("num_splits", [None, 1, 2])
+def test_decode_short_max_context_len_still_reads_every_token(num_splits):
+    # max_context_len is a hint for the launch (split count, slice length); a sequence longer than
+    # num_splits * split_len is finished by its last slice instead of silently losing tokens.
+    err = pk.check_decode([200, 7], 4, 2, 16, torch.float32, DEVICE, 16, num_splits, max_context_len=8)
+    assert err < harness.TOLERANCES[torch.float32]
+
+
+def test_decode_bad_split_arguments():
+    kc = torch.randn(4, 2, 16, 32, device=DEVICE)
+    q = torch.randn(2, 4, 32, device=DEVICE)
+    bt = torch.zeros(2, 2, dtype=torch.int32, device=DEVICE)
+    ctx = torch.ones(2, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="num_splits"):
+        pk.paged_attention_decode(q, kc, kc, bt, ctx, num_splits=0)
+    with pytest.raises(ValueError, match="max_context_len"):
+        pk.paged_attention_decode(q, kc, kc, bt, ctx, max_context_len=0)
+
+
+def test_decode_empty_context():
+    # Checked (ValueError) when the launcher reads context_lens anyway; with max_context_len given
+    # (no device->host read, as under graph capture) an empty sequence's output is 0, split or not.
+    kc = torch.randn(4, 2, 16, 32, device=DEVICE)
+    q = torch.randn(2, 4, 32, device=DEVICE)
+    bt = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32, device=DEVICE)
+    ctx = torch.tensor([20, 0], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="context_lens"):
+        pk.paged_attention_decode(q, kc, kc, bt, ctx)
+    for n in (1, 2):
+        out = pk.paged_attention_decode(
+            q, kc, kc, bt, ctx, max_context_len=20, num_splits=n, launch=(16, 1, 1)
+        )
+        assert pk.decode_split(2, 2, 20, DEVICE, n, 16)[0] == n
+        assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.isfinite(out[0]).all()
