@@ -51,7 +51,14 @@ def test_state_dict_round_trip(impl):
 
 
 def test_fused_bf16_keeps_fp32_state():
-    assert adamw.check_fused_bf16(DEVICE) < harness.TOLERANCES[torch.bfloat16]
+    assert adamw.check_fused_bf16(DEVICE) < harness.TOLERANCES[torch.float32]
+
+
+def test_fused_bf16_check_catches_a_wrong_step_size(monkeypatch):
+    fused = adamw.IMPLS["fused"]
+    monkeypatch.setitem(adamw.IMPLS, "fused", lambda *a, **hp: fused(*a, **{**hp, "lr": hp["lr"] * 0.97}))
+    with pytest.raises(AssertionError, match="bf16 steps apart"):
+        adamw.check_fused_bf16(DEVICE)
 
 
 def test_fused_one_launch_per_step_and_strided_params():
@@ -133,6 +140,27 @@ def test_bad_inputs_raise_clear_errors():
     q.grad = torch.randn(3, dtype=torch.float64)
     with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
         adamw.AdamW([q], impl="fused").step()
+
+
+@pytest.mark.parametrize("cls", [adamw.AdamW, adamw.Lion, adamw.AdEMAMix, adamw.Sophia])
+def test_tensor_hyperparameters_act_as_floats(cls):
+    # torch.optim accepts 1-element tensors for betas, eps and weight_decay; they act as the floats
+    kw = {"weight_decay": 0.1, "betas": (0.9, 0.99) + ((0.999,) if cls is adamw.AdEMAMix else ())}
+    if cls is not adamw.Lion:
+        kw["eps"] = 1e-6
+    t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731 (float64: exactly the float)
+    as_tensors = {k: tuple(map(t, v)) if k == "betas" else t(v) for k, v in kw.items()}
+    a, b = (adamw._make_params(((5, 3), (4,)), torch.float32, DEVICE, 8) for _ in range(2))
+    opt_a, opt_b = cls(a, lr=1e-2, **kw), cls(b, lr=1e-2, **as_tensors)
+    for _ in range(3):
+        for x, y in zip(a, b, strict=True):
+            x.grad = torch.randn_like(x)
+            y.grad = x.grad.clone()
+        opt_a.step(), opt_b.step()
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert all(type(v) is float for v in opt_b.param_groups[0]["betas"])
+    with pytest.raises(ValueError, match="one element"):
+        cls(b, lr=1e-2, **{**kw, "weight_decay": torch.tensor([0.1, 0.2])})
 
 
 def test_tensor_lr_and_state_from_torch_fused():
