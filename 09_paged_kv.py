@@ -97,11 +97,13 @@ LAUNCH_SWEEP = ((32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 8, 2))
 # Prefix caching. A full block's content is the KV of its tokens *given everything before them*, so it
 # is named by hash(parent block's hash, its token ids): a chain, like a Merkle list. A new request walks
 # its prompt block by block and reuses each block whose name is cached, stopping at the first miss.
-# We use SHA-256 (a collision would need ~2^128 blocks) and also compare the block's tokens, so a hit
-# can never return another prompt's KV. When the last sequence using a cached block releases it, the
-# block is not freed but parked in an LRU list: still findable, and evicted (oldest first) only when
-# the free stack runs dry. A block is registered only once its KV is being written (`cache_blocks`),
-# never at allocation, so no request can hit a block whose KV does not exist yet.
+# We use SHA-256 (a collision would need ~2^128 blocks) and on a hit also compare the block's tokens
+# and its parent's name, so a hash that ignored position or collided for one block would still miss:
+# returning another prompt's KV would take two different prefixes with one SHA-256 name. When the last
+# sequence using a cached block releases it, the block is not freed but parked in an LRU list: still
+# findable, and evicted (oldest first) only when the free stack runs dry. A block is registered only
+# once its KV is being written (`cache_blocks`), never at allocation, so no request can hit a block
+# whose KV does not exist yet.
 
 
 class NoFreeBlocksError(RuntimeError):
@@ -120,6 +122,7 @@ class Block:
     ref_count: int = 0  # page tables that list this block
     hash: bytes | None = None  # content name once full and registered in the prefix cache
     token_ids: tuple = ()  # the tokens whose KV it holds, compared on every cache hit
+    parent: bytes = b""  # the name of the block before it (b"" for the first), compared too
 
 
 class Sequence:
@@ -195,7 +198,7 @@ class BlockManager:
             bid, _ = self.evictable.popitem(last=False)
             block = self.blocks[bid]
             del self.cached[block.hash]
-            block.hash, block.token_ids = None, ()
+            block.hash, block.token_ids, block.parent = None, (), b""
             self.stats["evictions"] += 1
         else:  # callers check capacity first; this guards the invariant
             raise NoFreeBlocksError("block pool exhausted")
@@ -247,10 +250,10 @@ class BlockManager:
         if self.enable_prefix_caching:
             for i in range((n - 1) // bs):
                 tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
-                h = block_hash(h, tokens)
+                parent, h = h, block_hash(h, tokens)
                 bid = self.cached.get(h)
-                if bid is None or self.blocks[bid].token_ids != tokens:  # subtle: tokens compared too
-                    break
+                if bid is None or (self.blocks[bid].parent, self.blocks[bid].token_ids) != (parent, tokens):
+                    break  # subtle: what the name stands for is compared too, not just the name
                 hits.append(bid)
         fresh = -(-n // bs) - len(hits)
         # hits parked in the LRU count as free blocks but will not be free once reused
@@ -304,9 +307,9 @@ class BlockManager:
         for i in range(first, full):
             block = self.blocks[seq.block_table[i]]
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
-            h = block_hash(h, tokens)
+            parent, h = h, block_hash(h, tokens)
             if h not in self.cached:  # else an identical block is cached already: keep that one
-                block.hash, block.token_ids = h, tokens
+                block.hash, block.token_ids, block.parent = h, tokens, parent
                 self.cached[h] = block.block_id
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
@@ -357,6 +360,23 @@ class BlockManager:
             b.hash is not None for b in self.blocks
         ):
             raise AssertionError("evictable blocks must be named; the cache index must match the blocks")
+        bs = self.block_size
+        for s in seqs:  # a named block holds what its name says, at its position in every holder
+            h = b""
+            for i, bid in enumerate(s.block_table):
+                if (i + 1) * bs > len(s):
+                    break  # the partial last block is never named
+                tokens = tuple(s.token_ids[i * bs : (i + 1) * bs])
+                parent, h = h, block_hash(h, tokens)
+                b = self.blocks[bid]
+                if b.hash is None:
+                    continue
+                if b.token_ids != tokens:
+                    raise AssertionError(f"block {bid} is named for tokens {b.token_ids}, seq {s.seq_id} "
+                                         f"has {tokens} at block {i}")  # fmt: skip
+                if (b.parent, b.hash) != (parent, h):
+                    raise AssertionError(f"block {bid}: its parent/chain hash differs from seq {s.seq_id}'s "
+                                         f"prefix at block {i}")  # fmt: skip
 
 
 # %% [markdown]

@@ -56,7 +56,7 @@ def test_cow_and_prefix_cache_return_recomputed_kv():
 
 
 def test_hash_collisions_cannot_return_wrong_kv(monkeypatch):
-    # Every block hashes alike: only the token comparison stands between a request and foreign KV.
+    # Every block hashes alike: the tokens (and parent name) compared on a hit must refuse foreign KV.
     monkeypatch.setattr(pk, "block_hash", lambda parent, tokens: b"same")
     bm = pk.BlockManager(16, 2)
     a, b = pk.Sequence([1, 2, 3, 4, 5]), pk.Sequence([1, 2, 9, 9, 5])
@@ -64,6 +64,37 @@ def test_hash_collisions_cannot_return_wrong_kv(monkeypatch):
     bm.cache_blocks(a, len(a))
     assert bm.allocate(b) == 2  # block [1, 2] is a true hit; [9, 9] must not match a's [3, 4]
     assert b.block_table[1] != a.block_table[1]
+
+
+def test_position_blind_hash_cannot_return_a_block_from_another_position(monkeypatch):
+    # A hash of the tokens alone: a's block at positions 2-3 holds [1, 2] given the prefix [5, 6]; b's
+    # first block is also [1, 2], same name, same tokens, but another parent: it must not be a hit.
+    monkeypatch.setattr(pk, "block_hash", lambda parent, tokens: bytes(tokens))
+    bm = pk.BlockManager(16, 2)
+    a, b = pk.Sequence([5, 6, 1, 2, 0]), pk.Sequence([1, 2, 1, 2, 0])
+    bm.allocate(a)
+    bm.cache_blocks(a, len(a))
+    assert bm.allocate(b) == 0
+    assert a.block_table[1] not in b.block_table
+    bm.cache_blocks(b, len(b))
+    bm.check_invariants([a, b])
+
+
+def test_invariants_check_what_named_blocks_hold():
+    bm = pk.BlockManager(8, 2)
+    a = pk.Sequence([1, 2, 3, 4, 5])
+    bm.allocate(a)
+    bm.cache_blocks(a, len(a))
+    bm.check_invariants([a])
+    block = bm.blocks[a.block_table[1]]
+    block.token_ids = (3, 9)  # the name's tokens no longer those at its position in a
+    with pytest.raises(AssertionError, match="tokens"):
+        bm.check_invariants([a])
+    block.token_ids = (3, 4)
+    bm.check_invariants([a])
+    block.parent = b"another prefix"  # right tokens, recorded under another parent
+    with pytest.raises(AssertionError, match="hash"):
+        bm.check_invariants([a])
 
 
 def test_full_prompt_hit_still_computes_last_token():
