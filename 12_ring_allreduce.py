@@ -8,7 +8,8 @@ and measures it against `dist.all_reduce` (gloo on CPU here; NCCL when two or mo
 then evaluates the cost model for rank counts no single machine has.
 
 You will learn:
-  - reduce-scatter + all-gather: each rank sends and receives 2(n-1)/n of the data, the minimum;
+  - reduce-scatter + all-gather: each rank sends and receives 2(n-1)/n of the data, the minimum
+    (fp32; bf16 and fp16 send their reduce-scatter in fp32, so 3(n-1)/n of their bytes);
   - the alpha-beta cost model t = 2(n-1) * alpha + 2(n-1)/n * S/B and what it predicts at scale;
   - pipelining: chunks so that sending, receiving and adding overlap;
   - bf16 gradients summed in fp32 (rounded once, at the end), and any length over any world size;
@@ -60,7 +61,6 @@ import torch.multiprocessing as mp
 class Config:
     backend: str = "gloo"  # gloo (CPU tensors) or nccl (one GPU per process)
     world_size: int = 4  # processes; with NCCL, the number of visible GPUs
-    quick: bool = False
     bench: bool = True
     seed: int = 0
     min_bytes: int = 1 << 10  # 1 KB: latency-bound
@@ -128,6 +128,11 @@ def _bounds(length: int, parts: int) -> list[int]:
     return [i * q + min(i, rem) for i in range(parts + 1)]
 
 
+def _num_chunks(longest: int, chunk_bytes: int, max_chunks: int) -> int:
+    """Pipeline chunks per segment: the longest segment in fp32 cut into chunk_bytes, 1 .. max_chunks."""
+    return max(1, min(max_chunks, math.ceil(longest * 4 / chunk_bytes)))
+
+
 def _check_input(tensor, group):
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"ring_allreduce expects a torch.Tensor, got {type(tensor).__name__}")
@@ -172,7 +177,7 @@ def ring_allreduce(tensor: torch.Tensor, group=None, chunk_bytes: int = 1 << 20,
     acc = flat if flat.dtype == torch.float32 else flat.float()  # the fp32 accumulator
     seg = _bounds(flat.numel(), n)  # segment k is [seg[k], seg[k + 1])
     longest = seg[1] - seg[0]
-    C = max(1, min(max_chunks, math.ceil(longest * 4 / chunk_bytes)))  # same on every rank
+    C = _num_chunks(longest, chunk_bytes, max_chunks)  # same on every rank
     # chunk c of segment k, as offsets relative to the segment's start
     chunks = [_bounds(seg[k + 1] - seg[k], C) for k in range(n)]
     buf = torch.empty(longest, dtype=torch.float32, device=flat.device)
@@ -218,8 +223,45 @@ def ring_allreduce(tensor: torch.Tensor, group=None, chunk_bytes: int = 1 << 20,
 # Every check runs on every rank at once (a collective), and fails on all of them if it failed on
 # any. Sums: each rank of a group of size n (2, 3, 4 carved out of the launched world with
 # dist.new_group) holds x_r, random and fresh; after ring_allreduce every rank must hold the float64
-# sum of all x_r within the dtype's tolerance, bit-identical across ranks, and match dist.all_reduce
-# (the outside reference). Lengths 1 and 7 leave segments empty or uneven; 1000003 is prime.
+# sum of all x_r, bit-identical across ranks, and match dist.all_reduce (the outside reference).
+# Lengths 1 and 7 leave segments empty or uneven; 1000003 is prime. Chunking: the benchmark's
+# chunk_bytes, and one-element chunks (4 bytes) that force C = max_chunks on the longer lengths
+# (N = 61 over 4 ranks: segments of 16 and 15, so one segment has an empty chunk).
+#
+# How close is "the float64 sum"? Elementwise, not a relative-norm tolerance: a ring summing n
+# values in fp32 errs by at most gamma = (n-1) u / (1 - (n-1) u), u = 2^-24, times sum_r |x_r| (the
+# bound for recursive summation; Higham, "Accuracy and Stability of Numerical Algorithms", 4.2),
+# so the fp32 result lies in [s - e, s + e] with s the float64 sum and e = gamma * sum_r |x_r|, and
+# bf16 rounded once from it lies in [round(s - e), round(s + e)]. Most elements are then bit-exact
+# to s rounded once; a ring that adds in bf16 (error ~2^-9 per add) fails by far. It is not always
+# bit-exact: where the x_r cancel, fp32's error is large next to |s| (seed 3, n = 4, N = 1000003 has
+# one such element in bf16). The reference rounds float64 to bf16 itself (_round_bf16): torch's own
+# conversion goes through float32, rounding twice.
+
+
+def _round_bf16(x: torch.Tensor) -> torch.Tensor:
+    """float64 -> nearest bf16 value (ties to even), rounded once, as float64 (normal numbers)."""
+    _, e = torch.frexp(x)  # x = m 2^e, 0.5 <= |m| < 1: bf16's 8 significant bits end at 2^(e-8)
+    ulp = torch.ldexp(torch.ones_like(x), e - 8)
+    return torch.round(x / ulp) * ulp  # torch.round: half to even; exact in float64
+
+
+def _judge_sum(ours: torch.Tensor, xs: list[torch.Tensor]) -> int:
+    """Raise unless every element of ours lies within fp32 summation's bound of the float64 sum of xs,
+    rounded to ours' dtype; return how many elements differ from that sum rounded once."""
+    n, u = len(xs), 2.0**-24
+    x64 = torch.stack([x.double() for x in xs])
+    s, e = x64.sum(0), (n - 1) * u / (1 - (n - 1) * u) * x64.abs().sum(0)
+    got = ours.double().cpu()
+    if ours.dtype == torch.float32:
+        lo, hi, once = s - e, s + e, s.float().double()
+    else:  # rounding is monotone, so through float32 (torch's way) gives a valid bracket too
+        lo, hi = (t.float().to(ours.dtype).double() for t in (s - e, s + e))
+        once = _round_bf16(s) if ours.dtype == torch.bfloat16 else s.float().to(ours.dtype).double()
+    out = ((got < lo) | (got > hi)).sum().item()
+    if out:
+        raise AssertionError(f"{out} of {got.numel()} elements outside fp32 summation's bound of the sum")
+    return int((got != once).sum().item())
 
 
 def _agree(fn, device, *args):
@@ -238,7 +280,8 @@ def _agree(fn, device, *args):
     return note if note is not None else t[0].item()
 
 
-def check_sum(length: int, dtype, members: list[int], group, device, seed: int) -> float:
+def check_sum(length: int, dtype, members: list[int], group, device, seed: int, chunk_bytes: int,
+              max_chunks: int) -> float:  # fmt: skip
     if dist.get_rank() not in members:
         return 0.0
     n, r = len(members), members.index(dist.get_rank())
@@ -246,12 +289,13 @@ def check_sum(length: int, dtype, members: list[int], group, device, seed: int) 
     xs = [(torch.randn(length, generator=gen) * (i + 1)).to(dtype) for i in range(n)]  # fresh, unequal
     ref = torch.stack([x.double() for x in xs]).sum(0)
     ours, theirs = xs[r].to(device, copy=True), xs[r].to(device, copy=True)  # copies, even on the CPU
-    ring_allreduce(ours, group)
+    ring_allreduce(ours, group, chunk_bytes=chunk_bytes, max_chunks=max_chunks)
     lo, hi = ours.float().clone(), ours.float().clone()  # identical bits on every rank: min == max
     dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
     dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
     dist.all_reduce(theirs, group=group)
     # all communication is done: judging (and raising) now cannot leave another rank waiting
+    _judge_sum(ours, xs)
     err = harness.assert_close(ours, ref, dtype, "ring vs float64 sum")
     if not (torch.equal(lo, hi) and torch.equal(lo, ours.float())):
         raise AssertionError("ranks disagree on the result")
@@ -301,14 +345,18 @@ def run_checks(cfg: Config, device) -> bool:
             except AssertionError:
                 failed = True
 
+    # the benchmark's chunk_bytes, then one-element chunks: C = max_chunks where a segment has that many
+    cases = [(length, cfg.chunk_bytes) for length in (1, 7, 1000003)] + [(61, 4), (1000003, 4)]
     for n in sorted(set(groups) & {2, 3, 4} or set(groups)):
         for dtype in (torch.float32, torch.bfloat16):
-            for length in (1, 7, 1000003):
-                name = f"sum  n={n} {str(dtype).removeprefix('torch.'):8s} N={length}"
-                run(name, check_sum, length, dtype, list(range(n)), groups[n], device, cfg.seed)
+            for length, chunk in cases:
+                C = _num_chunks(_bounds(length, n)[1], chunk, cfg.max_chunks)
+                name = f"sum  n={n} {str(dtype).removeprefix('torch.'):8s} N={length} C={C}"
+                run(name, check_sum, length, dtype, list(range(n)), groups[n], device, cfg.seed, chunk,
+                    cfg.max_chunks)  # fmt: skip
     if W > 4:  # with more GPUs, also the whole world
         run(f"sum  n={W} float32 N=1000003", check_sum, 1000003, torch.float32, list(range(W)), None,
-            device, cfg.seed)  # fmt: skip
+            device, cfg.seed, cfg.chunk_bytes, cfg.max_chunks)  # fmt: skip
     run("bad input", check_bad_input, device, solo)
     if checks is not None:
         if checks.failed:
@@ -323,28 +371,33 @@ def run_checks(cfg: Config, device) -> bool:
 #
 # nccl-tests' definitions: algbw = S / t (S = message bytes, t = time of one all-reduce, the
 # slowest rank's); busbw = algbw * 2(n-1)/n, the bytes each rank's link actually carries per second,
-# comparable across n and with the link's bandwidth. Message sizes in powers of 4 from 1 KB. Each
-# size: one warm-up, then repetitions for ~time_per_size seconds (3 to 20; each rep sums in place,
-# so values grow by n per rep, far from overflow at 20), mean time, max over ranks.
+# comparable across n and with the link's bandwidth. S is counted in the message's dtype, as
+# nccl-tests does: for bf16 and fp16 our reduce-scatter sends fp32, so our links carry 3(n-1)/n S,
+# not 2(n-1)/n S (the rows' ours_wire_bytes: bytes each rank sends), 1.5x what ours_busbw says.
+# Message sizes in powers of 4 from 1 KB. Each size: one warm-up, then repetitions for
+# ~time_per_size seconds (3 to 20), each timed alone: every rep sums in place (values grow by n,
+# which overflows fp16 within a few reps), so the input is re-filled before each, outside the timed
+# region, and the ranks meet at a barrier; mean time, max over ranks.
 
 
 def _time(fn, x, device, cfg: Config) -> float:
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    fn(x)
-    sync()
-    dist.barrier()
-    t0 = time.perf_counter()
-    fn(x)
-    sync()
-    probe = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=device)
+    x0 = x.clone()
+
+    def once() -> float:  # re-fill, then time one all-reduce from a common start
+        x.copy_(x0)
+        sync()
+        dist.barrier()
+        t0 = time.perf_counter()
+        fn(x)
+        sync()
+        return time.perf_counter() - t0
+
+    once()  # warm-up
+    probe = torch.tensor([once()], dtype=torch.float64, device=device)
     dist.all_reduce(probe, op=dist.ReduceOp.MAX)  # every rank must run the same number of reps
     reps = int(max(3, min(20, cfg.time_per_size / max(probe.item(), 1e-9))))
-    dist.barrier()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn(x)
-    sync()
-    t = torch.tensor([(time.perf_counter() - t0) / reps], dtype=torch.float64, device=device)
+    t = torch.tensor([sum(once() for _ in range(reps)) / reps], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
 
@@ -371,6 +424,8 @@ def benchmark(cfg: Config, device, dtype) -> list[dict]:
                 f"{name}_busbw_GBs": algbw * 2 * (n - 1) / n,
             }
             del x
+        # bytes each rank sends: 2(n-1)/n S, but the reduce-scatter half in fp32 for bf16 / fp16
+        row["ours_wire_bytes"] = (n - 1) / n * size * (2 if dtype == torch.float32 else 3)
         if "ours_us" in row and "torch_us" in row:
             row["ours_vs_torch"] = row["torch_us"] / row["ours_us"]  # > 1: ours is faster
         if dist.get_rank() == 0:
@@ -547,9 +602,10 @@ def main():
     args, _, dtype = harness.start(parser, device="cpu")
     if args.profile or args.device:
         print("--profile and --device do not apply here: each rank picks its device from the backend")
+    if dtype not in ACCEPTED:
+        raise SystemExit(f"--dtype {args.dtype} is not accepted here; accepted: fp32, bf16, fp16")
     backend, world = choose_backend(args.backend, args.world_size)
-    cfg = Config(backend=backend, world_size=world, quick=args.quick, bench=not args.no_bench, seed=args.seed,
-                 dtype=dtype)  # fmt: skip
+    cfg = Config(backend=backend, world_size=world, bench=not args.no_bench, seed=args.seed, dtype=dtype)
     if backend == "nccl":
         cfg = replace(cfg, max_bytes=1 << 30, chunk_bytes=8 << 20)
     if args.quick:
