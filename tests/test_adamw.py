@@ -101,6 +101,11 @@ def test_muon_singular_values_and_adamw_half():
     assert "singular values" in adamw.check_muon(DEVICE)
 
 
+def test_muon_matches_float64_transcription():
+    # momentum, Nesterov, the tall-weight scale and weight decay on a (160, 64) and a (64, 160) weight
+    assert adamw.check_muon_vs_ref(DEVICE) < 1e-4
+
+
 def test_muon_param_groups_split():
     model = adamw.CharMLP(vocab=11)
     muon, rest = adamw.muon_param_groups(model)
