@@ -27,8 +27,8 @@ Does not handle:
   - sampling other than greedy (argmax), stop strings, beam search; parallel sampling (09's fork is
     there, the scheduler does not use it);
   - swapping preempted KV to CPU memory (vLLM's other preemption mode), priorities, fairness beyond FCFS;
-  - CUDA graphs and a compiled model (the capstone's job): the demo's step time is mostly launch and
-    Python overhead, the same for both policies;
+  - CUDA graphs and a compiled model (the capstone's job): with the demo's small model we expect launch
+    and Python overhead to be a large part of each step for both policies (not measured here);
   - tensor/pipeline parallelism; speculative decoding.
 
 References: Yu et al., "Orca: A Distributed Serving System for Transformer-Based Generative Models"
@@ -76,7 +76,9 @@ class ModelConfig:
 @dataclass
 class DemoConfig:
     n_requests: int = 256
-    arrival_rate: float = 64.0  # requests per second, Poisson: faster than either policy serves them
+    # requests per second, Poisson: above what either policy served in the H200 run of
+    # results/10_batching.json (256 requests in 5.7 s continuous, 9.5 s static: 45 and 27 a second)
+    arrival_rate: float = 64.0
     prompt_len: tuple = (32, 512)  # uniform, inclusive
     output_len: tuple = (16, 512)  # uniform, inclusive; generation always runs to this length (no EOS)
     block_size: int = 16
@@ -475,6 +477,9 @@ class TinyLlama:
         self.lm_head = lin(d, cfg.vocab_size)
         self.cos, self.sin = rope_tables(cfg, self.hd, device)
         self.cache: pk.PagedKVCache | None = None
+        # decode attention through 09's Triton kernel; on CPU the interpreter is slow, so the demo uses
+        # the gather reference there and only check_model_vs_dense turns the kernel on
+        self.decode_kernel = torch.device(device).type == "cuda"
 
     def attach_cache(self, num_blocks: int, block_size: int):
         c = self.cfg
@@ -522,7 +527,7 @@ class TinyLlama:
             o = torch.empty_like(q)
             kc, vc = self.cache.k[li], self.cache.v[li]
             if dec:
-                if dev.type == "cuda":
+                if self.decode_kernel:
                     o[dec_rows] = pk.paged_attention_decode(
                         q[dec_rows], kc, vc, tables, ctx_t, max_context_len=max(ctx)
                     )
@@ -655,8 +660,10 @@ def check_errors() -> str:
 
 
 def check_model_vs_dense(cfg: ModelConfig, device, dtype, chunk=5) -> float:
-    """Engine logits (chunked prefill, paged cache, decode kernel) == the model's dense forward."""
+    """Engine logits (chunked prefill, paged cache, decode kernel) == the model's dense forward. The
+    decode kernel runs on CPU too, in the Triton interpreter."""
     model = TinyLlama(cfg, device, dtype)
+    model.decode_kernel = True
     bm = pk.BlockManager(64, 16)
     model.attach_cache(64, 16)
     seen = {}  # (seq_id, position) -> logits row

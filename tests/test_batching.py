@@ -47,6 +47,26 @@ def test_static_baseline_matches_and_never_refills_a_running_batch():
     assert len(sched.running) == 4 and len(sched.waiting) == 2
 
 
+def test_static_baseline_admits_nobody_until_the_whole_batch_is_done():
+    bm = pk.BlockManager(32, 4)
+    sched = bt.StaticScheduler(bm, 8, 16, static_max_len=32)  # 4 slots of 32 tokens
+    engine = bt.Engine(bt.StandInModel(bm), sched, clock=bt.StepClock())
+    seqs = [bt.Sequence([1, 2, 3], max_tokens=m) for m in (2, 5, 3, 8, 2, 2)]
+    for s in seqs:
+        sched.add(s)
+    engine.step()
+    batch = set(sched.running)
+    assert batch == set(seqs[:4])
+    finished_first = False
+    while batch & set(sched.running):  # some of the first batch still runs: the waiting must wait
+        _, done = engine.step()
+        finished_first |= bool(done)
+        assert set(sched.running) <= batch and list(sched.waiting) == seqs[4:]
+    assert finished_first  # requests of the batch finished at different steps, with the slots left idle
+    engine.step()
+    assert set(sched.running) == set(seqs[4:])
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     seed=st.integers(0, 10_000),
