@@ -64,8 +64,9 @@ class BenchConfig:
 
 QUICK = BenchConfig(shapes=((6, (64, 48)), (2, (1000,)), (2, (33,))), demo_steps=100)
 # Elements per Triton program and warps: 8 fp32 a thread, two 128-bit accesses per tensor. ptxas -v
-# (sm_90a, Triton 3.6) gives 48 registers a thread, so 5 programs (40 warps) share an SM to hide
-# memory latency; 16 a thread (BLOCK 4096, 8 warps) takes 180 registers and leaves one program an SM.
+# (sm_90a; Triton 3.9's PTX and its ptxas 13.4, compiled offline) gives 48 registers a thread, so 5
+# programs (40 warps) share an SM to hide memory latency; 16 a thread (BLOCK 4096, 8 warps) takes
+# 106 registers and leaves two programs an SM. The GPU runs Triton 3.6: counts may differ there.
 FUSED_BLOCK = 2048  # with 8 warps, from the rule in AdamW.__init__
 # Other (BLOCK, warps) the full benchmark also times for fp32, so one GPU run shows whether the
 # default above is the best of them (no autotuner: an in-place update must not be replayed).
@@ -177,7 +178,7 @@ def _adamw_foreach(params, grads, ms, vs, vmaxs, steps, *, lr, beta1, beta2, eps
 #   BLOCK_TENSOR, BLOCK_START (n_blocks,): which tensor program `pid` works on, and where in it.
 # A program reads its row of the map (two scalars), casts addresses to typed pointers, and updates
 # BLOCK contiguous elements. There is no per-element search or division to find the tensor: the
-# cost of the indirection is seven scalar loads (of small, cached tables) per BLOCK elements. The
+# cost of the indirection is eight scalar loads (of small, cached tables) per BLOCK elements. The
 # host caches the tables by the addresses they hold: a loop whose tensors stay put builds them once.
 #
 # Bytes per parameter (fp32): read p, g, m, v (16) and write p, m, v (12) = 28, the floor any AdamW
@@ -1021,7 +1022,7 @@ def check_muon_vs_ref(device, steps=20):
     over `steps` steps (the weights themselves would hide an error in the update behind their size).
 
     The tolerance is the Newton-Schulz precision's: five quintic steps amplify rounding (measured on
-    CPU: 1.2e-5 in fp32; 6.7e-3 with the iteration in bf16, as on CUDA)."""
+    CPU: 1.2e-5 in fp32; up to 6.7e-3 with the iteration run in bf16, as CUDA runs it)."""
     gen = torch.Generator().manual_seed(15)
     shapes, hp = ((160, 64), (64, 160)), dict(lr=0.02, mu=0.95, nesterov=True, wd=0.1, ns_steps=5)
     thetas = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
@@ -1291,7 +1292,7 @@ def main():
     args, device, _ = harness.start(parser)
     if device.type == "cpu":
         # Every tensor here is tiny: a CPU thread pool spends more time synchronising than computing
-        # (measured on a shared 2-core machine: 160 ms a demo step with 2 threads, 4 ms with 1).
+        # (on a shared 2-core machine, a demo step ran many times slower with 2 threads than with 1).
         torch.set_num_threads(1)
     t0 = time.perf_counter()
     run_checks(device, args.quick)
