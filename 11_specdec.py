@@ -105,7 +105,7 @@ class BenchConfig:
     prompts: int = 2  # prompts (and seeds) per configuration
     prompt_len: int = 48
     new_tokens: int = 128  # prompt_len + new_tokens <= block_size
-    joint_samples: int = 3000  # two-token joint check through the full loop (CPU, ~1-2 ms a sample)
+    joint_samples: int = 3000  # two-token joint check through the full loop (CPU; prints ms a sample)
     rs_samples: int = 20000  # single-step chi-square checks
 
 
@@ -546,7 +546,8 @@ def expected_tokens(alpha: float, k: int) -> float:
 # ## Training the target and the draft
 #
 # Both are trained on TinyShakespeare bytes by next-token cross-entropy (bf16 autocast on GPU), then
-# cached under <out>/cache keyed by a hash of the configuration and the data, so reruns load them.
+# cached under data/cache (<out>/cache with --quick; --cache-dir overrides both) keyed by a hash of the
+# configuration and the data, so reruns load them.
 
 
 def load_text(data_arg) -> torch.Tensor:
@@ -766,19 +767,28 @@ def exact_two_token_joint(model, prompt, temperature=1.0, top_k=0, top_p=1.0):
 def check_joint(n, k, proposer="draft", top_k=0, seed=0):
     target, draft = tiny_models(seed=seed)
     prompt = [1, 3, 0]
-    if proposer == "ngram":
-        draft = NGramProposer("cpu", max_n=2)
+    if proposer == "ngram":  # a repeated suffix ([1, 3] was followed by 0, 1), so the first step drafts
+        draft, prompt = NGramProposer("cpu", max_n=2), [1, 3, 0, 1, 3]
     joint = exact_two_token_joint(target, prompt, top_k=top_k)
     counts = torch.zeros(joint.shape, dtype=torch.long)
+    drafted_k, t0 = 0, time.perf_counter()
     for s in range(n):
         prop = NGramProposer("cpu", max_n=2) if proposer == "ngram" else draft
-        # k + 1 new tokens so that the first step really drafts k (the loop never drafts past the end)
-        out = speculative_generate(target, prop, prompt, k + 1, k=k, top_k=top_k, seed=seed * 100003 + s)
+        stats = SpecStats()
+        # k + 1 new tokens so that the first step can draft k (the loop never drafts past the end)
+        out = speculative_generate(
+            target, prop, prompt, k + 1, k=k, top_k=top_k, seed=seed * 100003 + s, stats=stats
+        )
         counts[out[0], out[1]] += 1
+        drafted_k += stats.steps[0][0] == k
+    if drafted_k < n:  # else part of the check tests plain sampling, not the rejection sampler
+        raise AssertionError(f"the first step drafted K={k} tokens in only {drafted_k} of {n} samples")
+    ms = (time.perf_counter() - t0) / n * 1e3
     stat, pval = chi_square(counts, joint)
     if not pval > SIGNIFICANCE:
         raise AssertionError(f"chi2 {stat:.1f}, p-value {pval:.2e} <= {SIGNIFICANCE}")
-    return f"n={n}  chi2 {stat:.1f}  p-value {pval:.3f}"
+    drafted = f"first step drafted K={k} in {drafted_k}/{n}"
+    return f"n={n}  {drafted}  chi2 {stat:.1f}  p-value {pval:.3f}  {ms:.2f} ms a sample"
 
 
 def check_greedy(target, draft, prompts, n_new, ks):
@@ -832,7 +842,7 @@ def check_rollback(target, draft, prompt, n_new, k, temperature=1.0):
 @contextlib.contextmanager
 def one_thread():
     """Tiny CPU models are all per-op overhead: on the busy 2-core development machine, intra-op threads
-    made each op about ten times slower (2.5 ms per two-token sample on one thread, 33 ms on two)."""
+    made each op slower, not faster (the joint checks print their ms a sample, on one thread)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

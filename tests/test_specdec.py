@@ -62,6 +62,31 @@ def test_warp_top_k_top_p():
     assert sd.warp(logits, 0.01).argmax() == 0 and sd.warp(logits, 0.01)[0] > 0.999
 
 
+def test_warp_keeps_the_tokens_transformers_keeps():
+    """Temperature, top-k and top-p against transformers' logits warpers, in HF's order (temperature,
+    top-k, top-p): the same kept set on random logit vectors (continuous: no exact ties, which the two
+    break differently) and the same renormalised probabilities."""
+    transformers = pytest.importorskip("transformers")
+    gen = torch.Generator().manual_seed(0)
+    for i in range(300):
+        V = int(torch.randint(2, 60, (1,), generator=gen))
+        logits = torch.randn(1, V, generator=gen, dtype=torch.float64) * float(
+            torch.rand(1, generator=gen) * 6
+        )
+        temperature = float(torch.rand(1, generator=gen)) * 2 + 0.05
+        top_k = int(torch.randint(0, V + 2, (1,), generator=gen)) if i % 3 else 0
+        top_p = float(torch.rand(1, generator=gen)) * 0.98 + 0.01 if i % 4 else 1.0
+        hf = transformers.TemperatureLogitsWarper(temperature)(None, logits.clone())
+        if top_k:
+            hf = transformers.TopKLogitsWarper(top_k)(None, hf)
+        if top_p < 1.0:
+            hf = transformers.TopPLogitsWarper(top_p)(None, hf)
+        ours = sd.warp(logits[0], temperature, top_k=top_k, top_p=top_p)
+        case = f"case {i}: V {V}, T {temperature:.3f}, top_k {top_k}, top_p {top_p:.3f}"
+        assert torch.equal(ours > 0, torch.isfinite(hf[0])), case
+        torch.testing.assert_close(ours, hf[0].softmax(-1), msg=case)
+
+
 def test_chi_square_p_value():
     # counts 60/40 against 50/50: statistic 100/50 * 2 = 4, df 1, p = P(chi2_1 > 4) = 0.0455
     stat, pval = sd.chi_square(torch.tensor([60, 40]), torch.tensor([0.5, 0.5]))
@@ -112,7 +137,8 @@ def test_sampler_l2_convergence():
 
 @pytest.mark.parametrize(("k", "proposer", "top_k"), [(1, "draft", 0), (3, "draft", 3), (2, "ngram", 0)])
 def test_two_token_joint_through_the_loop(k, proposer, top_k):
-    sd.check_joint(1500, k, proposer, top_k)
+    # every sample's first step must draft K tokens, or the check tests plain sampling
+    assert f"first step drafted K={k} in 1500/1500" in sd.check_joint(1500, k, proposer, top_k)
 
 
 def test_joint_check_catches_a_biased_loop(monkeypatch):
