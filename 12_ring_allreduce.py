@@ -232,10 +232,12 @@ def ring_allreduce(tensor: torch.Tensor, group=None, chunk_bytes: int = 1 << 20,
 # values in fp32 errs by at most gamma = (n-1) u / (1 - (n-1) u), u = 2^-24, times sum_r |x_r| (the
 # bound for recursive summation; Higham, "Accuracy and Stability of Numerical Algorithms", 4.2),
 # so the fp32 result lies in [s - e, s + e] with s the float64 sum and e = gamma * sum_r |x_r|, and
-# bf16 rounded once from it lies in [round(s - e), round(s + e)]. Most elements are then bit-exact
-# to s rounded once; a ring that adds in bf16 (error ~2^-9 per add) fails by far. It is not always
-# bit-exact: where the x_r cancel, fp32's error is large next to |s| (seed 3, n = 4, N = 1000003 has
-# one such element in bf16). The reference rounds float64 to bf16 itself (_round_bf16): torch's own
+# bf16 rounded once from it lies in [round(s - e), round(s + e)]. In bf16 nearly every element is then
+# bit-exact to s rounded once (each check line counts those that are not; fp32 results, rounded at
+# every add, often differ in the last bit); a ring that adds in bf16 (error ~2^-9 per add) fails by
+# far from n = 3 (for n = 2 one bf16 add is the sum rounded once). It is not always bit-exact:
+# where the x_r cancel, fp32's error is large next to |s| (seed 3, n = 4, N = 1000003 has one such
+# element in bf16). The reference rounds float64 to bf16 itself (_round_bf16): torch's own
 # conversion goes through float32, rounding twice.
 
 
@@ -281,9 +283,9 @@ def _agree(fn, device, *args):
 
 
 def check_sum(length: int, dtype, members: list[int], group, device, seed: int, chunk_bytes: int,
-              max_chunks: int) -> float:  # fmt: skip
+              max_chunks: int) -> str:  # fmt: skip
     if dist.get_rank() not in members:
-        return 0.0
+        return ""  # not in this group: nothing to report
     n, r = len(members), members.index(dist.get_rank())
     gen = torch.Generator().manual_seed(seed * 1000 + length)
     xs = [(torch.randn(length, generator=gen) * (i + 1)).to(dtype) for i in range(n)]  # fresh, unequal
@@ -295,12 +297,12 @@ def check_sum(length: int, dtype, members: list[int], group, device, seed: int, 
     dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
     dist.all_reduce(theirs, group=group)
     # all communication is done: judging (and raising) now cannot leave another rank waiting
-    _judge_sum(ours, xs)
+    off = _judge_sum(ours, xs)
     err = harness.assert_close(ours, ref, dtype, "ring vs float64 sum")
     if not (torch.equal(lo, hi) and torch.equal(lo, ours.float())):
         raise AssertionError("ranks disagree on the result")
     harness.assert_close(ours, theirs.double(), dtype, "ring vs dist.all_reduce")
-    return err
+    return f"rel_err {err:.2e}  {off}/{length} elements differ from the float64 sum rounded once"
 
 
 def check_bad_input(device, solo_group) -> str:
