@@ -55,6 +55,22 @@ def test_backend_choice_on_cpu():
         ring.choose_backend("gloo", 1)
 
 
+def test_backend_choice_with_one_or_more_gpus(monkeypatch, capsys):
+    """What a one-GPU machine does (explains, then runs gloo) and what two or more do (NCCL, one rank
+    per GPU), with the device count faked: no GPU needed."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert ring.choose_backend("auto", None) == ("gloo", 4)
+    assert "needs two or more GPUs" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="1 visible"):
+        ring.choose_backend("nccl", None)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert ring.choose_backend("auto", None) == ("nccl", 4)
+    assert ring.choose_backend("auto", 2) == ("nccl", 2)
+    with pytest.raises(SystemExit, match="between 2 and 4"):
+        ring.choose_backend("nccl", 5)
+
+
 def test_cost_model_crossover():
     B, alpha = 50e9, 5e-6
     for n in (8, 64, 1024):
