@@ -857,12 +857,7 @@ def plot_frequencies(out, head_dim=128, base=500000.0, orig=8192, factor=4.0):
     ax2.set(xlabel="pair index i", ylabel="stretch theta_i / theta_i(scaled)",
             title=f"which pairs slow down (factor {factor:g})")  # fmt: skip
     ax1.legend(fontsize=8), ax2.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(out) / "04_rope.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}")
+    harness.save_figure(fig, Path(out) / "04_rope.png", dpi=110)
 
 
 def profile(device, dtype, out):

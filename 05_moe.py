@@ -1160,12 +1160,7 @@ def _plot_demo(runs, out):
         ax.set_ylim(0, 1)
     axes[0].set_ylabel("share of token-expert pairs")
     axes[-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
-    fig.tight_layout()
-    path = Path(out) / "05_moe.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
+    harness.save_figure(fig, Path(out) / "05_moe.png", dpi=120)
 
 
 # %% [markdown]

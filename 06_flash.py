@@ -911,9 +911,7 @@ def plot(rows, path, dtype_name):
             ax.set_ylabel("TFLOP/s")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
+    harness.save_figure(fig, path, dpi=110)
 
 
 def profile(cfg, device, dtype, out):

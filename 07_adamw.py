@@ -1171,11 +1171,7 @@ def plot_curves(curves, out):
         ax.plot(range(9, len(losses)), smooth, label=name, ls="--" if name.startswith("torch") else "-")
     ax.set(xlabel="step", ylabel="train loss (10-step mean)", title="char MLP on tinyshakespeare")
     ax.legend()
-    fig.tight_layout()
-    path = Path(out) / "07_adamw.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    harness.save_figure(fig, Path(out) / "07_adamw.png", dpi=120)
 
 
 # %% [markdown]

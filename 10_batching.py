@@ -788,10 +788,7 @@ def plot_timelines(timelines, path: Path, demo: DemoConfig):
     fig.suptitle(
         f"Batch occupancy: {demo.n_requests} Poisson requests, same KV memory ({demo.kv_tokens} tokens)"
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
+    harness.save_figure(fig, path, dpi=120)
 
 
 # %% [markdown]

@@ -1006,9 +1006,7 @@ def plot(rows, path):
     ax.set_ylabel("wall-clock speed-up vs plain decoding")
     ax.set_title("Speculative decoding, batch 1, byte-level GPTs on TinyShakespeare", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    harness.save_figure(fig, path, dpi=120)
 
 
 def report_targets(rows):

@@ -496,10 +496,7 @@ def plot_model(path: Path) -> dict:
         )
         ax.legend(fontsize=7)
     fig.suptitle("All-reduce cost model: ring t = 2(n-1)a + 2(n-1)/n S/B vs tree t = 2 log2(n) a + 2 S/B")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}")
+    harness.save_figure(fig, path, dpi=110)
     return summary
 
 
@@ -514,10 +511,7 @@ def plot_bench(rows: list[dict], path: Path, title: str) -> None:
         ax.plot(*zip(*pts, strict=True), marker="o", label=label)
     ax.set(xscale="log", yscale="log", xlabel="message bytes", ylabel="bus bandwidth (GB/s)", title=title)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}")
+    harness.save_figure(fig, path, dpi=110)
 
 
 # %% [markdown]

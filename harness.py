@@ -352,6 +352,19 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path, dpi: int = 110) -> Path:
+    """Lay out, write and close a matplotlib figure (from `pyplot()`), making its folder if needed."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    print(f"wrote {path}")
+    return path
+
+
 def save_trace(prof, build: str, out: str) -> Path:
     """Write a torch.profiler trace as out/<build>_trace.json, for chrome://tracing or Perfetto."""
     path = Path(out) / f"{build}_trace.json"

@@ -152,3 +152,12 @@ def test_pyplot_uses_a_file_backend_or_says_why_not(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     assert harness.pyplot() is None
     assert "matplotlib not installed" in capsys.readouterr().out
+
+
+def test_save_figure_writes_and_closes(tmp_path):
+    plt = harness.pyplot()
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    path = harness.save_figure(fig, tmp_path / "sub" / "x.png", dpi=50)
+    assert path.is_file() and path.read_bytes()[:4] == b"\x89PNG"
+    assert not plt.fignum_exists(fig.number)
