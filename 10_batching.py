@@ -17,11 +17,12 @@ You will learn:
   - why recompute-preemption is exact: the preempted sequence's prompt and generated tokens are
     prefilled again (often from the prefix cache) and generation resumes where it stopped;
   - a model forward over a mixed batch: new K/V scattered into the paged cache by slot_mapping,
-    decode tokens through 09's paged kernel, prefill chunks through a gather and SDPA;
+    decode tokens through 09's paged kernel, all prefill chunks through one gather of their contexts
+    and one launch of 06's varlen flash kernel (causal, aligned bottom-right);
   - throughput, TTFT and TPOT, and why continuous batching multiplies throughput at the same memory.
 
 Builds on: 09_paged_kv.py (BlockManager, Sequence, slot_mapping, write_kv, paged_attention_decode);
-harness.py (checks, results).
+06_flash.py (flash_attention_varlen); 02_attention.py (attention, the prefill reference); harness.py.
 
 Does not handle:
   - sampling other than greedy (argmax), stop strings, beam search; parallel sampling (09's fork is
@@ -56,6 +57,8 @@ import harness  # first: sets TRITON_INTERPRET=1 when there is no GPU, before Tr
 import torch
 import torch.nn.functional as F
 
+attn = harness.load_build("02_attention")
+fa = harness.load_build("06_flash")
 pk = harness.load_build("09_paged_kv")
 
 # %% [markdown]
@@ -75,10 +78,11 @@ class ModelConfig:
 
 @dataclass
 class DemoConfig:
-    n_requests: int = 256
-    # requests per second, Poisson: above what either policy served in the H200 run of
-    # results/10_batching.json (256 requests in 5.7 s continuous, 9.5 s static: 45 and 27 a second)
-    arrival_rate: float = 64.0
+    n_requests: int = 512
+    # Requests per second, Poisson: the 512 arrive in about 1 s, far faster than either policy serves
+    # them (an earlier H200 run served 45 and 27 a second), so throughput measures the engine's
+    # capacity. At 64/s that run was arrival-bound: continuous batching idled, waiting for requests.
+    arrival_rate: float = 512.0
     prompt_len: tuple = (32, 512)  # uniform, inclusive
     output_len: tuple = (16, 512)  # uniform, inclusive; generation always runs to this length (no EOS)
     block_size: int = 16
@@ -414,9 +418,15 @@ def serve(engine: Engine, requests: list[Sequence], on_step=None) -> list[dict]:
 #
 # TinyLlama: a small Llama-style transformer in plain PyTorch with random weights (RMSNorm, RoPE, GQA,
 # SwiGLU). Per layer it writes the step's new K/V into the paged cache with one write_kv launch, runs
-# the single-token chunks (decodes) through 09's paged decode kernel, and each multi-token chunk
-# (prefill) through a gather of its context and SDPA with a causal mask offset by the chunk's start.
-# On the CPU the decode goes through 09's gather reference instead (the interpreter would take minutes).
+# the single-token chunks (decodes) through 09's paged decode kernel, and all multi-token chunks
+# (prefill) together: one gather of their contexts through the slots, then one launch of 06's varlen
+# flash kernel, whose bottom-right causal diagonal is exactly "the chunk sits at the end of its
+# context". The step's index tensors go to the GPU in one copy (step_inputs). An earlier H200 run
+# gathered and attended chunk by chunk with a copy of each page table per layer, and each copy waits
+# for the GPU: a least-squares fit of its step times gave 2.9 ms + 0.008 ms per sequence + 0.006 ms
+# per prefill token + 3.1 ms for any step holding a prefill chunk, so a step with 2,048 prefill tokens
+# took 10-16 ms, where its 0.2 TFLOP of matmuls would take 0.3 ms at 700 TFLOP/s. On the CPU both
+# attentions go through references (09's gather, 02's attention): the interpreter would take minutes.
 
 
 class StandInModel:
@@ -443,6 +453,82 @@ class StandInModel:
             ctx = pk.gather_kv(self.k, it.seq.block_table, end).flatten()  # (C,) read through the pages
             logits[i, int((ctx * (torch.arange(end) % 5 + 1)).sum()) % self.vocab_size] = 1.0
         return logits
+
+
+@dataclass
+class StepInputs:
+    """One step's index tensors on the device; rows index the step's T tokens (all chunks flattened).
+    The decode fields are None when no chunk is a single token, the prefill fields when none is longer."""
+
+    tokens: torch.Tensor  # (T,) token ids
+    pos: torch.Tensor  # (T,) positions
+    slots: torch.Tensor  # (T,) cache slots the new K/V go to
+    last: torch.Tensor  # (len(items),) row of each chunk's last token: its logits are returned
+    dec_rows: torch.Tensor | None  # (B_dec,) rows of the single-token chunks
+    tables: torch.Tensor | None  # (B_dec, max blocks) int32 page tables, padded with block 0
+    ctx_lens: torch.Tensor | None  # (B_dec,) int32 context lengths, the new token included
+    max_ctx: int
+    pre_rows: torch.Tensor | None  # (T_pre,) rows of the multi-token chunks
+    ctx_blk: torch.Tensor | None  # (sum of C,) block and offset in the block of every position of
+    ctx_off: torch.Tensor | None  #   every prefill chunk's context, cached prefix and the chunk itself
+    cu_q: torch.Tensor | None  # (B_pre + 1,) int32 offsets of the chunks in pre_rows
+    cu_k: torch.Tensor | None  # (B_pre + 1,) int32 offsets of their contexts in ctx_blk
+    max_q: int
+    max_k: int
+
+
+def step_inputs(items: list[ScheduledSeq], block_size: int, device) -> StepInputs:
+    """Built as host lists and moved in ONE copy: a copy from host lists to the GPU waits for the GPU
+    to catch up, so one per tensor per layer would stall the pipeline a dozen times a step."""
+    tokens, pos, slots, last = [], [], [], []
+    dec_rows, tables, ctx = [], [], []
+    pre_rows, ctx_slots, cu_q, cu_k = [], [], [0], [0]
+    for it in items:
+        seq, end, at = it.seq, it.start + it.num_tokens, len(tokens)
+        tokens += seq.token_ids[it.start : end]
+        pos += range(it.start, end)
+        slots += pk.slot_mapping(seq.block_table, it.start, end, block_size)
+        last.append(len(tokens) - 1)
+        if it.num_tokens == 1:  # a decode (or a one-token prompt chunk): 09's paged decode kernel
+            dec_rows.append(at)
+            tables.append(seq.block_table)
+            ctx.append(end)
+        else:  # a prefill chunk: attends to positions 0..end-1, bottom-right causal
+            pre_rows += range(at, len(tokens))
+            ctx_slots += pk.slot_mapping(seq.block_table, 0, end, block_size)
+            cu_q.append(cu_q[-1] + it.num_tokens)
+            cu_k.append(cu_k[-1] + end)
+    width = max(map(len, tables), default=0)
+    padded = [b for t in tables for b in t + [0] * (width - len(t))]
+    ctx_blk = [s // block_size for s in ctx_slots]
+    ctx_off = [s % block_size for s in ctx_slots]
+    parts = {"tokens": tokens, "pos": pos, "slots": slots, "last": last, "dec_rows": dec_rows,
+             "tables": padded, "ctx_lens": ctx, "pre_rows": pre_rows, "ctx_blk": ctx_blk, "ctx_off": ctx_off,
+             "cu_q": cu_q, "cu_k": cu_k}  # fmt: skip
+    flat = torch.tensor([v for p in parts.values() for v in p], dtype=torch.int64).to(device)
+    t = dict(zip(parts, flat.split([len(p) for p in parts.values()]), strict=True))
+    dec, pre = bool(dec_rows), bool(pre_rows)
+    lengths = lambda cu: [b - a for a, b in zip(cu, cu[1:], strict=False)]  # noqa: E731
+    return StepInputs(
+        t["tokens"], t["pos"], t["slots"], t["last"],
+        t["dec_rows"] if dec else None, t["tables"].view(len(tables), width).int() if dec else None,
+        t["ctx_lens"].int() if dec else None, max(ctx, default=0),
+        t["pre_rows"] if pre else None, t["ctx_blk"] if pre else None, t["ctx_off"] if pre else None,
+        t["cu_q"].int() if pre else None, t["cu_k"].int() if pre else None,
+        max(lengths(cu_q), default=0), max(lengths(cu_k), default=0),
+    )  # fmt: skip
+
+
+def prefill_attention_reference(q, k, v, cu_q, cu_k):
+    """What flash_attention_varlen(..., causal=True) computes, chunk by chunk through 02's attention
+    (SDPA with the causal diagonal aligned bottom-right: the chunk's queries sit at the end of its keys).
+    q (T_pre, H, D), k and v (sum of C, H_KV, D)."""
+    out = torch.empty_like(q)
+    bounds = torch.stack([cu_q, cu_k]).tolist()
+    for q0, q1, k0, k1 in zip(bounds[0], bounds[0][1:], bounds[1], bounds[1][1:], strict=False):
+        qi, ki, vi = (t.transpose(0, 1)[None] for t in (q[q0:q1], k[k0:k1], v[k0:k1]))  # (1, H, n, D)
+        out[q0:q1] = attn.attention(qi, ki, vi, causal=True)[0].transpose(0, 1)
+    return out
 
 
 def rope_tables(cfg: ModelConfig, head_dim: int, device):
@@ -477,9 +563,12 @@ class TinyLlama:
         self.lm_head = lin(d, cfg.vocab_size)
         self.cos, self.sin = rope_tables(cfg, self.hd, device)
         self.cache: pk.PagedKVCache | None = None
-        # decode attention through 09's Triton kernel; on CPU the interpreter is slow, so the demo uses
-        # the gather reference there and only check_model_vs_dense turns the kernel on
-        self.decode_kernel = torch.device(device).type == "cuda"
+        # attention through 09's paged decode kernel and 06's varlen flash kernel (fp16/bf16 only); on
+        # the CPU the interpreter is slow, so the demo uses the references there and only
+        # check_model_vs_dense turns the kernels on
+        on_gpu = torch.device(device).type == "cuda"
+        self.decode_kernel = on_gpu
+        self.prefill_kernel = on_gpu and dtype in (torch.float16, torch.bfloat16)
 
     def attach_cache(self, num_blocks: int, block_size: int):
         c = self.cfg
@@ -502,53 +591,37 @@ class TinyLlama:
     @torch.inference_mode()
     def __call__(self, batch: Batch) -> torch.Tensor:
         """Logits (len(items), V) at the last computed position of each chunk."""
-        dev, bs = self.embed.device, self.cache.block_size
         self.cache.copy_blocks(batch.copies)
-        tokens, pos, slots, last, dec, pre = [], [], [], [], [], []
-        for i, it in enumerate(batch.items):
-            seq, end, at = it.seq, it.start + it.num_tokens, len(tokens)
-            tokens += seq.token_ids[it.start : end]
-            pos += range(it.start, end)
-            slots += pk.slot_mapping(seq.block_table, it.start, end, bs)
-            last.append(len(tokens) - 1)
-            (dec if it.num_tokens == 1 else pre).append((i, at, it))
-        tok_t, pos_t, slot_t = (torch.tensor(a, device=dev) for a in (tokens, pos, slots))
-        if dec:  # the decode batch's page tables, padded with block 0, and context lengths
-            width = max(len(it.seq.block_table) for _, _, it in dec)
-            rows = [it.seq.block_table + [0] * (width - len(it.seq.block_table)) for _, _, it in dec]
-            tables = torch.tensor(rows, dtype=torch.int32, device=dev)
-            ctx = [it.start + 1 for _, _, it in dec]
-            ctx_t = torch.tensor(ctx, dtype=torch.int32, device=dev)
-            dec_rows = torch.tensor([at for _, at, _ in dec], device=dev)
-        x = self.embed[tok_t]  # (T, d)
+        s = step_inputs(batch.items, self.cache.block_size, self.embed.device)
+        x = self.embed[s.tokens]  # (T, d)
         for li, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, x, pos_t)
-            self.cache.write(li, k, v, slot_t)  # all new K/V first: chunks may read each other's blocks
+            q, k, v = self._qkv(layer, x, s.pos)
+            self.cache.write(li, k, v, s.slots)  # all new K/V first: chunks may read each other's blocks
             o = torch.empty_like(q)
             kc, vc = self.cache.k[li], self.cache.v[li]
-            if dec:
+            if s.dec_rows is not None:
+                qd = q[s.dec_rows]
                 if self.decode_kernel:
-                    o[dec_rows] = pk.paged_attention_decode(
-                        q[dec_rows], kc, vc, tables, ctx_t, max_context_len=max(ctx)
+                    o[s.dec_rows] = pk.paged_attention_decode(
+                        qd, kc, vc, s.tables, s.ctx_lens, max_context_len=s.max_ctx
                     )
                 else:
-                    o[dec_rows] = pk.paged_attention_reference(
-                        q[dec_rows], kc, vc, tables, ctx_t, self.hd**-0.5
+                    o[s.dec_rows] = pk.paged_attention_reference(
+                        qd, kc, vc, s.tables, s.ctx_lens, self.hd**-0.5
                     )
-            for _, at, it in pre:
-                n, end = it.num_tokens, it.start + it.num_tokens
-                kk, vv = (pk.gather_kv(c, it.seq.block_table, end) for c in (kc, vc))  # (H_KV, C, D)
-                G = self.cfg.n_head // self.cfg.n_kv_head
-                kk, vv = kk.repeat_interleave(G, 0), vv.repeat_interleave(G, 0)
-                # query i (position start + i) sees keys 0 .. start + i: causal, offset by the chunk start
-                mask = (
-                    torch.arange(end, device=dev)[None, :] <= torch.arange(it.start, end, device=dev)[:, None]
-                )
-                qi = q[at : at + n].transpose(0, 1)  # (H, n, D)
-                o[at : at + n] = F.scaled_dot_product_attention(qi, kk, vv, attn_mask=mask).transpose(0, 1)
-            x = x + o.reshape(len(tokens), -1) @ layer["wo"].T
+            if s.pre_rows is not None:  # every prefill chunk's context, gathered through its slots
+                kk, vv = kc[s.ctx_blk, :, s.ctx_off], vc[s.ctx_blk, :, s.ctx_off]  # (sum of C, H_KV, D)
+                qp = q[s.pre_rows]
+                if self.prefill_kernel:
+                    with fa.fixed_configs(0):  # shapes change every step: no autotuning inside a trace
+                        o[s.pre_rows] = fa.flash_attention_varlen(
+                            qp, kk, vv, s.cu_q, s.cu_k, s.max_q, s.max_k, causal=True
+                        )
+                else:
+                    o[s.pre_rows] = prefill_attention_reference(qp, kk, vv, s.cu_q, s.cu_k)
+            x = x + o.reshape(len(x), -1) @ layer["wo"].T
             x = x + self._mlp(layer, x)
-        h = F.rms_norm(x[torch.tensor(last, device=dev)], (self.cfg.d_model,), self.norm, 1e-6)
+        h = F.rms_norm(x[s.last], (self.cfg.d_model,), self.norm, 1e-6)
         return (h @ self.lm_head.T).float()
 
     @torch.inference_mode()
@@ -660,10 +733,11 @@ def check_errors() -> str:
 
 
 def check_model_vs_dense(cfg: ModelConfig, device, dtype, chunk=5) -> float:
-    """Engine logits (chunked prefill, paged cache, decode kernel) == the model's dense forward. The
-    decode kernel runs on CPU too, in the Triton interpreter."""
+    """Engine logits (chunked prefill, paged cache, decode and prefill kernels) == the model's dense
+    forward. The kernels run on the CPU too, in the Triton interpreter; 06's prefill kernel takes fp16 and
+    bf16 only, so in float32 the prefill goes through its reference."""
     model = TinyLlama(cfg, device, dtype)
-    model.decode_kernel = True
+    model.decode_kernel, model.prefill_kernel = True, dtype in (torch.float16, torch.bfloat16)
     bm = pk.BlockManager(64, 16)
     model.attach_cache(64, 16)
     seen = {}  # (seq_id, position) -> logits row
@@ -707,8 +781,11 @@ def run_checks(device, dtype, quick, model_cfg):
     checks("shared prompt prefix, prefix cache on", check_schedules, "shared", shared, alone(shared),
            num_blocks=16)  # fmt: skip
     checks("static baseline", check_schedules, "static", specs, expected, num_blocks=16, static=True)
-    for dt in [dtype] + ([torch.float32] if device.type == "cuda" and dtype != torch.float32 else []):
-        checks(f"transformer engine logits vs dense forward ({str(dt).removeprefix('torch.')})",
+    # GPU: the demo's dtype, both kernels, and float32 (prefill reference); CPU (the demo in float32):
+    # float16 too, for the prefill kernel in the interpreter (whose bf16 dots are wrong)
+    for dt in dict.fromkeys([dtype, torch.float32 if device.type == "cuda" else torch.float16]):
+        prefill = "varlen flash kernel" if dt in (torch.float16, torch.bfloat16) else "prefill reference"
+        checks(f"transformer engine logits vs dense forward ({str(dt).removeprefix('torch.')}, {prefill})",
                check_model_vs_dense, model_cfg, device, dt)  # fmt: skip
     checks.finish()
 

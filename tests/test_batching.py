@@ -107,8 +107,26 @@ def test_engine_step_and_timings():
     assert row["output_tokens"] == 5
 
 
-def test_transformer_engine_matches_dense_forward():
-    assert bt.check_model_vs_dense(bt.QUICK_MODEL, DEVICE, torch.float32) < 1e-4
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # fp16: 06's prefill kernel as well
+def test_transformer_engine_matches_dense_forward(dtype):
+    bt.check_model_vs_dense(bt.QUICK_MODEL, DEVICE, dtype)  # raises past the dtype's tolerance
+
+
+def test_step_inputs_split_decodes_from_prefill_chunks():
+    bm = pk.BlockManager(16, 4)
+    a, b = bt.Sequence(list(range(6)), 2), bt.Sequence(list(range(3)), 2)
+    bm.allocate(a)
+    bm.allocate(b)
+    items = [bt.ScheduledSeq(a, 5, 1), bt.ScheduledSeq(b, 1, 2)]  # a decodes position 5; b prefills 1..2
+    s = bt.step_inputs(items, 4, "cpu")
+    assert s.tokens.tolist() == [5, 1, 2] and s.pos.tolist() == [5, 1, 2] and s.last.tolist() == [0, 2]
+    assert s.dec_rows.tolist() == [0] and s.ctx_lens.tolist() == [6] and s.max_ctx == 6
+    assert s.tables.tolist() == [a.block_table] and s.tables.dtype == torch.int32
+    assert s.pre_rows.tolist() == [1, 2] and s.cu_q.tolist() == [0, 2] and s.cu_k.tolist() == [0, 3]
+    slots = pk.slot_mapping(b.block_table, 0, 3, 4)
+    assert (s.ctx_blk * 4 + s.ctx_off).tolist() == slots and (s.max_q, s.max_k) == (2, 3)
+    only_decode = bt.step_inputs(items[:1], 4, "cpu")
+    assert only_decode.pre_rows is None and only_decode.cu_q is None
 
 
 def test_demo_continuous_takes_fewer_steps_than_static():
