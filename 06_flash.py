@@ -548,7 +548,7 @@ def flash_attention(q, k, v, causal=False, sm_scale=None, *, poison=False):
 
 
 def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False,
-                           sm_scale=None, *, poison=False):  # fmt: skip
+                           sm_scale=None, *, poison=False, check_offsets=True):  # fmt: skip
     """Attention over packed sequences: q (T_q, H, D), k and v (T_k, H_KV, D) -> (T_q, H, D).
 
     Sequence b owns query rows cu_seqlens_q[b]:cu_seqlens_q[b+1] and key rows likewise (int32, length
@@ -557,10 +557,12 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     cached prefix the new tokens see the whole prefix and themselves causally. That needs
     len_q <= len_k per sequence (else some queries see nothing). Differentiable in q, k and v (training
     on packed sequences); the argument checks are in the "Argument checks" cell below.
+    check_offsets=False skips the checks of the offsets' values, and with them the host's wait for the
+    GPU they need: for a caller that built cu_seqlens itself and calls once a layer (a serving loop).
     """
     _validate(q, k, v, causal, sm_scale, "varlen")
     cu_seqlens_q, cu_seqlens_k = _validate_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                  max_seqlen_k, causal)  # fmt: skip
+                                                  max_seqlen_k, causal, check_offsets)  # fmt: skip
     q, k, v = _contig_last(q, k, v)
     sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
     if q.shape[0] == 0:  # no query rows at all (every sequence empty): nothing to launch
@@ -625,7 +627,9 @@ def _validate(q, k, v, causal, sm_scale, layout: str):
         raise ValueError(f"sm_scale must be a finite number > 0 (or None for D^-0.5), got {sm_scale!r}")
 
 
-def _validate_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal):
+def _validate_varlen(
+    q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, check_offsets=True
+):
     """Raise on a malformed batch description; return cu_seqlens_q, cu_seqlens_k made contiguous."""
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
@@ -638,6 +642,8 @@ def _validate_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()  # read as plain arrays
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError("cu_seqlens_q and cu_seqlens_k must describe the same number of sequences")
+    if not check_offsets:
+        return cu_seqlens_q, cu_seqlens_k
     len_q, len_k = cu_seqlens_q.diff(), cu_seqlens_k.diff()
     bad = [  # one host sync for all the checks a wrong batch description could fail
         (len_q < 0).any(), (len_k < 0).any(), len_q.max() > max_seqlen_q, len_k.max() > max_seqlen_k,

@@ -102,7 +102,7 @@ class BenchConfig:
     )
     ks: tuple = (1, 2, 3, 4, 6, 8)
     temperatures: tuple = (1.0, 0.0)  # plain sampling (where the targets are judged) first, then greedy
-    prompts: int = 2  # prompts (and seeds) per configuration
+    prompts: int = 4  # prompts (and seeds) per configuration
     prompt_len: int = 48
     new_tokens: int = 128  # prompt_len + new_tokens <= block_size
     joint_samples: int = 3000  # two-token joint check through the full loop (CPU; prints ms a sample)
@@ -268,6 +268,22 @@ def warp(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float 
     return logits.softmax(-1)
 
 
+def sample(probs: torch.Tensor, generator) -> torch.Tensor:
+    """One token per row of probs (..., V) -> (..., 1) long, drawn with probability probs[x].
+
+    The exponential race: with E_x ~ Exp(1) independent, E_x / p(x) ~ Exp(rate p(x)), and the smallest
+    of independent exponentials is x with probability p(x) / sum(p). So argmax p(x) / E_x is a sample.
+    torch.multinomial draws one sample the same way, but first validates probs (finite, >= 0, sum > 0),
+    and ATen's validation reads the verdicts back to the host (.item()): a wait for the GPU per draw.
+    Here nothing leaves the device, so a sampled decode loop keeps queueing launches ahead of the GPU,
+    as a greedy one does.
+    subtle: E_x = 0 (u = 0 in -log(1 - u)) would give 0 / 0 for a zero-probability x; clamping E_x
+    to the smallest normal float keeps p(x) = 0 at 0, never the argmax of a distribution with mass.
+    """
+    e = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(torch.finfo(probs.dtype).tiny)
+    return (probs / e).argmax(-1, keepdim=True)
+
+
 def _check_sampling_args(max_new_tokens, temperature, top_k, top_p):
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens {max_new_tokens}: accepted >= 1")
@@ -291,7 +307,7 @@ def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=0, top_p=
         if temperature == 0:
             t = logits.argmax(-1, keepdim=True)
         else:
-            t = torch.multinomial(warp(logits, temperature, top_k, top_p), 1, generator=gen)
+            t = sample(warp(logits, temperature, top_k, top_p), gen)
         out.append(t)
         if i < max_new_tokens - 1:
             logits = model(t.view(1, 1), cache, cache.length)[0, -1]
@@ -345,7 +361,7 @@ def rejection_sample(target_probs, draft_probs, draft_tokens, generator) -> list
     residual = (target_probs[:K] - draft_probs).clamp_min(0)
     empty = residual.sum(-1, keepdim=True) <= 0  # p == q: rejection has probability 0; p keeps it valid
     residual = torch.where(empty, target_probs[:K], residual)
-    candidates = torch.multinomial(torch.cat([residual, target_probs[K:]]), 1, generator=generator)[:, 0]
+    candidates = sample(torch.cat([residual, target_probs[K:]]), generator)[:, 0]
     accept, candidates = torch.cat([accept, accept.new_zeros(1)]).tolist(), candidates.tolist()
     m = accept.index(False)  # number accepted; position K always "rejects" into the bonus token
     return draft_tokens[:m].tolist() + [candidates[m]]
@@ -392,7 +408,7 @@ class DraftModelProposer:
                 t = logits.argmax(-1, keepdim=True)
             else:
                 qs.append(warp(logits, *self.sampling))
-                t = torch.multinomial(qs[-1], 1, generator=self.generator)
+                t = sample(qs[-1], self.generator)
             drafts.append(t)
             if i < k - 1:  # the last draft's own logits are not needed
                 logits = self.model(t.view(1, 1), self.cache, self.cache.length)[0, -1]

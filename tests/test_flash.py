@@ -106,6 +106,13 @@ def test_varlen_strided_offsets_and_bad_lengths():
     torch.testing.assert_close(out, mod.flash_attention_varlen(q, k, v, cu, cu, 7, 7), rtol=0, atol=0)
     with pytest.raises(TypeError, match="max_seqlen_q must be a non-negative int"):
         mod.flash_attention_varlen(q, k, v, cu, cu, 7.0, 7)
+    unchecked = mod.flash_attention_varlen(q, k, v, cu, cu, 7, 7, check_offsets=False)  # no host sync
+    torch.testing.assert_close(unchecked, out, rtol=0, atol=0)
+    bad = torch.tensor([0, 5, 13], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match=r"cu_seqlens_q\[-1\] != q.shape\[0\]"):
+        mod.flash_attention_varlen(q, k, v, bad, bad, 8, 8)
+    with pytest.raises(ValueError, match="1-D int32"):  # the type and shape checks stay on
+        mod.flash_attention_varlen(q, k, v, bad.long(), bad, 8, 8, check_offsets=False)
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("nan"), 0.0, -0.5, "0.1"])

@@ -87,6 +87,20 @@ def test_warp_keeps_the_tokens_transformers_keeps():
         torch.testing.assert_close(ours, hf[0].softmax(-1), msg=case)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sample_draws_each_row_from_its_distribution(dtype):
+    """The exponential race: one draw per row, distributed as the row, zero-probability tokens never."""
+    gen = torch.Generator().manual_seed(3)
+    probs = torch.tensor([[0.0, 0.1, 0.6, 0.3, 0.0], [0.25, 0.0, 0.0, 0.0, 0.75]], dtype=dtype)
+    draws = sd.sample(probs.expand(20000, 2, 5), gen)  # (20000, 2, 1)
+    assert draws.shape == (20000, 2, 1) and draws.dtype == torch.long
+    for row in range(2):
+        counts = torch.bincount(draws[:, row, 0], minlength=5)
+        _, p_value = sd.chi_square(counts, probs[row])
+        assert p_value > 1e-3, (row, counts.tolist())
+    assert sd.sample(torch.tensor([0.0, 0.0, 1.0], dtype=dtype), gen).tolist() == [2]
+
+
 def test_chi_square_p_value():
     # counts 60/40 against 50/50: statistic 100/50 * 2 = 4, df 1, p = P(chi2_1 > 4) = 0.0455
     stat, pval = sd.chi_square(torch.tensor([60, 40]), torch.tensor([0.5, 0.5]))
