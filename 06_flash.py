@@ -291,14 +291,15 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, 
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
-                     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-                     stride_lb, stride_lh, n_q, n_k, H_KV, GROUP, qk_scale, sm_scale, N_BUCKET, GRID_BUCKET,
-                     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
+                     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, stride_split,
+                     stride_lb, stride_lh, n_q, n_k, H_KV, GROUP, SPLITS, qk_scale, sm_scale, N_BUCKET,
+                     GRID_BUCKET, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     start_n = tl.program_id(0) * BLOCK_N
-    pid_bh = tl.program_id(1)  # over (batch, kv head)
-    b = (pid_bh // H_KV).to(tl.int64)
-    h_kv = (pid_bh % H_KV).to(tl.int64)
+    pid = tl.program_id(1)  # over (batch, kv head, split of the query group)
+    split = pid % SPLITS
+    b = (pid // SPLITS // H_KV).to(tl.int64)
+    h_kv = (pid // SPLITS % H_KV).to(tl.int64)
     q_row0, k_row0, seq_q, seq_k = _seq_bounds(CU_Q, CU_K, b, n_q, n_k, IS_VARLEN)
     if start_n < seq_k:  # varlen launches max_seqlen_k keys; shorter sequences stop here
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -319,7 +320,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
         else:
             lo = 0
             mid = 0
-        for g in range(GROUP):  # GQA: this kv head's gradient sums over its GROUP query heads
+        per_split = GROUP // SPLITS
+        for g in range(split * per_split, (split + 1) * per_split):  # this split's share of the group
             h = h_kv * GROUP + g
             q_base = Q + b * stride_qb + h * stride_qh + q_row0 * stride_qn
             do_base = DO + b * stride_dob + h * stride_doh + q_row0 * stride_don
@@ -333,8 +335,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
                                  False)  # fmt: skip
         dk_rows = (k_row0 + offs_n[:, None]) * stride_dkn
         dv_rows = (k_row0 + offs_n[:, None]) * stride_dvn
-        dk_ptrs = DK + b * stride_dkb + h_kv * stride_dkh + dk_rows + offs_d[None, :]
-        dv_ptrs = DV + b * stride_dvb + h_kv * stride_dvh + dv_rows + offs_d[None, :]
+        part = split.to(tl.int64) * stride_split  # SPLITS > 1: this split's fp32 partial sum
+        dk_ptrs = DK + part + b * stride_dkb + h_kv * stride_dkh + dk_rows + offs_d[None, :]
+        dv_ptrs = DV + part + b * stride_dvb + h_kv * stride_dvh + dv_rows + offs_d[None, :]
         tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=key_ok)
         tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=key_ok)
 
@@ -475,6 +478,19 @@ def _launch(kernel, kind, grid, *args, **meta):
     return kernel.fn[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
+def dkdv_splits(n_k: int, B: int, h_kv: int, group: int, device) -> int:
+    """How many programs share one kv head's query group in the dK/dV kernel. One program per (key
+    block, kv head) walks the whole group: with few kv heads (MQA: one) the grid is too small for the
+    GPU and one program does GROUP times the work. Split the group (a divisor of it) until there are
+    four programs per SM, each writing an fp32 partial dK/dV that are summed afterwards (more memory
+    traffic, which costs less than idle SMs). The grid counts 128-key blocks, the dK/dV tile height."""
+    if device.type != "cuda":
+        return 1
+    want = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    programs = triton.cdiv(n_k, 128) * B * h_kv
+    return next((s for s in range(1, group + 1) if group % s == 0 and programs * s >= want), group)
+
+
 def _fwd(q, k, v, cu, B, n_q, n_k, causal, sm_scale, poison):
     """Both layouts: dense (B, H, N, D) when cu is None, else packed (T, H, D) with cu = (cu_q, cu_k)
     and n_q, n_k the longest sequence lengths. Returns o and the base-2 log-sum-exp of every row."""
@@ -501,15 +517,23 @@ def _bwd(do, q, k, v, o, lse, cu, B, n_q, n_k, causal, sm_scale, poison):
     _bwd_delta_kernel[(triton.cdiv(rows, 64), n_b * H)](
         o, do, delta, *_bhn(o, varlen), *_bhn(do, varlen), rows, H, HEAD_DIM=D, BLOCK_M=64
     )
-    dq, dk, dv = (_empty(t.shape, t, poison=poison) for t in (q, k, v))
+    dq = _empty(q.shape, q, poison=poison)
+    splits = dkdv_splits(n_k, B, h_kv, H // h_kv, q.device)
+    if splits == 1:  # each program owns its dK/dV rows outright
+        dk, dv = (_empty(t.shape, t, poison=poison) for t in (k, v))
+    else:  # fp32 partial sums, one per split, reduced below
+        dk, dv = (_empty((splits, *t.shape), t, torch.float32, poison) for t in (k, v))
     cu_q, cu_k = cu if varlen else (q, q)
     common = dict(HEAD_DIM=D, CAUSAL=causal, IS_VARLEN=varlen)
-    grid_kv = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), B * h_kv)  # noqa: E731
+    grid_kv = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), B * h_kv * splits)  # noqa: E731
+    dk_b, dv_b = (t if splits == 1 else t[0] for t in (dk, dv))  # strides of one split's (B, H_KV, N, D)
     _launch(_bwd_dkdv_kernel, "dkdv", grid_kv, q, k, v, do, lse, delta, dk, dv, cu_q, cu_k,
             *_bhn(q, varlen), *_bhn(k, varlen), *_bhn(v, varlen), *_bhn(do, varlen),
-            *_bhn(dk, varlen), *_bhn(dv, varlen), *lse_bh,
-            n_q, n_k, h_kv, H // h_kv, sm_scale * LOG2E, sm_scale, _bucket(max(n_q, n_k)), _bucket(B * h_kv),
-            **common)  # fmt: skip
+            *_bhn(dk_b, varlen), *_bhn(dv_b, varlen), dk.stride(0) if splits > 1 else 0, *lse_bh,
+            n_q, n_k, h_kv, H // h_kv, splits, sm_scale * LOG2E, sm_scale, _bucket(max(n_q, n_k)),
+            _bucket(B * h_kv * splits), **common)  # fmt: skip
+    if splits > 1:
+        dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
     grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), B * H)  # noqa: E731
     _launch(_bwd_dq_kernel, "dq", grid_q, q, k, v, do, lse, delta, dq, cu_q, cu_k,
             *_bhn(q, varlen), *_bhn(k, varlen), *_bhn(v, varlen), *_bhn(do, varlen), *_bhn(dq, varlen),

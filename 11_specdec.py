@@ -57,6 +57,7 @@ import harness  # first: sets TRITON_INTERPRET=1 when there is no GPU (no Triton
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # %% [markdown]
 # ## Config
@@ -191,6 +192,13 @@ class Block(nn.Module):
         return x + self.drop(self.fc_out(F.gelu(self.fc(self.ln2(x)))))
 
 
+# Decoding and verifying see a new key length at every step. PyTorch may pick cuDNN's attention for
+# them, and cuDNN builds an execution plan for every new shape before it runs it: in the first H200
+# runs a verify step cost 50-70 ms instead of ~10 until every shape had been seen (a profile showed
+# aten::_cudnn_attention_forward). The cached forward therefore uses the kernels that need no plan.
+CACHED_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 class GPT(nn.Module):
     """A byte-level GPT (nanoGPT's shape: learned positions, tied embeddings) with a KV-cache forward."""
 
@@ -239,8 +247,9 @@ class GPT(nn.Module):
                 mask = torch.arange(start_pos + T, device=ids.device)[None, :] <= q_pos[:, None]  # (T, end)
         pos = torch.arange(start_pos, start_pos + T, device=ids.device)
         x = self.tok(ids) + self.pos(pos)
-        for i, block in enumerate(self.blocks):
-            x = block(x, cache, i, start_pos, mask)
+        with contextlib.nullcontext() if cache is None else sdpa_kernel(CACHED_SDPA_BACKENDS):
+            for i, block in enumerate(self.blocks):
+                x = block(x, cache, i, start_pos, mask)
         if cache is not None:
             cache.length = start_pos + T
         return self.ln_f(x) @ self.tok.weight.T  # tied embeddings
@@ -273,10 +282,10 @@ def sample(probs: torch.Tensor, generator) -> torch.Tensor:
 
     The exponential race: with E_x ~ Exp(1) independent, E_x / p(x) ~ Exp(rate p(x)), and the smallest
     of independent exponentials is x with probability p(x) / sum(p). So argmax p(x) / E_x is a sample.
-    torch.multinomial draws one sample the same way, but first validates probs (finite, >= 0, sum > 0),
-    and ATen's validation reads the verdicts back to the host (.item()): a wait for the GPU per draw.
-    Here nothing leaves the device, so a sampled decode loop keeps queueing launches ahead of the GPU,
-    as a greedy one does.
+    torch.multinomial draws one sample the same way, after validating probs (finite, >= 0, sum > 0):
+    more launches, and at batch 1 the host's launches are the cost. On the H200 (torch 2.11) a draw took
+    0.12-0.40 ms of host time through torch.multinomial and 0.06 ms through these three ops; neither
+    waited for the GPU (older PyTorch versions' validation did, through .item()).
     subtle: E_x = 0 (u = 0 in -log(1 - u)) would give 0 / 0 for a zero-probability x; clamping E_x
     to the smallest normal float keeps p(x) = 0 at 0, never the argmax of a distribution with mass.
     """
@@ -351,7 +360,8 @@ def rejection_sample(target_probs, draft_probs, draft_tokens, generator) -> list
             f"{None if draft_probs is None else tuple(draft_probs.shape)} (K, V) for K = {K} draft tokens"
         )
     if draft_probs is None:
-        draft_probs = F.one_hot(draft_tokens, V).to(target_probs.dtype)
+        # a point mass per row; scatter, not F.one_hot, which reads the tokens back to check them
+        draft_probs = torch.zeros_like(target_probs[:K]).scatter_(1, draft_tokens[:, None], 1.0)
     idx = torch.arange(K, device=draft_tokens.device)
     p_x, q_x = target_probs[idx, draft_tokens], draft_probs[idx, draft_tokens]
     u = torch.rand(K, generator=generator, device=target_probs.device, dtype=target_probs.dtype)

@@ -63,6 +63,26 @@ def test_gqa_reads_kv_in_place_and_grads_sum_over_group():
     harness.assert_close(dv, dv_rep.view(1, 2, 2, 24, 32).sum(2), F16, "dv")
 
 
+@pytest.mark.parametrize("splits", [2, 4])
+def test_split_query_group_in_dkdv_matches_reference(monkeypatch, splits):
+    """dK/dV with the query group split across programs (fp32 partials, summed): what MQA gets on a
+    GPU whose grid would otherwise be too small. Forced here, since off the GPU no group is split."""
+    monkeypatch.setattr(mod, "dkdv_splits", lambda *args: splits)
+    note = mod.check_dense(1, 4, 1, 29, 29, 32, True, F16, DEVICE)  # MQA, group of 4, causal
+    assert "vs f64" in note
+    mod.check_varlen([21, 1, 0, 17], [21, 4, 3, 30], 4, 1, 32, False, F16, DEVICE, grad=True)
+
+
+def test_dkdv_splits_fill_the_gpu_and_divide_the_group():
+    assert mod.dkdv_splits(4096, 4, 1, 32, torch.device("cpu")) == 1  # no GPU: never split
+    if torch.cuda.is_available():
+        dev = torch.device("cuda")
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count
+        s = mod.dkdv_splits(4096, 4, 1, 32, dev)  # MQA: 128 programs before splitting
+        assert 32 % s == 0 and 128 * s >= 4 * sms and (s == 1 or 128 * (s // 2) < 4 * sms)
+        assert mod.dkdv_splits(8192, 2, 8, 4, dev) == 1  # GQA 32/8 at 8k: 1024 programs already
+
+
 def test_custom_scale_and_non_contiguous_inputs():
     q, k, v = (torch.randn(1, 21, 2, 64, dtype=F16, device=DEVICE).transpose(1, 2) for _ in range(3))
     out = mod.flash_attention(q, k, v, sm_scale=0.3, poison=True)
