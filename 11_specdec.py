@@ -193,9 +193,11 @@ class Block(nn.Module):
 
 
 # Decoding and verifying see a new key length at every step. PyTorch may pick cuDNN's attention for
-# them, and cuDNN builds an execution plan for every new shape before it runs it: in the first H200
-# runs a verify step cost 50-70 ms instead of ~10 until every shape had been seen (a profile showed
-# aten::_cudnn_attention_forward). The cached forward therefore uses the kernels that need no plan.
+# them, and cuDNN builds an execution plan for every new shape before it runs it. On the H200 (torch
+# 2.11) verify-shaped calls (5 queries, a key length new at each call) took 83-122 ms each through
+# cuDNN and 1.5 ms through the other kernels, 0.2 ms either way once a shape had been seen; a whole
+# benchmark run was skewed by it until every length had come up. So the cached forward uses the
+# kernels that need no plan.
 CACHED_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -971,22 +973,38 @@ def benchmark(cfg: BenchConfig, target, draft, prompts, device, on_row=None):
         for _ in range(2):  # warm-up: allocator, cuBLAS handles, SDPA kernel choice
             speculative_generate(target, draft, prompts[0], 16, k=4, temperature=temp)
             generate(target, prompts[0], 16, temperature=temp)
-        plain_s = 0.0
-        for i, prompt in enumerate(prompts):
-            _, s = _timed(device, generate, target, prompt, n, temperature=temp, seed=i)
-            plain_s += s
-        plain_ms = 1e3 * plain_s / (n * len(prompts))
-        add({"proposer": "none (plain)", "temp": temp, "K": 0, "ms_per_token": plain_ms, "speedup": 1.0})
+        # Plain decoding is timed before and after the section's rows, and the speed-ups use the mean:
+        # at batch 1 the host sets the pace, and a shared host's speed drifted by up to 2x within one
+        # H200 run. The two plain rows show how much it moved while this section ran.
+        before = _plain_ms(target, prompts, n, temp, device)
+        section = []
         for name in ("draft", "ngram"):
             for k in cfg.ks:
                 try:
-                    add(_bench_one(target, draft, prompts, device, name, temp, k, n, plain_ms))
+                    section.append(_bench_one(target, draft, prompts, device, name, temp, k, n))
+                    print(f"  measured {name} T={temp} K={k}: {section[-1]['ms_per_token']:.2f} ms a token",
+                          flush=True)  # fmt: skip
                 except Exception as e:  # one failing row must not hide the rest
                     print(f"  row {name} temp {temp} K={k} failed: {type(e).__name__}: {e}")
+        after = _plain_ms(target, prompts, n, temp, device)
+        plain_ms = (before + after) / 2
+        for when, ms in (("before", before), ("after", after)):
+            add({"proposer": f"none (plain, {when})", "temp": temp, "K": 0, "ms_per_token": ms,
+                 "speedup": plain_ms / ms})  # fmt: skip
+        for row in section:
+            add({**row, "speedup": plain_ms / row["ms_per_token"]})
     return rows
 
 
-def _bench_one(target, draft, prompts, device, name, temp, k, n, plain_ms):
+def _plain_ms(target, prompts, n, temp, device) -> float:
+    """Milliseconds per token of plain decoding over the prompts (one seed each, as the rows use)."""
+    total = sum(
+        _timed(device, generate, target, p, n, temperature=temp, seed=i)[1] for i, p in enumerate(prompts)
+    )
+    return 1e3 * total / (n * len(prompts))
+
+
+def _bench_one(target, draft, prompts, device, name, temp, k, n):
     stats, total_s = SpecStats(), 0.0
     for i, prompt in enumerate(prompts):
         prop = draft if name == "draft" else NGramProposer(device)
@@ -998,7 +1016,7 @@ def _bench_one(target, draft, prompts, device, name, temp, k, n, plain_ms):
         "proposer": name, "temp": temp, "K": k, **acc,
         "dev_%": 100 * (acc["tok_per_step"] / acc["formula"] - 1),
         "full_steps_%": 100 * sum(d == k for d, _ in stats.steps) / len(stats.steps),
-        "ms_per_token": ms, "speedup": plain_ms / ms,
+        "ms_per_token": ms,
     }  # fmt: skip
     # No step drafted K tokens (an n-gram proposer can fall short): no alpha; JSON has no NaN, so None.
     return {key: None if isinstance(v, float) and math.isnan(v) else v for key, v in row.items()}
