@@ -74,7 +74,8 @@ class BenchConfig:
     head_dims: tuple = (64, 128)
     heads_for_dim: tuple = ((64, 32), (128, 16))  # H * D = 2048: a 2k-wide model at both head dims
     # (D, H, H_KV, seqlens): Llama-3-8B's grouped heads (32 query, 8 kv) and a multi-query row. The dK/dV
-    # kernel walks a kv head's query group serially, so GQA shrinks its grid by the group size.
+    # grid counts kv heads, so grouping shrinks it; dkdv_splits divides the group again where it is too
+    # small (here: the MQA row).
     gqa_cases: tuple = ((128, 32, 8, (2048, 8192)), (128, 32, 1, (4096,)))
     profile_case: tuple = (128, True, 4096)  # (D, causal, N) traced with --profile
 
