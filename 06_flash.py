@@ -244,6 +244,10 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
 #   dQ = scale * dS K,   dK = scale * dS^T Q.
 # dK/dV for a key block needs every query row, dQ for a query block needs every key: two kernels,
 # each owning its outputs, so nothing is accumulated across programs and no atomics are needed.
+# GQA: a kv head's dK/dV sums over its query group. One program walks the whole group, or, where that
+# leaves too few programs to fill the GPU (MQA), a share of it, writing an fp32 partial sum; the
+# partials are added afterwards (dkdv_splits). On the H200 this took MQA's causal backward from 0.40x
+# to 0.63x cuDNN (notes/06_flash.md).
 # Query-side tails are neutralised through the loads: a missing row has q = dO = 0 and lse = +inf,
 # so its P is exactly 0 and it adds nothing to dK or dV.
 
