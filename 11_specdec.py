@@ -919,7 +919,9 @@ def _run_checks(cfg, target, draft, prompts, device, quick):
 #   alpha          accepted / (accepted + rejected) drafts over steps that drafted K tokens;
 #   alpha_beta     mean of beta = sum_x min(p, q) at the tried positions (Leviathan's definition);
 #   tok_per_step   tokens emitted per target forward, over the same steps; formula = (1 - a^(K+1)) / (1 - a);
-#   ms_per_token   wall clock of the whole generation (prefill included), and speedup = plain / this.
+#   ms_per_token   wall clock of the whole generation (prefill included), and speedup = plain / this,
+#                  with plain the mean of plain decoding timed before and after the section's rows
+#                  (both are rows of the table: a drifting host shows as their difference).
 # The closed form assumes every draft is accepted independently with the same alpha. Real text has
 # easy stretches (long accepted runs) and hard ones, so measured tokens per step can beat it; greedy
 # acceptance is deterministic given the context, so it is the least i.i.d. of all. At K = 1 the formula
