@@ -463,7 +463,7 @@ def _bucket(n: int) -> int:
 # The checks launch one fixed config per kernel instead of autotuning (fixed_configs below): autotuning
 # compiles every config for every new key, and the checks' tiny grids would fill the autotune cache the
 # benchmark then reuses. Module state, but only ever set inside the `with` of fixed_configs.
-_FIXED = {"index": None}
+_FIXED = {"index": None, "splits": None}
 
 
 @contextlib.contextmanager
@@ -474,6 +474,17 @@ def fixed_configs(index: int):
         yield
     finally:
         _FIXED["index"] = before
+
+
+@contextlib.contextmanager
+def fixed_dkdv_splits(splits: int):
+    """Split every dK/dV query group into `splits` parts instead of asking dkdv_splits (checks only:
+    their small grids would otherwise always split a group completely)."""
+    before, _FIXED["splits"] = _FIXED["splits"], splits
+    try:
+        yield
+    finally:
+        _FIXED["splits"] = before
 
 
 def _launch(kernel, kind, grid, *args, **meta):
@@ -523,7 +534,9 @@ def _bwd(do, q, k, v, o, lse, cu, B, n_q, n_k, causal, sm_scale, poison):
         o, do, delta, *_bhn(o, varlen), *_bhn(do, varlen), rows, H, HEAD_DIM=D, BLOCK_M=64
     )
     dq = _empty(q.shape, q, poison=poison)
-    splits = dkdv_splits(n_k, B, h_kv, H // h_kv, q.device)
+    splits = _FIXED["splits"] or dkdv_splits(n_k, B, h_kv, H // h_kv, q.device)
+    if (H // h_kv) % splits:  # a program walks GROUP // splits heads: a remainder would be dropped
+        raise ValueError(f"dK/dV splits {splits} must divide the query group {H // h_kv}")
     if splits == 1:  # each program owns its dK/dV rows outright
         dk, dv = (_empty(t.shape, t, poison=poison) for t in (k, v))
     else:  # fp32 partial sums, one per split, reduced below
@@ -538,7 +551,7 @@ def _bwd(do, q, k, v, o, lse, cu, B, n_q, n_k, causal, sm_scale, poison):
             n_q, n_k, h_kv, H // h_kv, splits, sm_scale * LOG2E, sm_scale, _bucket(max(n_q, n_k)),
             _bucket(B * h_kv * splits), **common)  # fmt: skip
     if splits > 1:
-        dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
+        dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)  # summed in fp32, rounded once
     grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), B * H)  # noqa: E731
     _launch(_bwd_dq_kernel, "dq", grid_q, q, k, v, do, lse, delta, dq, cu_q, cu_k,
             *_bhn(q, varlen), *_bhn(k, varlen), *_bhn(v, varlen), *_bhn(do, varlen), *_bhn(dq, varlen),
@@ -801,6 +814,15 @@ def run_checks(checks, device, quick):
             name = f"fwd+bwd B{s[0]} H{s[1]}/{s[2]} Nq{s[3]} Nk{s[4]} D{s[5]} {'causal' if s[6] else 'full'}"
             with fixed_configs(n := n + 1):
                 checks(f"{name} {str(dtype)[6:]}", check_dense, *s, dtype, device)
+    # The dK/dV group split, forced: the checks' small grids make dkdv_splits split every group into
+    # single heads, so a program walking the whole group (what GQA 32/8 gets at 8k) and one walking half
+    # of it (what MQA gets) are proved here.
+    s = (2, 8, 2, 777, 777, 64, True) if on_gpu and not quick else (1, 8, 2, 45, 45, 32, True)
+    for splits in (1, 2):
+        with fixed_configs(n := n + 1), fixed_dkdv_splits(splits):
+            dtype = both[-1]
+            checks(f"fwd+bwd H{s[1]}/{s[2]} causal, dK/dV group in {splits} part(s) {str(dtype)[6:]}",
+                   check_dense, *s, dtype, device)  # fmt: skip
     with fixed_configs(0):
         checks("saved log-sum-exp (base 2)", check_lse, device)
     # varlen, forward and backward: a zero-length prompt, a one-token prompt, cached prefixes

@@ -284,12 +284,14 @@ def sample(probs: torch.Tensor, generator) -> torch.Tensor:
 
     The exponential race: with E_x ~ Exp(1) independent, E_x / p(x) ~ Exp(rate p(x)), and the smallest
     of independent exponentials is x with probability p(x) / sum(p). So argmax p(x) / E_x is a sample.
-    torch.multinomial draws one sample the same way, after validating probs (finite, >= 0, sum > 0):
-    more launches, and at batch 1 the host's launches are the cost. On the H200 (torch 2.11) a draw took
-    0.12-0.40 ms of host time through torch.multinomial and 0.06 ms through these three ops; neither
-    waited for the GPU (older PyTorch versions' validation did, through .item()).
-    subtle: E_x = 0 (u = 0 in -log(1 - u)) would give 0 / 0 for a zero-probability x; clamping E_x
-    to the smallest normal float keeps p(x) = 0 at 0, never the argmax of a distribution with mass.
+    torch.multinomial draws one sample the same way (on the CPU, the same draws from one seed) after
+    validating probs (finite, >= 0, sum > 0): more launches, and at batch 1 launches are the cost. On
+    the H200 (torch 2.11) a draw took 0.12-0.40 ms of host time through torch.multinomial and 0.06 ms
+    through these four kernels; neither waited for the GPU (older PyTorch versions' validation did).
+    Without the validation, a NaN or negative entry gives some token instead of an error: callers pass
+    softmax outputs (warp) or their clamped differences (rejection_sample).
+    subtle: E_x = 0 would make 0 / 0 for a zero-probability x; clamping E_x to the smallest normal
+    float keeps p(x) = 0 at 0, below every x with mass unless a row's whole mass is subnormal.
     """
     e = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(torch.finfo(probs.dtype).tiny)
     return (probs / e).argmax(-1, keepdim=True)
@@ -977,24 +979,26 @@ def benchmark(cfg: BenchConfig, target, draft, prompts, device, on_row=None):
             generate(target, prompts[0], 16, temperature=temp)
         # Plain decoding is timed before and after the section's rows, and the speed-ups use the mean:
         # at batch 1 the host sets the pace, and a shared host's speed drifted by up to 2x within one
-        # H200 run. The two plain rows show how much it moved while this section ran.
-        before = _plain_ms(target, prompts, n, temp, device)
-        section = []
+        # H200 run. The two plain rows show how much it moved while this section ran. Rows are saved
+        # as they are measured and get their speed-up once the section's second plain timing is in.
+        add({"proposer": "none (plain, before)", "temp": temp, "K": 0,
+             "ms_per_token": _plain_ms(target, prompts, n, temp, device), "speedup": None})  # fmt: skip
+        section = [rows[-1]]
         for name in ("draft", "ngram"):
             for k in cfg.ks:
                 try:
-                    section.append(_bench_one(target, draft, prompts, device, name, temp, k, n))
-                    print(f"  measured {name} T={temp} K={k}: {section[-1]['ms_per_token']:.2f} ms a token",
-                          flush=True)  # fmt: skip
+                    add({**_bench_one(target, draft, prompts, device, name, temp, k, n), "speedup": None})
+                    section.append(rows[-1])
                 except Exception as e:  # one failing row must not hide the rest
                     print(f"  row {name} temp {temp} K={k} failed: {type(e).__name__}: {e}")
-        after = _plain_ms(target, prompts, n, temp, device)
-        plain_ms = (before + after) / 2
-        for when, ms in (("before", before), ("after", after)):
-            add({"proposer": f"none (plain, {when})", "temp": temp, "K": 0, "ms_per_token": ms,
-                 "speedup": plain_ms / ms})  # fmt: skip
+        add({"proposer": "none (plain, after)", "temp": temp, "K": 0,
+             "ms_per_token": _plain_ms(target, prompts, n, temp, device), "speedup": None})  # fmt: skip
+        section.append(rows[-1])
+        plain_ms = (section[0]["ms_per_token"] + section[-1]["ms_per_token"]) / 2
         for row in section:
-            add({**row, "speedup": plain_ms / row["ms_per_token"]})
+            row["speedup"] = plain_ms / row["ms_per_token"]
+        if on_row:
+            on_row(rows)
     return rows
 
 
@@ -1057,16 +1061,19 @@ def plot(rows, path):
 
 def report_targets(rows):
     """Targets (full GPU runs only): draft-model rows sampled at T=1 within 5% of the closed form at
-    every K, and >= 2x wall-clock speed-up at the best K with the draft model (each temperature)."""
+    every K, and >= 2x wall-clock speed-up at the best K with the draft model (each temperature),
+    judged against the faster of the two plain timings: the speed-up a drifting host cannot inflate."""
     for temp in sorted({r["temp"] for r in rows}):
         sel = [r for r in rows if r["proposer"] == "draft" and r["temp"] == temp]
         if not sel:
             continue
         label = "greedy" if temp == 0 else f"T={temp}"
-        best = max(sel, key=lambda r: r["speedup"])
-        ok = best["speedup"] >= 2.0
-        print(f"target >= 2x at best K, draft model, {label}: {best['speedup']:.2f}x at K={best['K']}  "
-              f"{'met' if ok else 'MISSED'}")  # fmt: skip
+        fastest_plain = min(r["ms_per_token"] for r in rows if r["temp"] == temp and r["K"] == 0)
+        best = min(sel, key=lambda r: r["ms_per_token"])
+        speedup = fastest_plain / best["ms_per_token"]
+        print(f"target >= 2x at best K, draft model, {label}: {speedup:.2f}x at K={best['K']} against the "
+              f"faster plain timing ({best['speedup']:.2f}x against their mean)  "
+              f"{'met' if speedup >= 2.0 else 'MISSED'}")  # fmt: skip
         sel = [r for r in sel if r["dev_%"] is not None]
         if temp > 0 and sel:
             worst = max(sel, key=lambda r: abs(r["dev_%"]))

@@ -63,14 +63,16 @@ def test_gqa_reads_kv_in_place_and_grads_sum_over_group():
     harness.assert_close(dv, dv_rep.view(1, 2, 2, 24, 32).sum(2), F16, "dv")
 
 
-@pytest.mark.parametrize("splits", [2, 4])
-def test_split_query_group_in_dkdv_matches_reference(monkeypatch, splits):
-    """dK/dV with the query group split across programs (fp32 partials, summed): what MQA gets on a
-    GPU whose grid would otherwise be too small. Forced here, since off the GPU no group is split."""
-    monkeypatch.setattr(mod, "dkdv_splits", lambda *args: splits)
-    note = mod.check_dense(1, 4, 1, 29, 29, 32, True, F16, DEVICE)  # MQA, group of 4, causal
-    assert "vs f64" in note
-    mod.check_varlen([21, 1, 0, 17], [21, 4, 3, 30], 4, 1, 32, False, F16, DEVICE, grad=True)
+@pytest.mark.parametrize("splits", [1, 2, 4])
+def test_split_query_group_in_dkdv_matches_reference(splits):
+    """dK/dV with the query group walked whole (1) or split across programs (fp32 partials, summed):
+    what GQA and MQA get on a GPU. Forced here, since off the GPU no group is split."""
+    with mod.fixed_dkdv_splits(splits):
+        assert "vs f64" in mod.check_dense(1, 4, 1, 29, 29, 32, True, F16, DEVICE)  # MQA, group of 4
+        mod.check_varlen([21, 1, 0, 17], [21, 4, 3, 30], 4, 1, 32, False, F16, DEVICE, grad=True)
+        mod.check_varlen([21, 1, 0, 17], [30, 4, 3, 30], 8, 2, 32, True, F16, DEVICE, grad=True)  # prefixes
+    with mod.fixed_dkdv_splits(3), pytest.raises(ValueError, match="must divide the query group 4"):
+        mod.check_dense(1, 4, 1, 29, 29, 32, True, F16, DEVICE)
 
 
 def test_dkdv_splits_fill_the_gpu_and_divide_the_group():
