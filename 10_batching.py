@@ -613,7 +613,7 @@ class TinyLlama:
                 qp = q[s.pre_rows]
                 if self.prefill_kernel:
                     # shapes change every step, so no autotuning inside a trace: 06's first forward
-                    # config (128 x 64 tiles, 8 warps), the one its checks prove first
+                    # config (128 x 64 tiles, 8 warps), which its checks prove too
                     with fa.fixed_configs(0):
                         o[s.pre_rows] = fa.flash_attention_varlen(  # offsets built above: no checking sync
                             qp, kk, vv, s.cu_q, s.cu_k, s.max_q, s.max_k, causal=True, check_offsets=False
