@@ -355,12 +355,17 @@ class Engine:
         self.model, self.scheduler, self.sample, self.clock = model, scheduler, sample, clock
 
     def step(self) -> tuple[Batch, list[Sequence]]:
-        batch = self.scheduler.schedule()
+        # the named ranges label a --profile trace (a few microseconds a step when nothing records)
+        with torch.profiler.record_function("schedule"):
+            batch = self.scheduler.schedule()
         if not batch.items:
             return batch, []
-        logits = self.model(batch)
-        next_tokens = self.sample(logits)
-        return batch, self.scheduler.postprocess(batch, next_tokens, self.clock())
+        with torch.profiler.record_function("forward"):
+            logits = self.model(batch)
+        with torch.profiler.record_function("sample"):
+            next_tokens = self.sample(logits)  # greedy's .tolist() waits for the GPU
+        with torch.profiler.record_function("postprocess"):
+            return batch, self.scheduler.postprocess(batch, next_tokens, self.clock())
 
 
 class StepClock:
@@ -848,7 +853,7 @@ def run_policy(policy, model, specs, demo: DemoConfig):
     return summarize(policy, seqs, timeline, sched), timeline
 
 
-def demo_run(model_cfg, demo: DemoConfig, device, dtype, seed):
+def demo_run(model_cfg, demo: DemoConfig, device, dtype, seed, profile_out=None):
     model = TinyLlama(model_cfg, device, dtype)
     warm = make_trace(8, demo.prompt_len, (2, 8), 1e6, seed + 1, model_cfg.vocab_size)
     for policy in ("continuous", "static"):  # compiles the kernels for every shape class they will see
@@ -861,7 +866,24 @@ def demo_run(model_cfg, demo: DemoConfig, device, dtype, seed):
         rows.append(row)
         print(f"  {policy}: {row['seconds']:.1f} s, {row['tokens_per_s']:.0f} output tokens/s", flush=True)
     rows[0]["speedup_vs_static"] = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
+    if profile_out is not None:  # after the timed runs, so the profiler's overhead is not in them
+        profile_policies(model, model_cfg, demo, seed, profile_out)
     return rows, timelines
+
+
+def profile_policies(model, model_cfg, demo: DemoConfig, seed, out):
+    """A torch.profiler trace of each policy serving one static batch's worth of requests with short
+    outputs, all arriving at once: where a step's time goes, host (schedule, step_inputs, launches)
+    against GPU. Prints the top operators and writes out/10_batching_<policy>_trace.json."""
+    n = demo.kv_tokens // demo.static_max_len
+    short = (demo.output_len[0], min(demo.output_len[1], 64))
+    specs = make_trace(n, demo.prompt_len, short, 1e6, seed + 2, model_cfg.vocab_size)
+    for policy in ("continuous", "static"):
+        with torch.profiler.profile() as prof:
+            run_policy(policy, model, specs, demo)
+        print(f"{policy}, {n} requests: operators by self CPU time")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+        harness.save_trace(prof, f"10_batching_{policy}", out)
 
 
 def plot_timelines(timelines, path: Path, demo: DemoConfig):
@@ -902,7 +924,7 @@ def main():
           f"U{list(demo.prompt_len)}, outputs U{list(demo.output_len)}; KV memory {demo.kv_tokens} tokens "
           f"for both; static reserves {demo.static_max_len} tokens per request")  # fmt: skip
     t0 = time.perf_counter()
-    rows, timelines = demo_run(model_cfg, demo, device, dtype, args.seed)
+    rows, timelines = demo_run(model_cfg, demo, device, dtype, args.seed, args.out if args.profile else None)
     print(f"demo took {time.perf_counter() - t0:.1f} s")
     harness.print_table(rows)
     speedup = rows[0]["speedup_vs_static"]

@@ -137,3 +137,12 @@ def test_demo_continuous_takes_fewer_steps_than_static():
     static, _ = bt.run_policy("static", model, specs, demo)
     assert cont["output_tokens"] == static["output_tokens"]
     assert cont["steps"] < static["steps"]
+
+
+def test_profile_labels_each_engine_stage(tmp_path):
+    model = bt.TinyLlama(bt.QUICK_MODEL, DEVICE, torch.float32)
+    bt.profile_policies(model, bt.QUICK_MODEL, bt.QUICK_DEMO, 0, tmp_path)
+    for policy in ("continuous", "static"):
+        trace = (tmp_path / f"10_batching_{policy}_trace.json").read_text()
+        for stage in ("schedule", "forward", "sample", "postprocess"):
+            assert f'"name": "{stage}"' in trace, (policy, stage)
