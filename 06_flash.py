@@ -818,9 +818,9 @@ def run_checks(checks, device, quick):
     # single heads, so a program walking the whole group (what GQA 32/8 gets at 8k) and one walking half
     # of it (what MQA gets) are proved here.
     s = (2, 8, 2, 777, 777, 64, True) if on_gpu and not quick else (1, 8, 2, 45, 45, 32, True)
+    dtype = both[-1]
     for splits in (1, 2):
         with fixed_configs(n := n + 1), fixed_dkdv_splits(splits):
-            dtype = both[-1]
             checks(f"fwd+bwd H{s[1]}/{s[2]} causal, dK/dV group in {splits} part(s) {str(dtype)[6:]}",
                    check_dense, *s, dtype, device)  # fmt: skip
     with fixed_configs(0):

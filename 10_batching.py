@@ -44,6 +44,7 @@ Shapes: T tokens in a step (all sequences' chunks flattened), H query heads, H_K
 V vocabulary, C context length of a sequence.
 """
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -349,22 +350,28 @@ class WallClock:
         return time.perf_counter() - self.t0
 
 
+def _no_label(name: str):
+    return contextlib.nullcontext()
+
+
 class Engine:
-    def __init__(self, model, scheduler: Scheduler, sample=greedy, clock=None):
+    def __init__(self, model, scheduler: Scheduler, sample=greedy, clock=None, label_stages=False):
         clock = WallClock() if clock is None else clock
         self.model, self.scheduler, self.sample, self.clock = model, scheduler, sample, clock
+        # label_stages names each stage in a torch.profiler trace (--profile); record_function costs
+        # ~10 us a call on a CPU like this one's, so timed runs leave it off
+        self.stage = torch.profiler.record_function if label_stages else _no_label
 
     def step(self) -> tuple[Batch, list[Sequence]]:
-        # the named ranges label a --profile trace (a few microseconds a step when nothing records)
-        with torch.profiler.record_function("schedule"):
+        with self.stage("schedule"):
             batch = self.scheduler.schedule()
         if not batch.items:
             return batch, []
-        with torch.profiler.record_function("forward"):
+        with self.stage("forward"):
             logits = self.model(batch)
-        with torch.profiler.record_function("sample"):
+        with self.stage("sample"):
             next_tokens = self.sample(logits)  # greedy's .tolist() waits for the GPU
-        with torch.profiler.record_function("postprocess"):
+        with self.stage("postprocess"):
             return batch, self.scheduler.postprocess(batch, next_tokens, self.clock())
 
 
@@ -488,6 +495,7 @@ def step_inputs(items: list[ScheduledSeq], block_size: int, device) -> StepInput
     tokens, pos, slots, last = [], [], [], []
     dec_rows, tables, ctx = [], [], []
     pre_rows, ctx_slots, cu_q, cu_k = [], [], [0], [0]
+    max_q = max_k = 0
     for it in items:
         seq, end, at = it.seq, it.start + it.num_tokens, len(tokens)
         tokens += seq.token_ids[it.start : end]
@@ -503,6 +511,7 @@ def step_inputs(items: list[ScheduledSeq], block_size: int, device) -> StepInput
             ctx_slots += pk.slot_mapping(seq.block_table, 0, end, block_size)
             cu_q.append(cu_q[-1] + it.num_tokens)
             cu_k.append(cu_k[-1] + end)
+            max_q, max_k = max(max_q, it.num_tokens), max(max_k, end)
     width = max(map(len, tables), default=0)
     padded = [b for t in tables for b in t + [0] * (width - len(t))]
     parts = {"tokens": tokens, "pos": pos, "slots": slots, "last": last, "dec_rows": dec_rows,
@@ -511,7 +520,6 @@ def step_inputs(items: list[ScheduledSeq], block_size: int, device) -> StepInput
     flat = torch.tensor([v for p in parts.values() for v in p], dtype=torch.int64).to(device)
     t = dict(zip(parts, flat.split([len(p) for p in parts.values()]), strict=True))
     dec, pre = bool(dec_rows), bool(pre_rows)
-    lengths = lambda cu: [b - a for a, b in zip(cu, cu[1:], strict=False)]  # noqa: E731
     return StepInputs(
         t["tokens"], t["pos"], t["slots"], t["last"],
         t["dec_rows"] if dec else None, t["tables"].view(len(tables), width).int() if dec else None,
@@ -519,7 +527,7 @@ def step_inputs(items: list[ScheduledSeq], block_size: int, device) -> StepInput
         t["pre_rows"] if pre else None, t["ctx_slots"] // block_size if pre else None,
         t["ctx_slots"] % block_size if pre else None,
         t["cu_q"].int() if pre else None, t["cu_k"].int() if pre else None,
-        max(lengths(cu_q), default=0), max(lengths(cu_k), default=0),
+        max_q, max_k,
     )  # fmt: skip
 
 
@@ -838,7 +846,7 @@ def summarize(policy, seqs, timeline, sched) -> dict:
     }  # fmt: skip
 
 
-def run_policy(policy, model, specs, demo: DemoConfig):
+def run_policy(policy, model, specs, demo: DemoConfig, label_stages=False):
     num_blocks = demo.kv_tokens // demo.block_size
     bm = pk.BlockManager(num_blocks, demo.block_size)
     model.attach_cache(num_blocks, demo.block_size)
@@ -847,7 +855,7 @@ def run_policy(policy, model, specs, demo: DemoConfig):
     else:
         sched = Scheduler(bm, demo.max_num_seqs, demo.max_num_batched_tokens)
     seqs = [Sequence(p, m, a) for p, m, a in specs]
-    timeline = serve(Engine(model, sched), seqs)
+    timeline = serve(Engine(model, sched, label_stages=label_stages), seqs)
     if bm.num_free_blocks != num_blocks:
         raise AssertionError(f"{policy}: blocks still held after the trace")
     return summarize(policy, seqs, timeline, sched), timeline
@@ -880,7 +888,7 @@ def profile_policies(model, model_cfg, demo: DemoConfig, seed, out):
     specs = make_trace(n, demo.prompt_len, short, 1e6, seed + 2, model_cfg.vocab_size)
     for policy in ("continuous", "static"):
         with torch.profiler.profile() as prof:
-            run_policy(policy, model, specs, demo)
+            run_policy(policy, model, specs, demo, label_stages=True)
         print(f"{policy}, {n} requests: operators by self CPU time")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
         harness.save_trace(prof, f"10_batching_{policy}", out)
