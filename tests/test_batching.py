@@ -105,6 +105,7 @@ def test_engine_step_and_timings():
     assert timeline[0]["tokens"] == 5  # the first prompt fits the budget of 8 in one chunk
     row = bt.summarize("continuous", seqs, timeline, engine.scheduler)
     assert row["output_tokens"] == 5
+    assert row["mean_step_ms"] == 1e3  # the step clock advances one unit a step, and nobody idled
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # fp16: 06's prefill kernel as well
