@@ -78,6 +78,10 @@ class BenchConfig:
     # small (here: the MQA row).
     gqa_cases: tuple = ((128, 32, 8, (2048, 8192)), (128, 32, 1, (4096,)))
     profile_case: tuple = (128, True, 4096)  # (D, causal, N) traced with --profile
+    # varlen forward against dense on the same number of tokens: (D, H, H_KV, mean length); lengths are
+    # drawn uniformly from [mean / 8, 15 * mean / 8] (a serving prefill's mix), summing to varlen_tokens
+    varlen_cases: tuple = ((128, 16, 16, 1024), (128, 16, 16, 4096), (128, 32, 8, 4096))
+    varlen_tokens: int = 65536  # 64 sequences at mean 1024, about 16 at 4096
 
 
 def _c(bm, bn, warps, stages):
@@ -922,6 +926,56 @@ def bench_case(D, H, H_KV, N, causal, cfg, device, dtype, skipped):
     return row
 
 
+def mixed_lengths(tokens: int, mean: int, seed: int = 0) -> list[int]:
+    """Lengths uniform in [mean / 8, 15 * mean / 8] until they sum to exactly `tokens` (the last one cut
+    short, but to no fewer than mean / 8: the remainder goes to the one before it)."""
+    g, lo, hi = torch.Generator().manual_seed(seed), mean // 8, 15 * mean // 8
+    lens = []
+    while sum(lens) < tokens:
+        lens.append(int(torch.randint(lo, hi + 1, (), generator=g)))
+    lens[-1] -= sum(lens) - tokens
+    if lens[-1] < lo and len(lens) > 1:
+        lens[-2] += lens.pop()
+    return lens
+
+
+def varlen_case(D, H, H_KV, mean, causal, tokens, device, dtype) -> dict:
+    """The varlen forward (a serving engine's prefill: 10_batching and the capstone) on mixed lengths
+    against the dense forward on (tokens / mean) x mean, the same tokens. TFLOP/s counts each
+    sequence's own 4 * H * n^2 * D (halved for causal), so the mixed batch's extra work is not
+    mistaken for speed."""
+    lens = mixed_lengths(tokens, mean)
+    cu = torch.tensor([0, *lens], device=device).cumsum(0).to(torch.int32)
+    q = torch.randn(tokens, H, D, device=device, dtype=dtype)
+    k, v = (torch.randn(tokens, H_KV, D, device=device, dtype=dtype) for _ in range(2))
+    B = tokens // mean
+    qd = torch.randn(B, H, mean, D, device=device, dtype=dtype)
+    kd, vd = (torch.randn(B, H_KV, mean, D, device=device, dtype=dtype) for _ in range(2))
+    n_max = max(lens)
+    var_ms = harness.bench(lambda: flash_attention_varlen(q, k, v, cu, cu, n_max, n_max, causal), device)
+    dense_ms = harness.bench(lambda: flash_attention(qd, kd, vd, causal), device)
+    half = 0.5 if causal else 1.0
+    var_tf = sum(4 * H * n * n * D * half for n in lens) / var_ms / 1e9
+    dense_tf = 4 * B * H * mean * mean * D * half / dense_ms / 1e9
+    return {
+        "D": D, "H": H, "H_KV": H_KV, "causal": causal, "mean_len": mean, "sequences": len(lens),
+        "min_len": min(lens), "max_len": max(lens), "varlen_fwd": var_tf, "dense_fwd": dense_tf,
+        "varlen/dense": var_tf / dense_tf,
+    }  # fmt: skip
+
+
+def bench_varlen(cfg, device, dtype):
+    rows = []
+    for D, H, H_KV, mean in cfg.varlen_cases:
+        for causal in (False, True):
+            r = varlen_case(D, H, H_KV, mean, causal, cfg.varlen_tokens, device, dtype)
+            rows.append(r)
+            print(f"  varlen D{D} H{H}/{H_KV} {'causal' if causal else 'full  '} {r['sequences']} sequences, "
+                  f"mean {mean}: {r['varlen_fwd']:.0f} TFLOP/s, dense {r['dense_fwd']:.0f}, "
+                  f"{r['varlen/dense']:.2f}x", flush=True)  # fmt: skip
+    return rows
+
+
 def bench_all(cfg, device, dtype):
     rows, skipped = [], {}
     heads = dict(cfg.heads_for_dim)
@@ -1031,19 +1085,23 @@ def main():
         return
     cfg = BenchConfig()
     if args.quick:
-        cfg = dataclasses.replace(cfg, seqlens=(1024, 4096), gqa_cases=((128, 32, 8, (4096,)),))
+        cfg = dataclasses.replace(cfg, seqlens=(1024, 4096), gqa_cases=((128, 32, 8, (4096,)),),
+                                  varlen_cases=((128, 16, 16, 1024),))  # fmt: skip
     t0 = time.perf_counter()
     rows, skipped = bench_all(cfg, device, dtype)
+    varlen_rows = bench_varlen(cfg, device, dtype)
     print(f"benchmark took {time.perf_counter() - t0:.0f} s")
     # the ceiling in the benchmark's dtype, timed like the rows (graph=False: CUDA events, L2 flushed)
     ceiling = harness.matmul_flops(device, dtype, graph=False) / 1e12
-    extra = {"matmul_tflops": ceiling, "matmul_dtype": args.dtype, "skipped_backends": skipped}
+    extra = {"matmul_tflops": ceiling, "matmul_dtype": args.dtype, "skipped_backends": skipped,
+             "varlen_vs_dense": varlen_rows}  # fmt: skip
     for r in rows:
         r["fwd_of_matmul"] = r["ours_fwd"] / ceiling
     if args.profile:
         extra["profile"] = profile(cfg, device, dtype, args.out)
     extra["tuned"] = tuned_configs()
     harness.print_table(rows)
+    harness.print_table(varlen_rows)
     for name, why in skipped.items():
         print(f"skipped sdpa backend {name}: {why}")
     extra["config"] = dataclasses.asdict(cfg)

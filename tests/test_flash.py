@@ -196,3 +196,19 @@ def test_reference_is_02s_not_a_copy():
     source = (harness.ROOT / "06_flash.py").read_text()
     assert "def attention_reference" not in source
     assert mod.attention_reference is load_build("02_attention").attention_reference
+
+
+@pytest.mark.parametrize("tokens, mean", [(65536, 1024), (65536, 4096), (100, 16), (4096, 4096)])
+def test_mixed_lengths_sum_to_the_tokens_within_the_range(tokens, mean):
+    lens = mod.mixed_lengths(tokens, mean)
+    assert sum(lens) == tokens
+    assert all(mean // 8 <= n for n in lens[:-1]) and max(lens) <= 15 * mean // 8 + mean // 8
+    assert mod.mixed_lengths(tokens, mean) == lens  # seeded: every run benchmarks the same batch
+
+
+def test_varlen_benchmark_row_counts_each_sequences_own_flops():
+    with mod.fixed_configs(0):  # the benchmark's path in the interpreter, without tuning
+        row = mod.varlen_case(32, 2, 1, 64, True, 256, DEVICE, F16)
+    assert row["sequences"] > 1 and row["min_len"] < row["max_len"]
+    assert row["varlen_fwd"] > 0 and row["dense_fwd"] > 0
+    assert row["varlen/dense"] == pytest.approx(row["varlen_fwd"] / row["dense_fwd"])
