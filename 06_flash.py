@@ -247,7 +247,11 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
 #   dV = P^T dO,   dP = dO V^T,   dS = P * (dP - delta),   delta_i = sum_j P_ij dP_ij = rowsum(dO * O)_i
 #   dQ = scale * dS K,   dK = scale * dS^T Q.
 # dK/dV for a key block needs every query row, dQ for a query block needs every key: two kernels,
-# each owning its outputs, so nothing is accumulated across programs and no atomics are needed.
+# each owning its outputs, so nothing is accumulated across programs and no atomics are needed. The
+# price: the dQ kernel recomputes P and dP, 7 matmuls per (query block, key block) pair instead of 5.
+# deterministic=False takes FlashAttention-2's other road: the dK/dV kernel also adds dS K into an fp32
+# dQ buffer with atomic adds (5 matmuls, no dQ kernel), in whatever order the programs run, so dQ's
+# last bits vary from run to run. What each costs on the H200: notes/06_flash.md.
 # GQA: a kv head's dK/dV sums over its query group. One program walks the whole group, or, where that
 # leaves too few programs to fill the GPU (MQA), a share of it, writing an fp32 partial sum; the
 # partials are added afterwards (dkdv_splits). On the H200 this took MQA's causal backward from 0.40x
@@ -274,9 +278,9 @@ def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_dob,
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_don, offs_n, lo, hi,
-                seq_q, diag, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                MASKED: tl.constexpr):  # fmt: skip
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn, stride_don,
+                stride_dqn, offs_n, lo, hi, seq_q, diag, qk_scale, sm_scale, HEAD_DIM: tl.constexpr,
+                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, ATOMIC_DQ: tl.constexpr):  # fmt: skip
     offs_d = tl.arange(0, HEAD_DIM)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -292,18 +296,24 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, 
         dp_t = tl.dot(v, tl.trans(do))  # dP^T = V dO^T
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk)  # dK += dS^T Q (scale applied once at the end)
+        if ATOMIC_DQ:  # dQ += dS K over these keys, added into the fp32 buffer every key block shares
+            dq = tl.dot(tl.trans(ds_t).to(k.dtype), k) * sm_scale
+            dq_ptrs = dq_base + offs_m[:, None] * stride_dqn + offs_d[None, :]
+            tl.atomic_add(dq_ptrs, dq, mask=rows[:, None], sem="relaxed")
     return dk, dv
 
 
-@_autotune("dkdv", key=["N_BUCKET", "GRID_BUCKET", "HEAD_DIM", "CAUSAL", "IS_VARLEN"], outputs=["DK", "DV"])
+@_autotune("dkdv", key=["N_BUCKET", "GRID_BUCKET", "HEAD_DIM", "CAUSAL", "IS_VARLEN", "ATOMIC_DQ"],
+           outputs=["DK", "DV", "DQ"])  # fmt: skip
 @triton.jit(do_not_specialize=["n_q", "n_k", "N_BUCKET", "GRID_BUCKET"])
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_Q, CU_K,
                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
                      stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, stride_split,
-                     stride_lb, stride_lh, n_q, n_k, H_KV, GROUP, SPLITS, qk_scale, sm_scale, N_BUCKET,
-                     GRID_BUCKET, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+                     stride_dqb, stride_dqh, stride_dqn, stride_lb, stride_lh, n_q, n_k, H_KV, GROUP, SPLITS,
+                     qk_scale, sm_scale, N_BUCKET, GRID_BUCKET, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+                     IS_VARLEN: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr):  # fmt: skip
     start_n = tl.program_id(0) * BLOCK_N
     pid = tl.program_id(1)  # over (batch, kv head, split of the query group)
     split = pid % SPLITS
@@ -336,12 +346,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
             do_base = DO + b * stride_dob + h * stride_doh + q_row0 * stride_don
             lse_base = LSE + b * stride_lb + h * stride_lh + q_row0  # LSE and DELTA share one layout
             delta_base = DELTA + b * stride_lb + h * stride_lh + q_row0
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_don,
-                                 offs_n, lo, mid, seq_q, diag, qk_scale, HEAD_DIM, BLOCK_M,
-                                 True)  # fmt: skip
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_don,
-                                 offs_n, mid, seq_q, seq_q, diag, qk_scale, HEAD_DIM, BLOCK_M,
-                                 False)  # fmt: skip
+            dq_base = DQ + b * stride_dqb + h * stride_dqh + q_row0 * stride_dqn  # ATOMIC_DQ only
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn,
+                                 stride_don, stride_dqn, offs_n, lo, mid, seq_q, diag, qk_scale, sm_scale,
+                                 HEAD_DIM, BLOCK_M, True, ATOMIC_DQ)  # fmt: skip
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn,
+                                 stride_don, stride_dqn, offs_n, mid, seq_q, seq_q, diag, qk_scale, sm_scale,
+                                 HEAD_DIM, BLOCK_M, False, ATOMIC_DQ)  # fmt: skip
         dk_rows = (k_row0 + offs_n[:, None]) * stride_dkn
         dv_rows = (k_row0 + offs_n[:, None]) * stride_dvn
         part = split.to(tl.int64) * stride_split  # SPLITS > 1: this split's fp32 partial sum
@@ -527,8 +538,9 @@ def _fwd(q, k, v, cu, B, n_q, n_k, causal, sm_scale, poison):
     return o, lse
 
 
-def _bwd(do, q, k, v, o, lse, cu, B, n_q, n_k, causal, sm_scale, poison):
-    """dq, dk, dv for either layout (see _fwd); lse and delta share one contiguous layout."""
+def _bwd(do, q, k, v, o, lse, cu, B, n_q, n_k, causal, sm_scale, poison, deterministic=True):
+    """dq, dk, dv for either layout (see _fwd); lse and delta share one contiguous layout.
+    deterministic=False: dQ from fp32 atomic adds in the dK/dV kernel instead of its own kernel."""
     varlen, H, D, h_kv = cu is not None, q.shape[1], q.shape[-1], k.shape[1]
     (do,) = _contig_last(do)
     delta = _empty(lse.shape, q, torch.float32, poison)
@@ -537,7 +549,14 @@ def _bwd(do, q, k, v, o, lse, cu, B, n_q, n_k, causal, sm_scale, poison):
     _bwd_delta_kernel[(triton.cdiv(rows, 64), n_b * H)](
         o, do, delta, *_bhn(o, varlen), *_bhn(do, varlen), rows, H, HEAD_DIM=D, BLOCK_M=64
     )
-    dq = _empty(q.shape, q, poison=poison)
+    atomic = not deterministic
+    # the atomic path adds into zeros, so it is not poisoned: a row nobody adds to stays 0, which the
+    # checks' comparisons catch
+    dq = (
+        torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+        if atomic
+        else _empty(q.shape, q, poison=poison)
+    )
     splits = _FIXED["splits"] or dkdv_splits(n_k, B, h_kv, H // h_kv, q.device)
     if (H // h_kv) % splits:  # a program walks GROUP // splits heads: a remainder would be dropped
         raise ValueError(f"dK/dV splits {splits} must divide the query group {H // h_kv}")
@@ -547,15 +566,18 @@ def _bwd(do, q, k, v, o, lse, cu, B, n_q, n_k, causal, sm_scale, poison):
         dk, dv = (_empty((splits, *t.shape), t, torch.float32, poison) for t in (k, v))
     cu_q, cu_k = cu if varlen else (q, q)
     common = dict(HEAD_DIM=D, CAUSAL=causal, IS_VARLEN=varlen)
+    dq_bhn = _bhn(dq, varlen) if atomic else (0, 0, 0)
     grid_kv = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), B * h_kv * splits)  # noqa: E731
     dk_b, dv_b = (t if splits == 1 else t[0] for t in (dk, dv))  # strides of one split's (B, H_KV, N, D)
-    _launch(_bwd_dkdv_kernel, "dkdv", grid_kv, q, k, v, do, lse, delta, dk, dv, cu_q, cu_k,
+    _launch(_bwd_dkdv_kernel, "dkdv", grid_kv, q, k, v, do, lse, delta, dk, dv, dq, cu_q, cu_k,
             *_bhn(q, varlen), *_bhn(k, varlen), *_bhn(v, varlen), *_bhn(do, varlen),
-            *_bhn(dk_b, varlen), *_bhn(dv_b, varlen), dk.stride(0) if splits > 1 else 0, *lse_bh,
+            *_bhn(dk_b, varlen), *_bhn(dv_b, varlen), dk.stride(0) if splits > 1 else 0, *dq_bhn, *lse_bh,
             n_q, n_k, h_kv, H // h_kv, splits, sm_scale * LOG2E, sm_scale, _bucket(max(n_q, n_k)),
-            _bucket(B * h_kv * splits), **common)  # fmt: skip
+            _bucket(B * h_kv * splits), ATOMIC_DQ=atomic, **common)  # fmt: skip
     if splits > 1:
         dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)  # summed in fp32, rounded once
+    if atomic:
+        return dq.to(q.dtype), dk, dv
     grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), B * H)  # noqa: E731
     _launch(_bwd_dq_kernel, "dq", grid_q, q, k, v, do, lse, delta, dq, cu_q, cu_k,
             *_bhn(q, varlen), *_bhn(k, varlen), *_bhn(v, varlen), *_bhn(do, varlen), *_bhn(dq, varlen),
@@ -568,33 +590,37 @@ class FlashAttention(torch.autograd.Function):
     """Both layouts; cu is None (dense) or (cu_seqlens_q, cu_seqlens_k) (varlen)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu, B, n_q, n_k, causal, sm_scale, poison):
+    def forward(ctx, q, k, v, cu, B, n_q, n_k, causal, sm_scale, poison, deterministic):
         o, lse = _fwd(q, k, v, cu, B, n_q, n_k, causal, sm_scale, poison)
         ctx.save_for_backward(q, k, v, o, lse)  # O(N) extra memory: lse, not the N x N probabilities
-        ctx.args = (cu, B, n_q, n_k, causal, sm_scale, poison)
+        ctx.args = (cu, B, n_q, n_k, causal, sm_scale, poison, deterministic)
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        return *_bwd(do, q, k, v, o, lse, *ctx.args), *[None] * 7
+        return *_bwd(do, q, k, v, o, lse, *ctx.args), *[None] * 8
 
 
-def flash_attention(q, k, v, causal=False, sm_scale=None, *, poison=False):
+def flash_attention(q, k, v, causal=False, sm_scale=None, *, poison=False, deterministic=True):
     """Attention over (B, H, Nq, D) queries and (B, H_KV, Nk, D) keys/values -> (B, H, Nq, D).
 
     Differentiable. H must be a multiple of H_KV (GQA/MQA); causal needs Nq == Nk. sm_scale defaults
     to D^-0.5. poison=True fills every output with NaN before the kernels run (used by the checks).
+    deterministic=False computes dQ with fp32 atomic adds (see the backward kernels' notes).
     """
     _validate(q, k, v, causal, sm_scale, "dense")
     q, k, v = _contig_last(q, k, v)
     sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
     B, _, n_q, _ = q.shape
-    return FlashAttention.apply(q, k, v, None, B, n_q, k.shape[2], bool(causal), sm_scale, poison)
+    return FlashAttention.apply(
+        q, k, v, None, B, n_q, k.shape[2], bool(causal), sm_scale, poison, bool(deterministic)
+    )
 
 
 def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False,
-                           sm_scale=None, *, poison=False, check_offsets=True):  # fmt: skip
+                           sm_scale=None, *, poison=False, check_offsets=True,
+                           deterministic=True):  # fmt: skip
     """Attention over packed sequences: q (T_q, H, D), k and v (T_k, H_KV, D) -> (T_q, H, D).
 
     Sequence b owns query rows cu_seqlens_q[b]:cu_seqlens_q[b+1] and key rows likewise (int32, length
@@ -605,6 +631,7 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     on packed sequences); the argument checks are in the "Argument checks" cell below.
     check_offsets=False skips the checks of the offsets' values, and with them the host's wait for the
     GPU they need: for a caller that built cu_seqlens itself and calls once a layer (a serving loop).
+    deterministic=False: dQ by fp32 atomic adds, as in flash_attention.
     """
     _validate(q, k, v, causal, sm_scale, "varlen")
     cu_seqlens_q, cu_seqlens_k = _validate_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
@@ -615,7 +642,9 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         return q * 0 + (k[:0].sum() + v[:0].sum())  # empty, but still in the autograd graph of q, k, v
     B = cu_seqlens_q.numel() - 1
     cu = (cu_seqlens_q, cu_seqlens_k)
-    return FlashAttention.apply(q, k, v, cu, B, max_seqlen_q, max_seqlen_k, bool(causal), sm_scale, poison)
+    return FlashAttention.apply(
+        q, k, v, cu, B, max_seqlen_q, max_seqlen_k, bool(causal), sm_scale, poison, bool(deterministic)
+    )
 
 
 # %% Argument checks
@@ -717,13 +746,13 @@ def _grads(out, inputs, do):
     return torch.autograd.grad(out, inputs, do)
 
 
-def check_dense(B, H, H_KV, NQ, NK, D, causal, dtype, device):
+def check_dense(B, H, H_KV, NQ, NK, D, causal, dtype, device, deterministic=True):
     """Output and dq, dk, dv against float64 and SDPA; returns a short note of the errors."""
     q = torch.randn(B, H, NQ, D, device=device, dtype=dtype, requires_grad=True)
     k = torch.randn(B, H_KV, NK, D, device=device, dtype=dtype, requires_grad=True)
     v = torch.randn(B, H_KV, NK, D, device=device, dtype=dtype, requires_grad=True)
     do = torch.randn(B, H, NQ, D, device=device, dtype=dtype)
-    fast = flash_attention(q, k, v, causal, poison=True)
+    fast = flash_attention(q, k, v, causal, poison=True, deterministic=deterministic)
     fast_grads = _grads(fast, (q, k, v), do)
     ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref = attention_reference(*ref_in, causal=causal)
@@ -755,7 +784,7 @@ def check_lse(device):
     return harness.assert_close(lse, torch.logsumexp(s, -1) * LOG2E, torch.float16, "lse")
 
 
-def check_varlen(lens_q, lens_k, H, H_KV, D, causal, dtype, device, grad=False):
+def check_varlen(lens_q, lens_k, H, H_KV, D, causal, dtype, device, grad=False, deterministic=True):
     """Packed varlen output (and with grad=True dq, dk, dv) equals each sequence run on its own through
     the float64 reference; where the lengths match, the output also equals the dense kernel's."""
     cu_q = torch.tensor([0, *lens_q], device=device).cumsum(0).to(torch.int32)
@@ -763,7 +792,8 @@ def check_varlen(lens_q, lens_k, H, H_KV, D, causal, dtype, device, grad=False):
     q = torch.randn(sum(lens_q), H, D, device=device, dtype=dtype, requires_grad=grad)  # (T_q, H, D)
     k = torch.randn(sum(lens_k), H_KV, D, device=device, dtype=dtype, requires_grad=grad)
     v = torch.randn(sum(lens_k), H_KV, D, device=device, dtype=dtype, requires_grad=grad)
-    fast = flash_attention_varlen(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal, poison=True)
+    fast = flash_attention_varlen(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal, poison=True,
+                                  deterministic=deterministic)  # fmt: skip
     ref_in = [t.detach().double().requires_grad_(grad) for t in (q, k, v)]
     refs, dense_err = [], 0.0
     for b in range(len(lens_q)):
@@ -827,6 +857,14 @@ def run_checks(checks, device, quick):
         with fixed_configs(n := n + 1), fixed_dkdv_splits(splits):
             checks(f"fwd+bwd H{s[1]}/{s[2]} causal, dK/dV group in {splits} part(s) {str(dtype)[6:]}",
                    check_dense, *s, dtype, device)  # fmt: skip
+    # dQ by atomic adds (deterministic=False): full and causal, a grouped and a split group, varlen
+    atomic = [(2, 4, 4, 1000, 1000, 128, True), (1, 8, 2, 777, 777, 64, False)] if on_gpu and not quick else [
+        (1, 4, 2, 45, 45, 32, True), (1, 4, 2, 37, 37, 64, False)]  # fmt: skip
+    for i, s in enumerate(atomic):
+        with fixed_configs(n := n + 1), fixed_dkdv_splits(1 + i % 2):
+            mode = "causal" if s[6] else "full"
+            name = f"fwd+bwd B{s[0]} H{s[1]}/{s[2]} N{s[3]} D{s[5]} {mode}, dQ by atomic adds"
+            checks(f"{name} {str(dtype)[6:]}", check_dense, *s, dtype, device, False)
     with fixed_configs(0):
         checks("saved log-sum-exp (base 2)", check_lse, device)
     # varlen, forward and backward: a zero-length prompt, a one-token prompt, cached prefixes
@@ -840,6 +878,9 @@ def run_checks(checks, device, quick):
             name = f"varlen fwd+bwd lens_q {lens_q} lens_k {lens_k} D{d} H4/2 {mode} {str(dtype)[6:]}"
             with fixed_configs(n := n + 1):
                 checks(name, check_varlen, lens_q, lens_k, 4, 2, d, causal, dtype, device, True)
+    with fixed_configs(n := n + 1):
+        checks(f"varlen fwd+bwd causal, dQ by atomic adds {str(both[-1])[6:]}", check_varlen, lens_q,
+               lens_k, 4, 2, 64, True, both[-1], device, True, False)  # fmt: skip
 
 
 # %% Benchmark
@@ -873,7 +914,11 @@ def _impls(causal):
     """name -> (fn, context manager pinning the SDPA backend or None)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    impls = {"ours": (lambda q, k, v: flash_attention(q, k, v, causal), None)}
+    impls = {
+        "ours": (lambda q, k, v: flash_attention(q, k, v, causal), None),
+        # the same forward; the backward adds dQ with atomics (5 matmuls a block pair instead of 7)
+        "ours_atomic": (lambda q, k, v: flash_attention(q, k, v, causal, deterministic=False), None),
+    }
     for name, backend in SDPA_BACKENDS.items():
         impls[name] = (_sdpa(causal, False), lambda b=backend: sdpa_kernel(getattr(SDPBackend, b)))
     return impls
@@ -903,7 +948,7 @@ def bench_case(D, H, H_KV, N, causal, cfg, device, dtype, skipped):
                 fwd_ms, bwd_ms, outs[name] = _time(fn, ctx, q, k, v, do, device)
                 gqa_mode[name] = "enable_gqa"
             except RuntimeError:
-                if H == H_KV or name == "ours":
+                if H == H_KV or name.startswith("ours"):
                     raise
                 fwd_ms, bwd_ms, outs[name] = _time(_sdpa(causal, True), ctx, q, k, v, do, device)
                 gqa_mode[name] = "repeat_interleave"
@@ -917,9 +962,11 @@ def bench_case(D, H, H_KV, N, causal, cfg, device, dtype, skipped):
         if f"{ref}_fwd" in tflops:
             ratios[f"fwd/{ref}"] = tflops["ours_fwd"] / tflops[f"{ref}_fwd"]
             ratios[f"bwd/{ref}"] = tflops["ours_bwd"] / tflops[f"{ref}_bwd"]
+            if "ours_atomic_bwd" in tflops:
+                ratios[f"bwd_atomic/{ref}"] = tflops["ours_atomic_bwd"] / tflops[f"{ref}_bwd"]
     row = head | ratios | tflops
     if H != H_KV:
-        row["sdpa_gqa"] = ",".join(f"{n}:{m}" for n, m in gqa_mode.items() if n != "ours")
+        row["sdpa_gqa"] = ",".join(f"{n}:{m}" for n, m in gqa_mode.items() if not n.startswith("ours"))
     other = outs.get("cudnn", outs.get("fa2"))
     if other is not None:  # the benchmarked shapes (autotuned configs at large N) agree with SDPA too
         row["err_vs_sdpa"] = harness.rel_err(outs["ours"], other)
@@ -990,7 +1037,9 @@ def bench_all(cfg, device, dtype):
                 continue
             r = rows[-1]
             vs = " ".join(
-                f"{key} {r[key]:.2f}" for key in ("fwd/cudnn", "bwd/cudnn", "fwd/fa2", "bwd/fa2") if key in r
+                f"{key} {r[key]:.2f}"
+                for key in ("fwd/cudnn", "bwd/cudnn", "bwd_atomic/cudnn", "fwd/fa2", "bwd/fa2")
+                if key in r
             )
             print(f"  D{D} H{H}/{H_KV} {'causal' if causal else 'full  '} N{N}: ours fwd {r['ours_fwd']:.0f} "
                   f"bwd {r['ours_bwd']:.0f} TFLOP/s  {vs}", flush=True)  # fmt: skip
@@ -1026,30 +1075,36 @@ def plot(rows, path, dtype_name):
 
 
 def profile(cfg, device, dtype, out):
-    """torch.profiler trace of ours and cuDNN on one configuration; returns per-kernel device times."""
+    """torch.profiler traces of ours (both dQ paths) and cuDNN on one configuration; returns per-kernel
+    device times. The atomic-dQ path is traced on its own: its kernels have the same names."""
     D, causal, N = cfg.profile_case
     H, B = dict(cfg.heads_for_dim)[D], cfg.tokens // N
     q, k, v = (torch.randn(B, H, N, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     do = torch.randn(B, H, N, D, device=device, dtype=dtype)
     impls = _impls(causal)
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=acts) as prof:
-        for name in ("ours", "cudnn"):
-            fn, ctx = impls[name]
-            with ctx() if ctx else contextlib.nullcontext():
-                for _ in range(3):
-                    torch.autograd.grad(fn(q, k, v), (q, k, v), do)
-        torch.cuda.synchronize()
-    harness.save_trace(prof, "06_flash", out)
-    kernels = []
-    for e in prof.key_averages():
-        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if t and e.key and not e.key.startswith(("aten::", "autograd", "torch::", "cuda", "Memset")):
-            kernels.append({"kernel": e.key[:90], "calls": e.count, "us_per_call": t / max(e.count, 1)})
-    kernels.sort(key=lambda r: -r["us_per_call"] * r["calls"])
-    print(f"profile D{D} {'causal' if causal else 'full'} N{N} B{B} H{H}: device time per kernel call")
-    harness.print_table(kernels[:12])
-    return {"case": {"D": D, "causal": causal, "N": N, "B": B, "H": H}, "kernels": kernels[:12]}
+    result = {"case": {"D": D, "causal": causal, "N": N, "B": B, "H": H}}
+    for label, names in (("kernels", ("ours", "cudnn")), ("kernels_atomic_dq", ("ours_atomic",))):
+        with torch.profiler.profile(activities=acts) as prof:
+            for name in names:
+                fn, ctx = impls[name]
+                with ctx() if ctx else contextlib.nullcontext():
+                    for _ in range(3):
+                        torch.autograd.grad(fn(q, k, v), (q, k, v), do)
+            torch.cuda.synchronize()
+        if label == "kernels":
+            harness.save_trace(prof, "06_flash", out)
+        kernels = []
+        for e in prof.key_averages():
+            t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+            if t and e.key and not e.key.startswith(("aten::", "autograd", "torch::", "cuda", "Memset")):
+                kernels.append({"kernel": e.key[:90], "calls": e.count, "us_per_call": t / max(e.count, 1)})
+        kernels.sort(key=lambda r: -r["us_per_call"] * r["calls"])
+        print(f"profile D{D} {'causal' if causal else 'full'} N{N} B{B} H{H}, {' and '.join(names)}: "
+              "device time per kernel call")  # fmt: skip
+        harness.print_table(kernels[:12])
+        result[label] = kernels[:12]
+    return result
 
 
 def tuned_configs():

@@ -212,3 +212,27 @@ def test_varlen_benchmark_row_counts_each_sequences_own_flops():
     assert row["sequences"] > 1 and row["min_len"] < row["max_len"]
     assert row["varlen_fwd"] > 0 and row["dense_fwd"] > 0
     assert row["varlen/dense"] == pytest.approx(row["varlen_fwd"] / row["dense_fwd"])
+
+
+@pytest.mark.parametrize(
+    "shape, splits",
+    [((1, 4, 2, 45, 45, 32, True), 1), ((1, 4, 2, 37, 37, 64, False), 2), ((1, 2, 1, 50, 19, 16, False), 1)],
+)
+def test_atomic_dq_matches_float64_and_sdpa(shape, splits):
+    """deterministic=False: dQ added by fp32 atomics inside the dK/dV kernel (causal, GQA with the group
+    whole or split, Nq > Nk) is as close to the references as the two-kernel path."""
+    with mod.fixed_configs(0), mod.fixed_dkdv_splits(splits):
+        note = mod.check_dense(*shape, F16, DEVICE, deterministic=False)
+    assert "vs f64" in note
+
+
+def test_atomic_dq_varlen_and_the_default_is_bitwise_repeatable():
+    note = mod.check_varlen([21, 1, 0, 17], [21, 4, 3, 30], 4, 2, 32, True, F16, DEVICE, True, False)
+    assert "dq/dk/dv" in note
+    q, k, v = (torch.randn(1, 4, 33, 32, dtype=F16, device=DEVICE, requires_grad=True) for _ in range(3))
+    do = torch.randn(1, 4, 33, 32, dtype=F16, device=DEVICE)
+    runs = [torch.autograd.grad(mod.flash_attention(q, k, v, True), (q, k, v), do) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))  # no atomics: same bits every run
+    atomic = torch.autograd.grad(mod.flash_attention(q, k, v, True, deterministic=False), (q, k, v), do)
+    for a, b in zip(runs[0], atomic, strict=True):
+        harness.assert_close(b, a, F16, "atomic vs two-kernel")
