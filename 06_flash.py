@@ -4,9 +4,10 @@ Attention softmax(Q K^T * scale) V over N tokens costs O(N^2) work but, tiled th
 only O(N) memory traffic: a block of queries stays on chip while blocks of keys and values stream
 past, and a running max / running sum ("online softmax") rescales the partial output so the N x N
 score matrix never reaches device memory. This file builds the forward kernel, the FlashAttention-2
-backward (one kernel for dK/dV, one for dQ, no atomics), grouped-query attention read in place, and
-a packed variable-length path, forward and backward, for a batch of prompts of different lengths
-(the capstone's prefill, and training on packed sequences).
+backward (one kernel for dK/dV, one for dQ, no atomics; FA2's atomic-dQ variant beside it, measured
+slower on the H200), grouped-query attention read in place, and a packed variable-length path,
+forward and backward, for a batch of prompts of different lengths (the capstone's prefill, and
+training on packed sequences).
 
 You will learn:
   - the online softmax recurrence m, l, acc and why exp2 with log2(e) folded into the scale is free;
@@ -26,8 +27,9 @@ Does not handle:
   - dropout, attention bias/ALiBi, sliding windows, softcapping, a KV cache with paged blocks;
   - causal attention with Nq != Nk in the dense API (use the varlen API, which aligns the diagonal
     bottom-right);
-  - warp specialisation, TMA tensor descriptors and the ping-pong scheduling of FlashAttention-3
-    (see "Why plain pointer loads" below and the gap analysis in notes/06_flash.md).
+  - TMA tensor descriptors, warp specialisation and the ping-pong scheduling of FlashAttention-3
+    (see "Why plain pointer loads" below and the gap analysis in notes/06_flash.md; a probe measured
+    what descriptors would buy).
 
 References: Dao et al., "FlashAttention" (2022); Dao, "FlashAttention-2" (2023); Shah et al.,
 "FlashAttention-3" (2024). Reference implementation: the Triton tutorial 06-fused-attention.py.
@@ -251,7 +253,10 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
 # price: the dQ kernel recomputes P and dP, 7 matmuls per (query block, key block) pair instead of 5.
 # deterministic=False takes FlashAttention-2's other road: the dK/dV kernel also adds dS K into an fp32
 # dQ buffer with atomic adds (5 matmuls, no dQ kernel), in whatever order the programs run, so dQ's
-# last bits vary from run to run. What each costs on the H200: notes/06_flash.md.
+# last bits vary from run to run. On the H200 it is the slower road: at D=128, causal, N=4k the dK/dV
+# kernel grows from 1.42 to 2.31 ms (one matmul is ~0.36 ms of that; the rest is the ~2 GB of fp32
+# atomic adds), more than the 0.70 ms dQ kernel it replaces, so the backward runs at 0.48-0.76x cuDNN
+# against 0.60-0.92x (results/06_flash.json, notes/06_flash.md). It stays as the measured alternative.
 # GQA: a kv head's dK/dV sums over its query group. One program walks the whole group, or, where that
 # leaves too few programs to fill the GPU (MQA), a share of it, writing an fp32 partial sum; the
 # partials are added afterwards (dkdv_splits). On the H200 this took MQA's causal backward from 0.40x
@@ -445,11 +450,12 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
 # Why plain pointer loads and not TMA tensor descriptors: a descriptor over the flattened (B*H*N, D)
 # tensor reads and, worse, *writes* across the boundary into the next head or (for varlen) the next
 # sequence, so tails would need 3-D per-head descriptors and varlen would still need masked pointer
-# stores; descriptors also impose 16-byte stride rules on the inputs. Within this build's small device
-# budget we kept one masked-pointer code path, proved on Triton 3.6 (H200) and the 3.9 interpreter, and
-# did not try a descriptor variant: that, with warp specialisation, is the next step (see the gap
-# analysis in notes/06_flash.md). On Hopper Triton software-pipelines such loads (num_stages) and emits
-# wgmma for the dots; we did not inspect the generated code here.
+# stores; descriptors also impose 16-byte stride rules on the inputs. We kept one masked-pointer code
+# path, proved on Triton 3.6 (H200) and the 3.9 interpreter. What descriptors would buy was measured
+# with a stripped probe (notes/probes/flash_fwd_tma.py, dense and tail-free): 3-11% more forward
+# TFLOP/s at the best tile on the H200, and nothing more from tl.range(..., warp_specialize=True), which
+# Triton 3.6 accepts at 8 warps (notes/06_flash.md). On Hopper Triton software-pipelines pointer loads
+# (num_stages) and emits wgmma for the dots; we did not inspect the generated code here.
 # Strides: every kernel reads q, k, v, o and dO through their (batch, head, row) strides, with unit
 # stride along D (_contig_last copies a tensor that lacks it); o, lse, delta, dq, dk, dv are allocated
 # here contiguous, and cu_seqlens are made contiguous before the kernels index them as plain arrays.
@@ -607,7 +613,8 @@ def flash_attention(q, k, v, causal=False, sm_scale=None, *, poison=False, deter
 
     Differentiable. H must be a multiple of H_KV (GQA/MQA); causal needs Nq == Nk. sm_scale defaults
     to D^-0.5. poison=True fills every output with NaN before the kernels run (used by the checks).
-    deterministic=False computes dQ with fp32 atomic adds (see the backward kernels' notes).
+    deterministic=False computes dQ with fp32 atomic adds: not bitwise repeatable, and slower on the
+    H200 (see the backward kernels' notes).
     """
     _validate(q, k, v, causal, sm_scale, "dense")
     q, k, v = _contig_last(q, k, v)

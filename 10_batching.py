@@ -812,17 +812,21 @@ def run_checks(device, dtype, quick, model_cfg):
 # token time - arrival (queueing included); TPOT = (finish - first token) / (output tokens - 1).
 # Percentiles over requests. Kernels are compiled by a warm-up trace before either policy is timed.
 #
-# What the H200 run measured (results/10_batching.json: 512 requests arriving in about 1 s): 2.18x
-# static's throughput, short of the 3x the issue set. The ratio is (sequences per step) x (static's
-# step time / continuous's): continuous batching runs 3.5x the sequences per step (86.8 vs 24.6) but
-# its steps take 1.6x as long (6.9 vs 4.3 ms), and 3.5 / 1.6 = 2.2. A least-squares fit of the step
-# times in the JSON's timelines gives a decode step 3.7-5.5 ms whatever its size (four layers of
-# launches and the scheduler's Python, with the GPU mostly idle) plus about 0.01 ms per sequence, and a
-# step that holds prefill chunks about 3 ms more (the prefill path's extra launches and host work) plus
-# 1 us per prefill token. Continuous batching pays both more often: 316 of its 1,579 steps hold
-# prefill chunks (static: 76 of 5,577), its 240 preemptions prefill again, and it carries 3.5x the
-# sequences. Closing the gap means making those costs smaller, not the scheduling smarter: page tables
-# kept on the GPU instead of rebuilt from lists every step, less Python per sequence, CUDA-graph steps.
+# What the H200 measured (results/10_batching.json and notes/10_batching.md; 512 requests arriving in
+# about 1 s): 2.1-2.8x static's throughput over four runs, short of the 3x the issue set. Both policies
+# generate the same tokens, so the ratio is (static's steps / continuous's) x (static's mean step time /
+# continuous's). The first factor is the bound the run prints, 3.53x here (5,577 steps against 1,581:
+# continuous runs 3.5x the sequences a step). The second is below 1: every step costs ~4 ms of
+# launches and Python whatever it holds (a four-layer model leaves the GPU mostly idle), and
+# continuous's steps also pay 20-30 us of Python per sequence (schedule, step_inputs, postprocess) and
+# ~4 ms more when they hold prefill chunks, which they do 6x as often (330 of ~1,580 steps against 76
+# of 5,577: arrivals, and 215-260 preemptions that prefill again). A stage probe on the H200 timed
+# decode steps at 5.9 ms with 82 sequences against 4.2 ms with 25. Replaying the real schedules under
+# that cost model (notes/probes/batching_cost_model.py) gives 2.4x; cutting the per-sequence cost to
+# 10 us and the prefill extra to 1 ms would give 2.9x, and only a step cost independent of its
+# contents reaches the 3.5x bound. In a GPU-bound regime (a large model) the prefill compute, the same
+# for both policies, dilutes the ratio instead. So 3x on this trace at this memory is out of reach of a
+# Python engine; the notes have the measurements.
 
 
 def percentile(xs, q):
