@@ -819,7 +819,7 @@ def run_checks(device, dtype, quick, model_cfg):
 # continuous runs 3.5x the sequences a step). The second is below 1: every step costs ~4 ms of
 # launches and Python whatever it holds (a four-layer model leaves the GPU mostly idle), and
 # continuous's steps also pay 20-30 us of Python per sequence (schedule, step_inputs, postprocess) and
-# ~4 ms more when they hold prefill chunks, which they do 6x as often (330 of ~1,580 steps against 76
+# ~4 ms more when they hold prefill chunks, in 4x as many steps (330 of ~1,580 against 76
 # of 5,577: arrivals, and 215-260 preemptions that prefill again). A stage probe on the H200 timed
 # decode steps at 5.9 ms with 82 sequences against 4.2 ms with 25. Replaying the real schedules under
 # that cost model (notes/probes/batching_cost_model.py) gives 2.4x; cutting the per-sequence cost to
