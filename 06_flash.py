@@ -65,11 +65,6 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-try:  # host-side tensor descriptors (Triton >= 3.4); without them the forward uses pointer loads only
-    from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
-except ImportError:
-    TensorDescriptor = None
-
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)); exp2 is the native MUFU instruction
 HEAD_DIMS = (16, 32, 64, 128)
 
@@ -95,22 +90,7 @@ def _c(bm, bn, warps, stages):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
-def _tma_tiles(nargs):
-    """Pre-hook of the descriptor forward's configs: a descriptor's tile is the config's, BLOCK_M rows
-    of Q and O, BLOCK_N rows of K and V (the descriptors are made before the config is chosen)."""
-    for name, rows in (
-        ("desc_q", "BLOCK_M"),
-        ("desc_k", "BLOCK_N"),
-        ("desc_v", "BLOCK_N"),
-        ("desc_o", "BLOCK_M"),
-    ):
-        nargs[name].block_shape = [1, 1, nargs[rows], nargs[name].shape[-1]]
-
-
 def _configs(kind: str) -> list:
-    if kind == "fwd_tma":  # the pointer forward's tiles, with the descriptors' tile shapes set to match
-        return [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=_tma_tiles)
-                for c in _configs("fwd")]  # fmt: skip
     if harness.INTERPRET:
         return [_c(16, 16, 4, 1)]
     return {
@@ -180,37 +160,6 @@ def _seq_bounds(CU_Q, CU_K, b, n_q, n_k, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _key_ranges(start_m, seq_q, seq_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(diag, lo_end, hi) for the query block at start_m: key blocks [0, lo_end) need no mask,
-    [lo_end, hi) cross the diagonal or the ragged end."""
-    diag = seq_k - seq_q
-    if CAUSAL:
-        # full blocks: every key <= the smallest row's limit start_m + diag; then up to the largest
-        lo_end = (start_m + diag + 1) // BLOCK_N * BLOCK_N
-        hi = tl.minimum(seq_k, start_m + BLOCK_M + diag)
-    else:
-        lo_end = seq_k // BLOCK_N * BLOCK_N
-        hi = seq_k
-    return diag, lo_end, hi
-
-
-@triton.jit
-def _softmax_step(qk, l_i, m_i, cols, offs_m, seq_k, diag, qk_scale, MASKED: tl.constexpr,
-                  CAUSAL: tl.constexpr):  # fmt: skip
-    """One key block of the online softmax: mask, new running max, probabilities p, the factor alpha
-    that rescales what was summed under the old max, the new running sum."""
-    if MASKED:
-        keep = cols[None, :] < seq_k
-        if CAUSAL:
-            keep = keep & (cols[None, :] <= offs_m[:, None] + diag)
-        qk = tl.where(keep, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    p = tl.math.exp2(qk * qk_scale - m_new[:, None])  # one FMA + exp2 per score
-    alpha = tl.math.exp2(m_i - m_new)
-    return p, alpha, l_i * alpha + tl.sum(p, 1), m_new
-
-
-@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, lo, hi, seq_k, diag,
                qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                CAUSAL: tl.constexpr):  # fmt: skip
@@ -225,12 +174,21 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, l
         else:
             k = tl.load(k_ptrs)
         qk = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N) in fp32
-        p, alpha, l_i, m_i = _softmax_step(qk, l_i, m_i, cols, offs_m, seq_k, diag, qk_scale, MASKED, CAUSAL)
+        if MASKED:
+            keep = cols[None, :] < seq_k
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= offs_m[:, None] + diag)
+            qk = tl.where(keep, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])  # one FMA + exp2 per score
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
         if MASKED:
             v = tl.load(v_ptrs, mask=cols[:, None] < seq_k, other=0.0)
         else:
             v = tl.load(v_ptrs)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])  # acc = alpha * acc + p v
+        m_i = m_new
     return acc, l_i, m_i
 
 
@@ -264,7 +222,14 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        diag, lo_end, hi = _key_ranges(start_m, seq_q, seq_k, CAUSAL, BLOCK_M, BLOCK_N)
+        diag = seq_k - seq_q
+        if CAUSAL:
+            # full blocks: every key <= the smallest row's limit start_m + diag; then up to the largest
+            lo_end = (start_m + diag + 1) // BLOCK_N * BLOCK_N
+            hi = tl.minimum(seq_k, start_m + BLOCK_M + diag)
+        else:
+            lo_end = seq_k // BLOCK_N * BLOCK_N
+            hi = seq_k
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, 0,
                                    lo_end, seq_k, diag, qk_scale, HEAD_DIM, BLOCK_N, False,
                                    CAUSAL)  # fmt: skip
@@ -277,60 +242,6 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
         )
         lse_ptrs = LSE + bl * stride_lb + hl * stride_lh + q_row0 + offs_m
         tl.store(lse_ptrs, m_i + tl.math.log2(l_i), mask=offs_m < seq_q)
-
-
-# %% Triton kernels: forward through tensor descriptors (Hopper's TMA)
-# The same forward with the Q, K, V and O tiles moved by the Tensor Memory Accelerator: the program
-# hands the copy engine a descriptor (base, shape, strides, tile shape) and a tile's coordinates, and
-# the tile lands in shared memory with no address arithmetic or per-element masks in the warps that do
-# the maths. The descriptors are 4-D over (B, H, N, D), so a tile that runs past a head's last row is
-# zero-filled on load and clipped on store; the score masks stay (a zero key scores 0, not -inf). It
-# serves the dense layout wherever the strides allow a descriptor (16-byte aligned) on a GPU with TMA
-# (sm_90 and later), and in the interpreter; varlen and other strides take the pointer kernel above.
-# What it buys on the H200 is measured in the benchmark (notes/06_flash.md).
-
-
-@triton.jit
-def _fwd_inner_tma(acc, l_i, m_i, q, desc_k, desc_v, b, h_kv, offs_m, lo, hi, seq_k, diag, qk_scale,
-                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                   CAUSAL: tl.constexpr):  # fmt: skip
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        k = desc_k.load([b, h_kv, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
-        qk = tl.dot(q, tl.trans(k))
-        p, alpha, l_i, m_i = _softmax_step(qk, l_i, m_i, cols, offs_m, seq_k, diag, qk_scale, MASKED, CAUSAL)
-        v = desc_v.load([b, h_kv, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-    return acc, l_i, m_i
-
-
-@_autotune("fwd_tma", key=["N_BUCKET", "GRID_BUCKET", "HEAD_DIM", "CAUSAL"], outputs=["LSE"])
-@triton.jit(do_not_specialize=["n_q", "n_k", "N_BUCKET", "GRID_BUCKET"])
-def _fwd_kernel_tma(desc_q, desc_k, desc_v, desc_o, LSE, stride_lb, stride_lh, n_q, n_k, H, GROUP, qk_scale,
-                    N_BUCKET, GRID_BUCKET, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    pid_m = tl.program_id(0)
-    if CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    start_m = pid_m * BLOCK_M
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    h_kv = h // GROUP
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    q = desc_q.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    diag, lo_end, hi = _key_ranges(start_m, n_q, n_k, CAUSAL, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, desc_k, desc_v, b, h_kv, offs_m, 0, lo_end, n_k, diag,
-                                   qk_scale, HEAD_DIM, BLOCK_N, False, CAUSAL)  # fmt: skip
-    acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, desc_k, desc_v, b, h_kv, offs_m, lo_end, hi, n_k, diag,
-                                   qk_scale, HEAD_DIM, BLOCK_N, True, CAUSAL)  # fmt: skip
-    o = (acc / l_i[:, None]).to(desc_o.dtype)
-    desc_o.store([b, h, start_m, 0], o.reshape(1, 1, BLOCK_M, HEAD_DIM))
-    lse_ptrs = LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + offs_m
-    tl.store(lse_ptrs, m_i + tl.math.log2(l_i), mask=offs_m < n_q)
 
 
 # %% Triton kernels: backward
@@ -540,11 +451,13 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
 # tensor reads and, worse, *writes* across the boundary into the next head or (for varlen) the next
 # sequence, so tails would need 3-D per-head descriptors and varlen would still need masked pointer
 # stores; descriptors also impose 16-byte stride rules on the inputs. We kept one masked-pointer code
-# path, proved on Triton 3.6 (H200) and the 3.9 interpreter. What descriptors would buy was measured
-# with a stripped probe (notes/probes/flash_fwd_tma.py, dense and tail-free): 3-11% more forward
-# TFLOP/s at the best tile on the H200, and nothing more from tl.range(..., warp_specialize=True), which
-# Triton 3.6 accepts at 8 warps (notes/06_flash.md). On Hopper Triton software-pipelines pointer loads
-# (num_stages) and emits wgmma for the dots; we did not inspect the generated code here.
+# path, proved on Triton 3.6 (H200) and the 3.9 interpreter, after measuring the alternative: a stripped
+# probe (notes/probes/flash_fwd_tma.py: 2-D descriptors, no tails) ran 3-11% faster than this kernel,
+# but the same forward written with 4-D per-head descriptors (tails zero-filled and clipped by TMA),
+# checked and benchmarked in full on the H200 (commit 0559ba9), ran within 2% of it at D=128 and 6-8%
+# slower at D=64, so it was not kept; tl.range(..., warp_specialize=True) bought nothing either
+# (notes/06_flash.md). On Hopper Triton software-pipelines pointer loads (num_stages) and emits wgmma
+# for the dots; we did not inspect the generated code here.
 # Strides: every kernel reads q, k, v, o and dO through their (batch, head, row) strides, with unit
 # stride along D (_contig_last copies a tensor that lacks it); o, lse, delta, dq, dk, dv are allocated
 # here contiguous, and cu_seqlens are made contiguous before the kernels index them as plain arrays.
@@ -573,7 +486,7 @@ def _bucket(n: int) -> int:
 # The checks launch one fixed config per kernel instead of autotuning (fixed_configs below): autotuning
 # compiles every config for every new key, and the checks' tiny grids would fill the autotune cache the
 # benchmark then reuses. Module state, but only ever set inside the `with` of fixed_configs.
-_FIXED = {"index": None, "splits": None, "pointers": False}
+_FIXED = {"index": None, "splits": None}
 
 
 @contextlib.contextmanager
@@ -597,35 +510,11 @@ def fixed_dkdv_splits(splits: int):
         _FIXED["splits"] = before
 
 
-@contextlib.contextmanager
-def pointer_forward():
-    """Run the dense forward through the pointer kernel even where descriptors would do (checks)."""
-    before, _FIXED["pointers"] = _FIXED["pointers"], True
-    try:
-        yield
-    finally:
-        _FIXED["pointers"] = before
-
-
 def _launch(kernel, kind, grid, *args, **meta):
     if _FIXED["index"] is None:
         return kernel[grid](*args, **meta)  # autotuned on the first call of each key
     cfg = _configs(kind)[_FIXED["index"] % len(_configs(kind))]
-    if cfg.pre_hook is not None:  # what the autotuner would run before launching this config
-        cfg.pre_hook({**dict(zip(kernel.fn.arg_names, args, strict=False)), **meta, **cfg.kwargs})
     return kernel.fn[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-
-def _tma_ok(*ts) -> bool:
-    """Can the dense forward move these tensors by tensor descriptors? TMA needs sm_90+ (the
-    interpreter emulates it), a 16-byte aligned base and 16-byte aligned strides but the last."""
-    if TensorDescriptor is None or _FIXED["pointers"]:
-        return False
-    if not harness.INTERPRET and torch.cuda.get_device_capability(ts[0].device)[0] < 9:
-        return False
-    return all(
-        t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1]) for t in ts
-    )
 
 
 def dkdv_splits(n_k: int, B: int, h_kv: int, group: int, device) -> int:
@@ -650,12 +539,6 @@ def _fwd(q, k, v, cu, B, n_q, n_k, causal, sm_scale, poison):
     lse_bh = (0, lse.stride(0)) if varlen else lse.stride()[:2]
     cu_q, cu_k = cu if varlen else (q, q)  # the cu_seqlens slots are unused in dense mode
     grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), B * H)  # noqa: E731
-    if not varlen and _tma_ok(q, k, v, o):  # tile shapes are set per config (_tma_tiles)
-        descs = [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, D]) for t in (q, k, v, o)]
-        _launch(_fwd_kernel_tma, "fwd_tma", grid, *descs, lse, *lse_bh, n_q, n_k, H, H // k.shape[1],
-                sm_scale * LOG2E, _bucket(max(n_q, n_k)), _bucket(B * H), HEAD_DIM=D,
-                CAUSAL=causal)  # fmt: skip
-        return o, lse
     _launch(_fwd_kernel, "fwd", grid, q, k, v, o, lse, cu_q, cu_k,
             *_bhn(q, varlen), *_bhn(k, varlen), *_bhn(v, varlen), *_bhn(o, varlen), *lse_bh,
             n_q, n_k, H, H // k.shape[1], sm_scale * LOG2E, _bucket(max(n_q, n_k)), _bucket(B * H),
@@ -974,15 +857,6 @@ def run_checks(checks, device, quick):
             name = f"fwd+bwd B{s[0]} H{s[1]}/{s[2]} Nq{s[3]} Nk{s[4]} D{s[5]} {'causal' if s[6] else 'full'}"
             with fixed_configs(n := n + 1):
                 checks(f"{name} {str(dtype)[6:]}", check_dense, *s, dtype, device)
-    # Dense inputs take the descriptor forward where TMA is there (the GPU, the interpreter); the pointer
-    # forward, which varlen and unaligned strides use, is proved on dense shapes too.
-    pointer = [(2, 4, 4, 1000, 1000, 128, True), (1, 6, 3, 1111, 300, 64, False)]
-    if quick or not on_gpu:
-        pointer = [(1, 2, 2, 45, 45, 64, True), (1, 4, 1, 29, 53, 32, False)]
-    for s in pointer:
-        name = f"fwd+bwd B{s[0]} H{s[1]}/{s[2]} Nq{s[3]} Nk{s[4]} D{s[5]} {'causal' if s[6] else 'full'}"
-        with fixed_configs(n := n + 1), pointer_forward():
-            checks(f"{name}, pointer-load forward {str(both[-1])[6:]}", check_dense, *s, both[-1], device)
     # The dK/dV group split, forced: the checks' small grids make dkdv_splits split every group into
     # single heads, so a program walking the whole group (what GQA 32/8 gets at 8k) and one walking half
     # of it (what MQA gets) are proved here.

@@ -236,33 +236,3 @@ def test_atomic_dq_varlen_and_the_default_is_bitwise_repeatable():
     atomic = torch.autograd.grad(mod.flash_attention(q, k, v, True, deterministic=False), (q, k, v), do)
     for a, b in zip(runs[0], atomic, strict=True):
         harness.assert_close(b, a, F16, "atomic vs two-kernel")
-
-
-@pytest.mark.parametrize(
-    "shape",
-    [(1, 2, 2, 45, 45, 64, True), (2, 4, 2, 33, 33, 128, True), (1, 4, 1, 29, 53, 32, False),
-     (1, 2, 2, 50, 19, 16, False)],
-)  # fmt: skip
-def test_descriptor_and_pointer_forwards_both_match_the_references(shape, monkeypatch):
-    """Dense inputs go through the tensor-descriptor (TMA) forward, whose tiles run past each head's
-    last row (zero-filled loads, clipped stores); pointer_forward() proves the pointer kernel on them."""
-    with mod.fixed_configs(0):
-        with mod.pointer_forward():
-            mod.check_dense(*shape, F16, DEVICE)
-        monkeypatch.setattr(mod, "_fwd_kernel", None)  # reaching the pointer kernel now fails
-        mod.check_dense(*shape, F16, DEVICE)
-
-
-def test_descriptor_forward_only_where_tma_can_address_the_tensors(monkeypatch):
-    q = torch.randn(1, 2, 37, 64, dtype=F16, device=DEVICE)
-    assert mod._tma_ok(q, q, q)
-    unaligned_rows = torch.randn(1, 2, 37, 66, dtype=F16, device=DEVICE)[..., :64]  # 132-byte rows
-    unaligned_base = torch.randn(2 * 37 * 64 + 1, dtype=F16, device=DEVICE)[1:].view(1, 2, 37, 64)
-    assert not mod._tma_ok(unaligned_rows, q, q) and not mod._tma_ok(q, unaligned_base, q)
-    with mod.pointer_forward():
-        assert not mod._tma_ok(q, q, q)
-    monkeypatch.setattr(mod, "_fwd_kernel_tma", None)  # the fallback must not reach the descriptor kernel
-    for t in (unaligned_rows, unaligned_base):
-        out = mod.flash_attention(t, t, t, True, poison=True)
-        ref = mod.attention_reference(t.double(), t.double(), t.double(), causal=True)
-        harness.assert_close(out, ref, F16, "pointer fallback")
