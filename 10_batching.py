@@ -810,17 +810,22 @@ def run_checks(device, dtype, quick, model_cfg):
 # Both policies serve the same requests with the same model and the same KV memory (demo.kv_tokens).
 # Output tokens/s = all generated tokens / (last finish - time 0, the trace's start). TTFT = first
 # token time - arrival (queueing included); TPOT = (finish - first token) / (output tokens - 1).
-# Percentiles over requests. Kernels are compiled by a warm-up trace before either policy is timed.
+# Percentiles over requests. Kernels are compiled before either policy is timed: by a short warm-up
+# trace, then by warm_decode_launches for the decode-kernel variants the trace does not reach.
 #
 # What the H200 measured (results/10_batching.json and notes/10_batching.md; 512 requests arriving in
-# about 1 s): 2.1-2.8x static's throughput over four runs, short of the 3x the issue set. Both policies
+# about 1 s): 2.1-2.8x static's throughput over four runs, short of the 3x the issue set. Two of the
+# three runs with saved timelines paused for Triton compiles mid-trace (1.4-1.7 s of continuous's
+# 10-11 s, 0.5 s of static's in one: the warm-up did not yet cover the decode kernel's variants, and
+# that fix has not run on the H200); without the pauses they give 2.4-2.5x, and the third, whose
+# kernels were compiled already, 2.8x. Both policies
 # generate the same tokens, so the ratio is (static's steps / continuous's) x (static's mean step time /
 # continuous's). The first factor is the bound the run prints, 3.53x here (5,577 steps against 1,581:
 # continuous runs 3.5x the sequences a step). The second is below 1: every step costs ~4 ms of
 # launches and Python whatever it holds (a four-layer model leaves the GPU mostly idle), and
 # continuous's steps also pay 20-30 us of Python per sequence (schedule, step_inputs, postprocess) and
 # ~4 ms more when they hold prefill chunks, in 4x as many steps (330 of ~1,580 against 76
-# of 5,577: arrivals, and 215-260 preemptions that prefill again). A stage probe on the H200 timed
+# of 5,577: arrivals, and 215-240 preemptions that prefill again). A stage probe on the H200 timed
 # decode steps at 5.9 ms with 82 sequences against 4.2 ms with 25. Replaying the real schedules under
 # that cost model (notes/probes/batching_cost_model.py) gives 2.4x; cutting the per-sequence cost to
 # 10 us and the prefill extra to 1 ms would give 2.9x, and only a step cost independent of its
@@ -866,11 +871,40 @@ def run_policy(policy, model, specs, demo: DemoConfig, label_stages=False):
     return summarize(policy, seqs, timeline, sched), timeline
 
 
+def warm_decode_launches(model, demo: DemoConfig) -> list[int]:
+    """Compile every variant of 09's paged decode kernel the demo can launch, before anything is timed.
+    Triton specialises the kernel on its split count (decode_split: from the batch size and the longest
+    context) and on whether integer arguments such as the page-table width are 1 or multiples of 16;
+    a short warm-up trace meets only some of these, and an earlier H200 run lost 1.4 s of its 10.4 s to
+    compiles mid-trace (among them the steps where the batch first fell to 65 and to 32 sequences, where
+    the split count changes). So: for each split count a batch of 1 to max_num_seqs sequences with
+    contexts up to the longest request can get, one call per page-table width class (the tables may be
+    padded wider than the context needs). Returns the counts (none when decoding through the reference)."""
+    if not model.decode_kernel:
+        return []
+    c, dev, dt = model.cfg, model.embed.device, model.embed.dtype
+    longest = demo.prompt_len[1] + demo.output_len[1]
+    shapes = {}  # split count -> a (batch, context) that gets it
+    for batch in range(1, demo.max_num_seqs + 1):
+        for ctx in [*range(1, longest, demo.block_size), longest]:
+            shapes.setdefault(pk.decode_split(batch, c.n_kv_head, ctx, dev)[0], (batch, ctx))
+    kc, vc = model.cache.k[0], model.cache.v[0]
+    for batch, ctx in shapes.values():
+        q = torch.randn(batch, c.n_head, model.hd, device=dev, dtype=dt)
+        lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
+        need = -(-ctx // demo.block_size)
+        for width in {need, -(-need // 16) * 16, -(-need // 16) * 16 + 1}:  # == 1, % 16 == 0, neither
+            tables = torch.zeros(batch, width, dtype=torch.int32, device=dev)  # block 0: any valid id
+            pk.paged_attention_decode(q, kc, vc, tables, lens, max_context_len=ctx)
+    return sorted(shapes)
+
+
 def demo_run(model_cfg, demo: DemoConfig, device, dtype, seed, profile_out=None):
     model = TinyLlama(model_cfg, device, dtype)
     warm = make_trace(8, demo.prompt_len, (2, 8), 1e6, seed + 1, model_cfg.vocab_size)
-    for policy in ("continuous", "static"):  # compiles the kernels for every shape class they will see
+    for policy in ("continuous", "static"):  # compiles the kernels for the shape classes they see
         run_policy(policy, model, warm, demo)
+    warm_decode_launches(model, demo)  # and the decode variants a short trace does not reach
     specs = make_trace(demo.n_requests, demo.prompt_len, demo.output_len, demo.arrival_rate, seed,
                        model_cfg.vocab_size)  # fmt: skip
     rows, timelines = [], {}

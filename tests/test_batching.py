@@ -2,6 +2,8 @@
 request's stand-alone output, budgets hold, FCFS, all blocks freed), and the transformer's paged
 engine against its dense forward."""
 
+import types
+
 import harness
 
 import pytest
@@ -147,3 +149,30 @@ def test_profile_labels_each_engine_stage(tmp_path):
         trace = (tmp_path / f"10_batching_{policy}_trace.json").read_text()
         for stage in ("schedule", "forward", "sample", "postprocess"):
             assert f'"name": "{stage}"' in trace, (policy, stage)
+
+
+def test_warm_up_launches_every_decode_split_count(monkeypatch):
+    """The demo compiles each paged-decode variant before timing: with an H200's 132 SMs its batches
+    and contexts reach several split counts, and each gets calls with a page-table width that is a
+    multiple of 16 and one that is not (Triton specialises integer arguments on that)."""
+    demo, cfg, calls = bt.DemoConfig(), bt.ModelConfig(), []
+    monkeypatch.setattr(bt.pk, "_sm_count", lambda device: 132)
+
+    def record(q, k_cache, v_cache, tables, lens, max_context_len):
+        splits = bt.pk.decode_split(q.shape[0], cfg.n_kv_head, max_context_len, "cpu")[0]
+        calls.append((splits, tables.shape[1]))
+
+    monkeypatch.setattr(bt.pk, "paged_attention_decode", record)
+    model = types.SimpleNamespace(decode_kernel=True, cfg=cfg, hd=cfg.d_model // cfg.n_head,
+                                  embed=torch.zeros(1, dtype=torch.float16),
+                                  cache=types.SimpleNamespace(k=[None], v=[None]))  # fmt: skip
+    counts = bt.warm_decode_launches(model, demo)
+    longest = demo.prompt_len[1] + demo.output_len[1]
+    every = {bt.pk.decode_split(b, cfg.n_kv_head, c, "cpu")[0] for b in range(1, demo.max_num_seqs + 1)
+             for c in range(1, longest + 1)}  # fmt: skip
+    assert sorted({n for n, _ in calls}) == counts == sorted(every) and len(counts) > 2
+    for n in counts:
+        widths = [w for m, w in calls if m == n]
+        assert any(w % 16 == 0 for w in widths) and any(w % 16 for w in widths), (n, widths)
+    model.decode_kernel = False  # the reference decode has nothing to compile
+    assert bt.warm_decode_launches(model, demo) == []
