@@ -83,7 +83,7 @@ class BenchConfig:
     # varlen forward against dense on the same number of tokens: (D, H, H_KV, mean length); lengths are
     # drawn uniformly from [mean / 8, 15 * mean / 8] (a serving prefill's mix), summing to varlen_tokens
     varlen_cases: tuple = ((128, 16, 16, 1024), (128, 16, 16, 4096), (128, 32, 8, 4096))
-    varlen_tokens: int = 65536  # 64 sequences at mean 1024, about 16 at 4096
+    varlen_tokens: int = 65536  # 67 sequences at mean 1024, 13 at 4096
 
 
 def _c(bm, bn, warps, stages):
@@ -260,7 +260,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
 # GQA: a kv head's dK/dV sums over its query group. One program walks the whole group, or, where that
 # leaves too few programs to fill the GPU (MQA), a share of it, writing an fp32 partial sum; the
 # partials are added afterwards (dkdv_splits). On the H200 this took MQA's causal backward from 0.40x
-# to 0.63x cuDNN (notes/06_flash.md).
+# to 0.63x cuDNN (0.60x in a later run; notes/06_flash.md).
 # Query-side tails are neutralised through the loads: a missing row has q = dO = 0 and lse = +inf,
 # so its P is exactly 0 and it adds nothing to dK or dV.
 
@@ -866,7 +866,8 @@ def run_checks(checks, device, quick):
         with fixed_configs(n := n + 1), fixed_dkdv_splits(splits):
             checks(f"fwd+bwd H{s[1]}/{s[2]} causal, dK/dV group in {splits} part(s) {str(dtype)[6:]}",
                    check_dense, *s, dtype, device)  # fmt: skip
-    # dQ by atomic adds (deterministic=False): full and causal, a grouped and a split group, varlen
+    # dQ by atomic adds (deterministic=False): full and causal, each kv head's group walked whole and
+    # split in two (on the GPU the first shape is MHA, where the group is one head), varlen
     atomic = [(2, 4, 4, 1000, 1000, 128, True), (1, 8, 2, 777, 777, 64, False)] if on_gpu and not quick else [
         (1, 4, 2, 45, 45, 32, True), (1, 4, 2, 37, 37, 64, False)]  # fmt: skip
     for i, s in enumerate(atomic):
