@@ -793,11 +793,15 @@ def check_lse(device):
     return harness.assert_close(lse, torch.logsumexp(s, -1) * LOG2E, torch.float16, "lse")
 
 
+def cu_seqlens(lens, device) -> torch.Tensor:
+    """int32 offsets [0, l0, l0 + l1, ...] of packed sequences with these lengths."""
+    return torch.tensor([0, *lens], device=device).cumsum(0).to(torch.int32)
+
+
 def check_varlen(lens_q, lens_k, H, H_KV, D, causal, dtype, device, grad=False, deterministic=True):
     """Packed varlen output (and with grad=True dq, dk, dv) equals each sequence run on its own through
     the float64 reference; where the lengths match, the output also equals the dense kernel's."""
-    cu_q = torch.tensor([0, *lens_q], device=device).cumsum(0).to(torch.int32)
-    cu_k = torch.tensor([0, *lens_k], device=device).cumsum(0).to(torch.int32)
+    cu_q, cu_k = cu_seqlens(lens_q, device), cu_seqlens(lens_k, device)
     q = torch.randn(sum(lens_q), H, D, device=device, dtype=dtype, requires_grad=grad)  # (T_q, H, D)
     k = torch.randn(sum(lens_k), H_KV, D, device=device, dtype=dtype, requires_grad=grad)
     v = torch.randn(sum(lens_k), H_KV, D, device=device, dtype=dtype, requires_grad=grad)
@@ -987,10 +991,11 @@ def mixed_lengths(tokens: int, mean: int, seed: int = 0) -> list[int]:
     """Lengths uniform in [mean / 8, 15 * mean / 8] until they sum to exactly `tokens` (the last one cut
     short, but to no fewer than mean / 8: the remainder goes to the one before it)."""
     g, lo, hi = torch.Generator().manual_seed(seed), mean // 8, 15 * mean // 8
-    lens = []
-    while sum(lens) < tokens:
+    lens, total = [], 0
+    while total < tokens:
         lens.append(int(torch.randint(lo, hi + 1, (), generator=g)))
-    lens[-1] -= sum(lens) - tokens
+        total += lens[-1]
+    lens[-1] -= total - tokens
     if lens[-1] < lo and len(lens) > 1:
         lens[-2] += lens.pop()
     return lens
@@ -1002,7 +1007,7 @@ def varlen_case(D, H, H_KV, mean, causal, tokens, device, dtype) -> dict:
     sequence's own 4 * H * n^2 * D (halved for causal), so the mixed batch's extra work is not
     mistaken for speed."""
     lens = mixed_lengths(tokens, mean)
-    cu = torch.tensor([0, *lens], device=device).cumsum(0).to(torch.int32)
+    cu = cu_seqlens(lens, device)
     q = torch.randn(tokens, H, D, device=device, dtype=dtype)
     k, v = (torch.randn(tokens, H_KV, D, device=device, dtype=dtype) for _ in range(2))
     B = tokens // mean

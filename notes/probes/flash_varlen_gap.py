@@ -18,7 +18,7 @@ TOKENS, MEAN, D, H = 65536, 1024, 128, 16
 
 
 def varlen_tflops(lens, causal, dev, dt):
-    cu = torch.tensor([0, *lens], device=dev).cumsum(0).to(torch.int32)
+    cu = fa.cu_seqlens(lens, dev)
     q, k, v = (torch.randn(sum(lens), H, D, device=dev, dtype=dt) for _ in range(3))
     n = max(lens)
     ms = harness.bench(lambda: fa.flash_attention_varlen(q, k, v, cu, cu, n, n, causal), dev)
