@@ -65,11 +65,6 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-try:  # host-side tensor descriptors (Triton >= 3.4); without them every load is a pointer load
-    from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
-except ImportError:
-    TensorDescriptor = None
-
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)); exp2 is the native MUFU instruction
 HEAD_DIMS = (16, 32, 64, 128)
 
@@ -91,19 +86,8 @@ class BenchConfig:
     varlen_tokens: int = 65536  # 67 sequences at mean 1024, 13 at 4096
 
 
-def _desc_tiles(nargs):
-    """Pre-hook of every config: the row descriptors are made before the config is chosen, so their
-    tiles are set here, BLOCK_N rows for keys and values, BLOCK_M rows for queries and dO."""
-    tiles = {"K_DESC": "BLOCK_N", "V_DESC": "BLOCK_N", "Q_DESC": "BLOCK_M", "DO_DESC": "BLOCK_M",
-             "DQ_DESC": "BLOCK_M"}  # fmt: skip
-    for name, rows in tiles.items():
-        if nargs.get(name) is not None:
-            nargs[name].block_shape = [nargs[rows], nargs[name].block_shape[-1]]
-
-
 def _c(bm, bn, warps, stages):
-    meta = {"BLOCK_M": bm, "BLOCK_N": bn}
-    return triton.Config(meta, num_warps=warps, num_stages=stages, pre_hook=_desc_tiles)
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
 def _configs(kind: str) -> list:
@@ -176,44 +160,19 @@ def _seq_bounds(CU_Q, CU_K, b, n_q, n_k, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _desc_origin(b, h, heads, n, row0, HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """Where head h of sequence b starts in a row descriptor (see _row_desc): row (b*heads + h)*n,
-    column 0 of a dense (B*heads*n, D) view; row row0, column h*D of a packed (T, heads*D) view."""
-    if IS_VARLEN:
-        row = row0.to(tl.int32)
-        col = h * HEAD_DIM
-    else:
-        row = (b * heads + h) * n
-        col = h * 0
-    return row.to(tl.int32), col.to(tl.int32)
-
-
-@triton.jit
-def _load_rows(base, stride, desc, d_row, d_col, start, n, BLOCK: tl.constexpr,
-               HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr):  # fmt: skip
-    """Rows start .. start + BLOCK of one head, (BLOCK, HEAD_DIM). MASKED: the block may run past the
-    head's last row n, so a masked pointer load fills zeros there. Otherwise a whole block: one TMA
-    tile copy through the descriptor where there is one, else a plain pointer load."""
-    if USE_TMA and not MASKED:
-        tile = desc.load([d_row + start, d_col])
-    else:
-        rows = start + tl.arange(0, BLOCK)
-        ptrs = base + rows[:, None] * stride + tl.arange(0, HEAD_DIM)[None, :]
-        if MASKED:
-            tile = tl.load(ptrs, mask=rows[:, None] < n, other=0.0)
-        else:
-            tile = tl.load(ptrs)
-    return tile
-
-
-@triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, k_desc, v_desc, d_row, d_col,
-               offs_m, lo, hi, seq_k, diag, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-               MASKED: tl.constexpr, CAUSAL: tl.constexpr, USE_TMA: tl.constexpr):  # fmt: skip
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, lo, hi, seq_k, diag,
+               qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+               CAUSAL: tl.constexpr):  # fmt: skip
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, stride_kn, k_desc, d_row, d_col, start_n, seq_k, BLOCK_N, HEAD_DIM,
-                       MASKED, USE_TMA)  # fmt: skip
+        cols = start_n + offs_n
+        k_ptrs = k_base + cols[:, None] * stride_kn + offs_d[None, :]  # (BLOCK_N, D)
+        v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :]
+        if MASKED:
+            k = tl.load(k_ptrs, mask=cols[:, None] < seq_k, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
         qk = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N) in fp32
         if MASKED:
             keep = cols[None, :] < seq_k
@@ -224,22 +183,23 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, k_desc, v
         p = tl.math.exp2(qk * qk_scale - m_new[:, None])  # one FMA + exp2 per score
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(v_base, stride_vn, v_desc, d_row, d_col, start_n, seq_k, BLOCK_N, HEAD_DIM,
-                       MASKED, USE_TMA)  # fmt: skip
+        if MASKED:
+            v = tl.load(v_ptrs, mask=cols[:, None] < seq_k, other=0.0)
+        else:
+            v = tl.load(v_ptrs)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])  # acc = alpha * acc + p v
         m_i = m_new
     return acc, l_i, m_i
 
 
-@_autotune("fwd", key=["N_BUCKET", "GRID_BUCKET", "HEAD_DIM", "CAUSAL", "IS_VARLEN", "USE_TMA"],
-           outputs=["O", "LSE"])  # fmt: skip
+@_autotune("fwd", key=["N_BUCKET", "GRID_BUCKET", "HEAD_DIM", "CAUSAL", "IS_VARLEN"], outputs=["O", "LSE"])
 @triton.jit(do_not_specialize=["n_q", "n_k", "N_BUCKET", "GRID_BUCKET"])
-def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, K_DESC, V_DESC,
+def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on, stride_lb, stride_lh,
                 n_q, n_k, H, GROUP, qk_scale, N_BUCKET, GRID_BUCKET,
                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
-                USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     pid_m = tl.program_id(0)
     if CAUSAL:  # the last query blocks see the most keys: launch them first so the grid ends on light work
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -270,13 +230,11 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, K_DESC, V_DESC,
         else:
             lo_end = seq_k // BLOCK_N * BLOCK_N
             hi = seq_k
-        d_row, d_col = _desc_origin(b, h_kv, H // GROUP, n_k, k_row0, HEAD_DIM, IS_VARLEN)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC,
-                                   d_row, d_col, offs_m, 0, lo_end, seq_k, diag, qk_scale, HEAD_DIM, BLOCK_N,
-                                   False, CAUSAL, USE_TMA)  # fmt: skip
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC,
-                                   d_row, d_col, offs_m, lo_end, hi, seq_k, diag, qk_scale, HEAD_DIM, BLOCK_N,
-                                   True, CAUSAL, USE_TMA)  # fmt: skip
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, 0,
+                                   lo_end, seq_k, diag, qk_scale, HEAD_DIM, BLOCK_N, False,
+                                   CAUSAL)  # fmt: skip
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, lo_end,
+                                   hi, seq_k, diag, qk_scale, HEAD_DIM, BLOCK_N, True, CAUSAL)  # fmt: skip
         o = acc / l_i[:, None]
         o_base = O + bl * stride_ob + hl * stride_oh + q_row0 * stride_on
         tl.store(
@@ -326,27 +284,30 @@ def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_dob,
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn, stride_don,
-                stride_dqn, q_desc, do_desc, dq_desc, d_row, d_col, offs_n, lo, hi, seq_q, diag, qk_scale,
-                sm_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-                CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr,
-                TMA_DQ: tl.constexpr):  # fmt: skip
+                stride_dqn, offs_n, lo, hi, seq_q, diag, qk_scale, sm_scale, HEAD_DIM: tl.constexpr,
+                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                ATOMIC_DQ: tl.constexpr):  # fmt: skip
+    """MASKED: query blocks that cross the diagonal (CAUSAL) or run past the last row; else whole
+    blocks that see every key of this block, loaded and used without masks."""
     offs_d = tl.arange(0, HEAD_DIM)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         rows = offs_m < seq_q
-        q = _load_rows(q_base, stride_qn, q_desc, d_row, d_col, start_m, seq_q, BLOCK_M, HEAD_DIM,
-                       MASKED, USE_TMA)  # fmt: skip
-        if MASKED:
+        q_ptrs = q_base + offs_m[:, None] * stride_qn + offs_d[None, :]
+        do_ptrs = do_base + offs_m[:, None] * stride_don + offs_d[None, :]
+        if MASKED:  # a missing row has q = dO = 0 and lse = +inf, so its P is exactly 0
+            q = tl.load(q_ptrs, mask=rows[:, None], other=0.0)
             lse = tl.load(lse_base + offs_m, mask=rows, other=float("inf"))
+            do = tl.load(do_ptrs, mask=rows[:, None], other=0.0)
             delta = tl.load(delta_base + offs_m, mask=rows, other=0.0)
         else:
+            q = tl.load(q_ptrs)
             lse = tl.load(lse_base + offs_m)
+            do = tl.load(do_ptrs)
             delta = tl.load(delta_base + offs_m)
         p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # P^T, (BLOCK_N, BLOCK_M)
-        if MASKED and CAUSAL:  # blocks crossing the diagonal: key j visible to row i iff j <= i + diag
+        if MASKED and CAUSAL:  # key j visible to row i iff j <= i + diag
             p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + diag, p_t, 0.0)
-        do = _load_rows(do_base, stride_don, do_desc, d_row, d_col, start_m, seq_q, BLOCK_M, HEAD_DIM,
-                        MASKED, USE_TMA)  # fmt: skip
         dv = tl.dot(p_t.to(do.dtype), do, dv)  # dV += P^T dO
         dp_t = tl.dot(v, tl.trans(do))  # dP^T = V dO^T
         ds_t = p_t * (dp_t - delta[None, :])
@@ -356,24 +317,22 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, st
             dq_ptrs = dq_base + offs_m[:, None] * stride_dqn + offs_d[None, :]
             if MASKED:
                 tl.atomic_add(dq_ptrs, dq, mask=rows[:, None], sem="relaxed")
-            elif TMA_DQ:  # the whole tile in one bulk reduce-add by the copy engine
-                dq_desc.atomic_add([d_row + start_m, d_col], dq)
             else:
                 tl.atomic_add(dq_ptrs, dq, sem="relaxed")
     return dk, dv
 
 
-@_autotune("dkdv", key=["N_BUCKET", "GRID_BUCKET", "HEAD_DIM", "CAUSAL", "IS_VARLEN", "ATOMIC_DQ", "USE_TMA"],
+@_autotune("dkdv", key=["N_BUCKET", "GRID_BUCKET", "HEAD_DIM", "CAUSAL", "IS_VARLEN", "ATOMIC_DQ"],
            outputs=["DK", "DV", "DQ"])  # fmt: skip
 @triton.jit(do_not_specialize=["n_q", "n_k", "N_BUCKET", "GRID_BUCKET"])
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_Q, CU_K, Q_DESC, DO_DESC, DQ_DESC,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_Q, CU_K,
                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
                      stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, stride_split,
                      stride_dqb, stride_dqh, stride_dqn, stride_lb, stride_lh, n_q, n_k, H_KV, GROUP, SPLITS,
                      qk_scale, sm_scale, N_BUCKET, GRID_BUCKET, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-                     IS_VARLEN: tl.constexpr, ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr,
-                     TMA_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+                     IS_VARLEN: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr):  # fmt: skip
     start_n = tl.program_id(0) * BLOCK_N
     pid = tl.program_id(1)  # over (batch, kv head, split of the query group)
     split = pid % SPLITS
@@ -399,7 +358,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_Q, CU_K, Q_DESC, DO
         else:
             lo = 0
             mid = 0
-        # [lo, mid): blocks crossing the diagonal; [mid, full): whole blocks, no masks; then the ragged tail
+        # [lo, mid) crosses the diagonal; [mid, full) are whole blocks, unmasked; [full, seq_q) the ragged end
         full = tl.maximum(mid, seq_q // BLOCK_M * BLOCK_M)
         per_split = GROUP // SPLITS
         for g in range(split * per_split, (split + 1) * per_split):  # this split's share of the group
@@ -409,20 +368,15 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_Q, CU_K, Q_DESC, DO
             lse_base = LSE + b * stride_lb + h * stride_lh + q_row0  # LSE and DELTA share one layout
             delta_base = DELTA + b * stride_lb + h * stride_lh + q_row0
             dq_base = DQ + b * stride_dqb + h * stride_dqh + q_row0 * stride_dqn  # ATOMIC_DQ only
-            d_row, d_col = _desc_origin(b, h, H_KV * GROUP, n_q, q_row0, HEAD_DIM, IS_VARLEN)
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn,
-                                 stride_don, stride_dqn, Q_DESC, DO_DESC, DQ_DESC, d_row, d_col, offs_n,
-                                 lo, mid, seq_q, diag, qk_scale, sm_scale, HEAD_DIM, BLOCK_M, True, CAUSAL,
-                                 ATOMIC_DQ, USE_TMA, TMA_DQ)  # fmt: skip
+                                 stride_don, stride_dqn, offs_n, lo, mid, seq_q, diag, qk_scale, sm_scale,
+                                 HEAD_DIM, BLOCK_M, True, CAUSAL, ATOMIC_DQ)  # fmt: skip
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn,
-                                 stride_don, stride_dqn, Q_DESC, DO_DESC, DQ_DESC, d_row, d_col, offs_n,
-                                 mid, full, seq_q, diag, qk_scale, sm_scale, HEAD_DIM, BLOCK_M, False, CAUSAL,
-                                 ATOMIC_DQ, USE_TMA, TMA_DQ)  # fmt: skip
+                                 stride_don, stride_dqn, offs_n, mid, full, seq_q, diag, qk_scale, sm_scale,
+                                 HEAD_DIM, BLOCK_M, False, CAUSAL, ATOMIC_DQ)  # fmt: skip
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn,
-                                 stride_don, stride_dqn, Q_DESC, DO_DESC, DQ_DESC, d_row, d_col, offs_n,
-                                 full, seq_q, seq_q, diag, qk_scale, sm_scale, HEAD_DIM, BLOCK_M, True,
-                                 CAUSAL, ATOMIC_DQ, USE_TMA, TMA_DQ)  # fmt: skip
-
+                                 stride_don, stride_dqn, offs_n, full, seq_q, seq_q, diag, qk_scale, sm_scale,
+                                 HEAD_DIM, BLOCK_M, True, CAUSAL, ATOMIC_DQ)  # fmt: skip
         dk_rows = (k_row0 + offs_n[:, None]) * stride_dkn
         dv_rows = (k_row0 + offs_n[:, None]) * stride_dvn
         part = split.to(tl.int64) * stride_split  # SPLITS > 1: this split's fp32 partial sum
@@ -433,15 +387,21 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_Q, CU_K, Q_DESC, DO
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, k_desc, v_desc, d_row, d_col,
-              offs_m, lo, hi, seq_k, diag, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-              MASKED: tl.constexpr, CAUSAL: tl.constexpr, USE_TMA: tl.constexpr):  # fmt: skip
+def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, lo, hi, seq_k, diag,
+              qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+              CAUSAL: tl.constexpr):  # fmt: skip
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, stride_kn, k_desc, d_row, d_col, start_n, seq_k, BLOCK_N, HEAD_DIM,
-                       MASKED, USE_TMA)  # fmt: skip
-        v = _load_rows(v_base, stride_vn, v_desc, d_row, d_col, start_n, seq_k, BLOCK_N, HEAD_DIM,
-                       MASKED, USE_TMA)  # fmt: skip
+        cols = start_n + offs_n
+        k_ptrs = k_base + cols[:, None] * stride_kn + offs_d[None, :]
+        v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :]
+        if MASKED:
+            k = tl.load(k_ptrs, mask=cols[:, None] < seq_k, other=0.0)
+            v = tl.load(v_ptrs, mask=cols[:, None] < seq_k, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
         p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])  # (BLOCK_M, BLOCK_N)
         if MASKED:  # a missing key (k = 0) would still get p = 2^-lse: mask it as well as the causal part
             keep = cols[None, :] < seq_k
@@ -454,16 +414,15 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, k_des
     return dq
 
 
-@_autotune("dq", key=["N_BUCKET", "GRID_BUCKET", "HEAD_DIM", "CAUSAL", "IS_VARLEN", "USE_TMA"],
-           outputs=["DQ"])  # fmt: skip
+@_autotune("dq", key=["N_BUCKET", "GRID_BUCKET", "HEAD_DIM", "CAUSAL", "IS_VARLEN"], outputs=["DQ"])
 @triton.jit(do_not_specialize=["n_q", "n_k", "N_BUCKET", "GRID_BUCKET"])
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, K_DESC, V_DESC,
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
                    stride_dqb, stride_dqh, stride_dqn, stride_lb, stride_lh,
                    n_q, n_k, H, GROUP, qk_scale, sm_scale, N_BUCKET, GRID_BUCKET,
                    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
-                   USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     pid_m = tl.program_id(0)
     if CAUSAL:  # heaviest query blocks first, as in the forward
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -497,13 +456,10 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, K_DESC, V_DESC,
             hi = seq_k
         k_base = K + b * stride_kb + h_kv * stride_kh + k_row0 * stride_kn
         v_base = V + b * stride_vb + h_kv * stride_vh + k_row0 * stride_vn
-        d_row, d_col = _desc_origin(b, h_kv, H // GROUP, n_k, k_row0, HEAD_DIM, IS_VARLEN)
-        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC, d_row,
-                       d_col, offs_m, 0, lo_end, seq_k, diag, qk_scale, HEAD_DIM, BLOCK_N, False, CAUSAL,
-                       USE_TMA)  # fmt: skip
-        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC, d_row,
-                       d_col, offs_m, lo_end, hi, seq_k, diag, qk_scale, HEAD_DIM, BLOCK_N, True, CAUSAL,
-                       USE_TMA)  # fmt: skip
+        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, 0, lo_end, seq_k,
+                       diag, qk_scale, HEAD_DIM, BLOCK_N, False, CAUSAL)  # fmt: skip
+        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, lo_end, hi, seq_k,
+                       diag, qk_scale, HEAD_DIM, BLOCK_N, True, CAUSAL)  # fmt: skip
         dq_rows = (q_row0 + offs_m[:, None]) * stride_dqn
         dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + dq_rows + offs_d[None, :]
         tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=rows[:, None])
@@ -549,7 +505,7 @@ def _bucket(n: int) -> int:
 # The checks launch one fixed config per kernel instead of autotuning (fixed_configs below): autotuning
 # compiles every config for every new key, and the checks' tiny grids would fill the autotune cache the
 # benchmark then reuses. Module state, but only ever set inside the `with` of fixed_configs.
-_FIXED = {"index": None, "splits": None, "pointers": False}
+_FIXED = {"index": None, "splits": None}
 
 
 @contextlib.contextmanager
@@ -573,42 +529,10 @@ def fixed_dkdv_splits(splits: int):
         _FIXED["splits"] = before
 
 
-@contextlib.contextmanager
-def pointer_loads():
-    """Every kernel loads through pointers even where row descriptors (TMA) would do: the checks prove
-    that path too, and the benchmark times it beside the descriptor path."""
-    before, _FIXED["pointers"] = _FIXED["pointers"], True
-    try:
-        yield
-    finally:
-        _FIXED["pointers"] = before
-
-
-def _row_descs(varlen, *ts):
-    """2-D tensor descriptors over the rows of each tensor, for the kernels' whole-block tile loads
-    (TMA, Hopper's copy engine): a dense contiguous (B, H, N, D) tensor as (B*H*N, D), a packed
-    contiguous (T, H, D) one as (T, H*D). Only whole blocks of one head's rows go through them, so no
-    tile ever crosses into another head or sequence. None (pointer loads everywhere) where TMA is
-    missing (before sm_90, or Triton without descriptors), a tensor is strided or empty, or the row
-    count would overflow the descriptors' int32 coordinates. The tile shapes are set per config
-    (_desc_tiles)."""
-    if TensorDescriptor is None or _FIXED["pointers"]:
-        return [None] * len(ts)
-    if not harness.INTERPRET and torch.cuda.get_device_capability(ts[0].device)[0] < 9:
-        return [None] * len(ts)
-    if any(not t.is_contiguous() or t.numel() == 0 or t.data_ptr() % 16 for t in ts):
-        return [None] * len(ts)
-    views = [t.view(t.shape[0], -1) if varlen else t.view(-1, t.shape[-1]) for t in ts]
-    if any(v.shape[0] >= 2**31 for v in views):
-        return [None] * len(ts)
-    return [TensorDescriptor.from_tensor(v, [16, ts[0].shape[-1]]) for v in views]
-
-
 def _launch(kernel, kind, grid, *args, **meta):
     if _FIXED["index"] is None:
         return kernel[grid](*args, **meta)  # autotuned on the first call of each key
     cfg = _configs(kind)[_FIXED["index"] % len(_configs(kind))]
-    cfg.pre_hook({**dict(zip(kernel.fn.arg_names, args, strict=False)), **meta, **cfg.kwargs})
     return kernel.fn[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
@@ -634,11 +558,10 @@ def _fwd(q, k, v, cu, B, n_q, n_k, causal, sm_scale, poison):
     lse_bh = (0, lse.stride(0)) if varlen else lse.stride()[:2]
     cu_q, cu_k = cu if varlen else (q, q)  # the cu_seqlens slots are unused in dense mode
     grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), B * H)  # noqa: E731
-    k_desc, v_desc = _row_descs(varlen, k, v)
-    _launch(_fwd_kernel, "fwd", grid, q, k, v, o, lse, cu_q, cu_k, k_desc, v_desc,
+    _launch(_fwd_kernel, "fwd", grid, q, k, v, o, lse, cu_q, cu_k,
             *_bhn(q, varlen), *_bhn(k, varlen), *_bhn(v, varlen), *_bhn(o, varlen), *lse_bh,
             n_q, n_k, H, H // k.shape[1], sm_scale * LOG2E, _bucket(max(n_q, n_k)), _bucket(B * H),
-            HEAD_DIM=D, CAUSAL=causal, IS_VARLEN=varlen, USE_TMA=k_desc is not None)  # fmt: skip
+            HEAD_DIM=D, CAUSAL=causal, IS_VARLEN=varlen)  # fmt: skip
     return o, lse
 
 
@@ -673,26 +596,20 @@ def _bwd(do, q, k, v, o, lse, cu, B, n_q, n_k, causal, sm_scale, poison, determi
     dq_bhn = _bhn(dq, varlen) if atomic else (0, 0, 0)
     grid_kv = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), B * h_kv * splits)  # noqa: E731
     dk_b, dv_b = (t if splits == 1 else t[0] for t in (dk, dv))  # strides of one split's (B, H_KV, N, D)
-    q_desc, do_desc = _row_descs(varlen, q, do)
-    # the interpreter has no descriptor reduce: there atomic dQ is added through pointers
-    (dq_desc,) = _row_descs(varlen, dq) if atomic and not harness.INTERPRET else (None,)
-    _launch(_bwd_dkdv_kernel, "dkdv", grid_kv, q, k, v, do, lse, delta, dk, dv, dq, cu_q, cu_k, q_desc,
-            do_desc, dq_desc,
+    _launch(_bwd_dkdv_kernel, "dkdv", grid_kv, q, k, v, do, lse, delta, dk, dv, dq, cu_q, cu_k,
             *_bhn(q, varlen), *_bhn(k, varlen), *_bhn(v, varlen), *_bhn(do, varlen),
             *_bhn(dk_b, varlen), *_bhn(dv_b, varlen), dk.stride(0) if splits > 1 else 0, *dq_bhn, *lse_bh,
             n_q, n_k, h_kv, H // h_kv, splits, sm_scale * LOG2E, sm_scale, _bucket(max(n_q, n_k)),
-            _bucket(B * h_kv * splits), ATOMIC_DQ=atomic, USE_TMA=q_desc is not None,
-            TMA_DQ=dq_desc is not None, **common)  # fmt: skip
+            _bucket(B * h_kv * splits), ATOMIC_DQ=atomic, **common)  # fmt: skip
     if splits > 1:
         dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)  # summed in fp32, rounded once
     if atomic:
         return dq.to(q.dtype), dk, dv
     grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), B * H)  # noqa: E731
-    k_desc, v_desc = _row_descs(varlen, k, v)
-    _launch(_bwd_dq_kernel, "dq", grid_q, q, k, v, do, lse, delta, dq, cu_q, cu_k, k_desc, v_desc,
+    _launch(_bwd_dq_kernel, "dq", grid_q, q, k, v, do, lse, delta, dq, cu_q, cu_k,
             *_bhn(q, varlen), *_bhn(k, varlen), *_bhn(v, varlen), *_bhn(do, varlen), *_bhn(dq, varlen),
             *lse_bh, n_q, n_k, H, H // h_kv, sm_scale * LOG2E, sm_scale, _bucket(max(n_q, n_k)),
-            _bucket(B * H), USE_TMA=k_desc is not None, **common)  # fmt: skip
+            _bucket(B * H), **common)  # fmt: skip
     return dq, dk, dv
 
 
@@ -981,16 +898,6 @@ def run_checks(checks, device, quick):
             mode = "causal" if s[6] else "full"
             name = f"fwd+bwd B{s[0]} H{s[1]}/{s[2]} N{s[3]} D{s[5]} {mode}, dQ by atomic adds"
             checks(f"{name} {str(dtype)[6:]}", check_dense, *s, dtype, device, False)
-    # Contiguous inputs load whole blocks through row descriptors (TMA) on the GPU and in the interpreter;
-    # the pointer loads that strided inputs (and the masked blocks everywhere) use are proved whole here.
-    pointer = [(2, 4, 4, 1000, 1000, 128, True), (1, 6, 3, 1111, 300, 64, False)]
-    if quick or not on_gpu:
-        pointer = [(1, 2, 2, 45, 45, 64, True), (1, 4, 1, 29, 53, 32, False)]
-    for i, s in enumerate(pointer):
-        with fixed_configs(n := n + 1), pointer_loads():
-            mode = "causal" if s[6] else "full"
-            name = f"fwd+bwd B{s[0]} H{s[1]}/{s[2]} Nq{s[3]} Nk{s[4]} D{s[5]} {mode}, pointer loads only"
-            checks(f"{name} {str(dtype)[6:]}", check_dense, *s, dtype, device, i == 0)
     with fixed_configs(0):
         checks("saved log-sum-exp (base 2)", check_lse, device)
     # varlen, forward and backward: a zero-length prompt, a one-token prompt, cached prefixes
@@ -1044,8 +951,6 @@ def _impls(causal):
         "ours": (lambda q, k, v: flash_attention(q, k, v, causal), None),
         # the same forward; the backward adds dQ with atomics (5 matmuls a block pair instead of 7)
         "ours_atomic": (lambda q, k, v: flash_attention(q, k, v, causal, deterministic=False), None),
-        # the same kernels with every tile loaded through pointers: what the row descriptors (TMA) buy
-        "ours_pointers": (lambda q, k, v: flash_attention(q, k, v, causal), pointer_loads),
     }
     for name, backend in SDPA_BACKENDS.items():
         impls[name] = (_sdpa(causal, False), lambda b=backend: sdpa_kernel(getattr(SDPBackend, b)))
@@ -1092,9 +997,6 @@ def bench_case(D, H, H_KV, N, causal, cfg, device, dtype, skipped):
             ratios[f"bwd/{ref}"] = tflops["ours_bwd"] / tflops[f"{ref}_bwd"]
             if "ours_atomic_bwd" in tflops:
                 ratios[f"bwd_atomic/{ref}"] = tflops["ours_atomic_bwd"] / tflops[f"{ref}_bwd"]
-    if "ours_pointers_fwd" in tflops:
-        ratios["fwd/pointers"] = tflops["ours_fwd"] / tflops["ours_pointers_fwd"]
-        ratios["bwd/pointers"] = tflops["ours_bwd"] / tflops["ours_pointers_bwd"]
     row = head | ratios | tflops
     if H != H_KV:
         row["sdpa_gqa"] = ",".join(f"{n}:{m}" for n, m in gqa_mode.items() if not n.startswith("ours"))

@@ -1,0 +1,143 @@
+"""H200 probe (issue 19, session 4): which of 06's forward features costs the 3-11% that a stripped
+forward (notes/probes/flash_fwd_tma.py) ran ahead of it, now that TMA row descriptors in 06 itself
+bought nothing (notes/06_flash.md, session 4)? And does the dK/dV kernel's new unmasked middle range
+pay, against the file as it was at d816d82?
+
+Forward variants, each a dense contiguous (B, H, N, D) kernel that runs 06's own key loop (_fwd_inner,
+imported, not copied) over whole blocks and then the masked diagonal blocks, adding one of 06's
+features at a time: V0 nothing else; V1 + the log-sum-exp store; V2 + 64-bit offsets and row masks on
+the Q load and O store; V3 + N not specialised (06 passes n_q, n_k as do_not_specialize). Each at
+06's two tiles, best kept, checked against cuDNN, timed beside 06, the stripped TMA kernel and cuDNN.
+Backward: 06 now against 06 at d816d82 (a copy passed as argv[1]), forward and backward, same run.
+GPU only."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import harness  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+fa = harness.load_build("06_flash")
+_fwd_inner = fa._fwd_inner
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import flash_fwd_tma  # noqa: E402
+
+
+def _variant(Q, K, V, O, LSE, N, stride_n, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, STORE_LSE: tl.constexpr,
+             GUARD: tl.constexpr):  # fmt: skip
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    start_m = pid_m * BLOCK_M
+    bh = tl.program_id(1)
+    if GUARD:
+        bh = bh.to(tl.int64)
+    base = bh * N * stride_n
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_ptrs = Q + base + offs_m[:, None] * stride_n + offs_d[None, :]
+    if GUARD:
+        q = tl.load(q_ptrs, mask=offs_m[:, None] < N, other=0.0)
+    else:
+        q = tl.load(q_ptrs)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    lo_end = start_m if CAUSAL else N
+    hi = start_m + BLOCK_M if CAUSAL else N
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K + base, V + base, stride_n, stride_n, offs_m, 0, lo_end, N,
+                               0, qk_scale, HEAD_DIM, BLOCK_N, False, CAUSAL)  # fmt: skip
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K + base, V + base, stride_n, stride_n, offs_m, lo_end, hi,
+                               N, 0, qk_scale, HEAD_DIM, BLOCK_N, True, CAUSAL)  # fmt: skip
+    o = (acc / l_i[:, None]).to(O.dtype.element_ty)
+    o_ptrs = O + base + offs_m[:, None] * stride_n + offs_d[None, :]
+    if GUARD:
+        tl.store(o_ptrs, o, mask=offs_m[:, None] < N)
+    else:
+        tl.store(o_ptrs, o)
+    if STORE_LSE:
+        tl.store(LSE + bh * N + offs_m, m_i + tl.math.log2(l_i))
+
+
+KERNELS = {"spec": triton.jit(_variant), "nospec": triton.jit(do_not_specialize=["N"])(_variant)}
+VARIANTS = {"V0": ("spec", False, False), "V1": ("spec", True, False), "V2": ("spec", True, True),
+            "V3": ("nospec", True, True)}  # fmt: skip
+TILES = [(128, 64), (128, 128)]
+SHAPES = [(128, 16, 4096, False), (128, 16, 4096, True), (128, 16, 16384, True), (64, 32, 4096, False)]
+
+
+def run_variant(q, k, v, causal, name, tile):
+    kernel, store_lse, guard = VARIANTS[name]
+    B, H, N, D = q.shape
+    o = torch.empty_like(q)
+    lse = torch.empty(B * H * N, device=q.device, dtype=torch.float32)
+    KERNELS[kernel][(N // tile[0], B * H)](q, k, v, o, lse, N, D, D**-0.5 * fa.LOG2E, HEAD_DIM=D,
+                                           BLOCK_M=tile[0], BLOCK_N=tile[1], CAUSAL=causal,
+                                           STORE_LSE=store_lse, GUARD=guard, num_warps=8,
+                                           num_stages=3)  # fmt: skip
+    return o
+
+
+def load_old(path):
+    spec = importlib.util.spec_from_file_location("flash_old", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def shape_row(D, H, N, causal, old) -> str:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    B = 16384 // N
+    q, k, v = (torch.randn(B, H, N, D, device=dev, dtype=dt, requires_grad=True) for _ in range(3))
+    do = torch.randn_like(q)
+    flops = 4 * B * H * N * N * D * (0.5 if causal else 1.0)
+
+    def tf(fn):
+        return flops / harness.bench(fn, dev) / 1e9
+
+    def bwd(attn):
+        o = attn(q, k, v, causal)
+        return 2.5 * tf(lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True))
+
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        cudnn = lambda q, k, v, c: F.scaled_dot_product_attention(q, k, v, is_causal=c)  # noqa: E731
+        ref = cudnn(q, k, v, causal)
+        res = {"cuDNN": tf(lambda: cudnn(q, k, v, causal)), "cuDNN bwd": bwd(cudnn)}
+    res["06"] = tf(lambda: fa.flash_attention(q, k, v, causal))
+    res["06 bwd"] = bwd(fa.flash_attention)
+    if old is not None:
+        res["06@d816d82"] = tf(lambda: old.flash_attention(q, k, v, causal))
+        res["06@d816d82 bwd"] = bwd(old.flash_attention)
+    res["stripped TMA"] = max(
+        tf(lambda t=t: flash_fwd_tma.fwd_tma(q, k, v, causal, (*t, 8, 3, False))) for t in TILES
+    )
+    for name in VARIANTS:
+        best = 0.0
+        for t in TILES:
+            err = harness.rel_err(run_variant(q, k, v, causal, name, t), ref)
+            if err > 2e-2:
+                res[f"{name} {t}"] = f"WRONG {err:.1e}"
+                continue
+            best = max(best, tf(lambda t=t, n=name: run_variant(q, k, v, causal, n, t)))
+        res[name] = best
+    line = " | ".join(f"{n} {x:.0f}" if isinstance(x, float) else f"{n} {x}" for n, x in res.items())
+    return f"D{D} H{H} N{N} {'causal' if causal else 'full'} TFLOP/s: {line}"
+
+
+def main():
+    old = load_old(sys.argv[1]) if len(sys.argv) > 1 else None
+    for D, H, N, causal in SHAPES:
+        print(shape_row(D, H, N, causal, old), flush=True)
+
+
+if __name__ == "__main__":
+    main()
