@@ -6,7 +6,8 @@ pay, against the file as it was at d816d82?
 Forward variants, each a dense contiguous (B, H, N, D) kernel that runs 06's own key loop (_fwd_inner,
 imported, not copied) over whole blocks and then the masked diagonal blocks, adding one of 06's
 features at a time: V0 nothing else; V1 + the log-sum-exp store; V2 + 64-bit offsets and row masks on
-the Q load and O store; V3 + N not specialised (06 passes n_q, n_k as do_not_specialize). Each at
+the Q load and O store; V3 + N not specialised (06 passes n_q, n_k as do_not_specialize). "ahead":
+the whole-block loop computes the next block's scores before this block's softmax (_inner_ahead). Each at
 06's two tiles, best kept, checked against cuDNN, timed beside 06, the stripped TMA kernel and cuDNN.
 Backward: 06 now against 06 at d816d82 (a copy passed as argv[1]), forward and backward, same run.
 GPU only."""
@@ -29,9 +30,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flash_fwd_tma  # noqa: E402
 
 
+@triton.jit
+def _inner_ahead(acc, l_i, m_i, q, k_base, v_base, stride_n, lo, hi, qk_scale, HEAD_DIM: tl.constexpr,
+                 BLOCK_N: tl.constexpr):  # fmt: skip
+    """06's unmasked key loop with the scores one block ahead (FlashAttention-3's intra-warpgroup
+    overlap): block j+1's Q K^T is issued before block j's softmax, which may then run while that
+    matmul is in flight. Needs hi - lo >= BLOCK_N."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    qk = tl.dot(q, tl.trans(tl.load(k_base + (lo + offs_n)[:, None] * stride_n + offs_d[None, :])))
+    for start_n in range(lo, hi, BLOCK_N):
+        nxt = tl.minimum(start_n + BLOCK_N, hi - BLOCK_N)  # the last block recomputes itself, unused
+        k = tl.load(k_base + (nxt + offs_n)[:, None] * stride_n + offs_d[None, :])
+        qk_next = tl.dot(q, tl.trans(k))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + (start_n + offs_n)[:, None] * stride_n + offs_d[None, :])
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+        qk = qk_next
+    return acc, l_i, m_i
+
+
 def _variant(Q, K, V, O, LSE, N, stride_n, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-             BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, STORE_LSE: tl.constexpr,
-             GUARD: tl.constexpr):  # fmt: skip
+             BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, STORE_LSE: tl.constexpr, GUARD: tl.constexpr,
+             AHEAD: tl.constexpr):  # fmt: skip
     pid_m = tl.program_id(0)
     if CAUSAL:
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -52,8 +77,13 @@ def _variant(Q, K, V, O, LSE, N, stride_n, qk_scale, HEAD_DIM: tl.constexpr, BLO
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     lo_end = start_m if CAUSAL else N
     hi = start_m + BLOCK_M if CAUSAL else N
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K + base, V + base, stride_n, stride_n, offs_m, 0, lo_end, N,
-                               0, qk_scale, HEAD_DIM, BLOCK_N, False, CAUSAL)  # fmt: skip
+    if AHEAD:
+        if lo_end > 0:
+            acc, l_i, m_i = _inner_ahead(acc, l_i, m_i, q, K + base, V + base, stride_n, 0, lo_end,
+                                         qk_scale, HEAD_DIM, BLOCK_N)  # fmt: skip
+    else:
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K + base, V + base, stride_n, stride_n, offs_m, 0, lo_end,
+                                   N, 0, qk_scale, HEAD_DIM, BLOCK_N, False, CAUSAL)  # fmt: skip
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K + base, V + base, stride_n, stride_n, offs_m, lo_end, hi,
                                N, 0, qk_scale, HEAD_DIM, BLOCK_N, True, CAUSAL)  # fmt: skip
     o = (acc / l_i[:, None]).to(O.dtype.element_ty)
@@ -67,20 +97,21 @@ def _variant(Q, K, V, O, LSE, N, stride_n, qk_scale, HEAD_DIM: tl.constexpr, BLO
 
 
 KERNELS = {"spec": triton.jit(_variant), "nospec": triton.jit(do_not_specialize=["N"])(_variant)}
-VARIANTS = {"V0": ("spec", False, False), "V1": ("spec", True, False), "V2": ("spec", True, True),
-            "V3": ("nospec", True, True)}  # fmt: skip
+VARIANTS = {"V0": ("spec", False, False, False), "V1": ("spec", True, False, False),
+            "V2": ("spec", True, True, False), "V3": ("nospec", True, True, False),
+            "V0 ahead": ("spec", False, False, True), "V3 ahead": ("nospec", True, True, True)}  # fmt: skip
 TILES = [(128, 64), (128, 128)]
 SHAPES = [(128, 16, 4096, False), (128, 16, 4096, True), (128, 16, 16384, True), (64, 32, 4096, False)]
 
 
 def run_variant(q, k, v, causal, name, tile):
-    kernel, store_lse, guard = VARIANTS[name]
+    kernel, store_lse, guard, ahead = VARIANTS[name]
     B, H, N, D = q.shape
     o = torch.empty_like(q)
     lse = torch.empty(B * H * N, device=q.device, dtype=torch.float32)
     KERNELS[kernel][(N // tile[0], B * H)](q, k, v, o, lse, N, D, D**-0.5 * fa.LOG2E, HEAD_DIM=D,
                                            BLOCK_M=tile[0], BLOCK_N=tile[1], CAUSAL=causal,
-                                           STORE_LSE=store_lse, GUARD=guard, num_warps=8,
+                                           STORE_LSE=store_lse, GUARD=guard, AHEAD=ahead, num_warps=8,
                                            num_stages=3)  # fmt: skip
     return o
 
