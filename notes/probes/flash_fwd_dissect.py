@@ -82,8 +82,8 @@ def _variant(Q, K, V, O, LSE, N, stride_n, qk_scale, HEAD_DIM: tl.constexpr, BLO
             acc, l_i, m_i = _inner_ahead(acc, l_i, m_i, q, K + base, V + base, stride_n, 0, lo_end,
                                          qk_scale, HEAD_DIM, BLOCK_N)  # fmt: skip
     else:
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K + base, V + base, stride_n, stride_n, offs_m, 0, lo_end,
-                                   N, 0, qk_scale, HEAD_DIM, BLOCK_N, False, CAUSAL)  # fmt: skip
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K + base, V + base, stride_n, stride_n, offs_m, 0,
+                                   lo_end, N, 0, qk_scale, HEAD_DIM, BLOCK_N, False, CAUSAL)  # fmt: skip
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K + base, V + base, stride_n, stride_n, offs_m, lo_end, hi,
                                N, 0, qk_scale, HEAD_DIM, BLOCK_N, True, CAUSAL)  # fmt: skip
     o = (acc / l_i[:, None]).to(O.dtype.element_ty)
