@@ -7,7 +7,9 @@ Forward variants, each a dense contiguous (B, H, N, D) kernel that runs 06's own
 imported, not copied) over whole blocks and then the masked diagonal blocks, adding one of 06's
 features at a time: V0 nothing else; V1 + the log-sum-exp store; V2 + 64-bit offsets and row masks on
 the Q load and O store; V3 + N not specialised (06 passes n_q, n_k as do_not_specialize). "ahead":
-the whole-block loop computes the next block's scores before this block's softmax (_inner_ahead). Each at
+the whole-block loop computes the next block's scores before this block's softmax (_inner_ahead;
+measured slower, 2-18%, and out of shared memory at 128 x 128 with 3 stages). "tmaQ" / "tmaQO": the Q
+tile loaded (and the O tile stored) through a tensor descriptor, K and V still through pointers. Each at
 06's two tiles, best kept, checked against cuDNN, timed beside 06, the stripped TMA kernel and cuDNN.
 Backward: 06 now against 06 at d816d82 (a copy passed as argv[1]), forward and backward, same run.
 GPU only."""
@@ -23,6 +25,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 fa = harness.load_build("06_flash")
 _fwd_inner = fa._fwd_inner
@@ -54,9 +57,9 @@ def _inner_ahead(acc, l_i, m_i, q, k_base, v_base, stride_n, lo, hi, qk_scale, H
     return acc, l_i, m_i
 
 
-def _variant(Q, K, V, O, LSE, N, stride_n, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+def _variant(Q, K, V, O, LSE, Q_DESC, O_DESC, N, stride_n, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
              BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, STORE_LSE: tl.constexpr, GUARD: tl.constexpr,
-             AHEAD: tl.constexpr):  # fmt: skip
+             AHEAD: tl.constexpr, TMA_Q: tl.constexpr, TMA_O: tl.constexpr):  # fmt: skip
     pid_m = tl.program_id(0)
     if CAUSAL:
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -68,7 +71,9 @@ def _variant(Q, K, V, O, LSE, N, stride_n, qk_scale, HEAD_DIM: tl.constexpr, BLO
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     q_ptrs = Q + base + offs_m[:, None] * stride_n + offs_d[None, :]
-    if GUARD:
+    if TMA_Q:  # (B * H * N, D) view: the tile lands in shared memory, where wgmma reads it
+        q = Q_DESC.load([(tl.program_id(1) * N + start_m).to(tl.int32), 0])
+    elif GUARD:
         q = tl.load(q_ptrs, mask=offs_m[:, None] < N, other=0.0)
     else:
         q = tl.load(q_ptrs)
@@ -88,7 +93,9 @@ def _variant(Q, K, V, O, LSE, N, stride_n, qk_scale, HEAD_DIM: tl.constexpr, BLO
                                N, 0, qk_scale, HEAD_DIM, BLOCK_N, True, CAUSAL)  # fmt: skip
     o = (acc / l_i[:, None]).to(O.dtype.element_ty)
     o_ptrs = O + base + offs_m[:, None] * stride_n + offs_d[None, :]
-    if GUARD:
+    if TMA_O:
+        O_DESC.store([(tl.program_id(1) * N + start_m).to(tl.int32), 0], o)
+    elif GUARD:
         tl.store(o_ptrs, o, mask=offs_m[:, None] < N)
     else:
         tl.store(o_ptrs, o)
@@ -97,22 +104,29 @@ def _variant(Q, K, V, O, LSE, N, stride_n, qk_scale, HEAD_DIM: tl.constexpr, BLO
 
 
 KERNELS = {"spec": triton.jit(_variant), "nospec": triton.jit(do_not_specialize=["N"])(_variant)}
-VARIANTS = {"V0": ("spec", False, False, False), "V1": ("spec", True, False, False),
-            "V2": ("spec", True, True, False), "V3": ("nospec", True, True, False),
-            "V0 ahead": ("spec", False, False, True), "V3 ahead": ("nospec", True, True, True)}  # fmt: skip
+# name: (kernel, STORE_LSE, GUARD, AHEAD, TMA_Q, TMA_O)
+VARIANTS = {"V0": ("spec", False, False, False, False, False),
+            "V1": ("spec", True, False, False, False, False),
+            "V2": ("spec", True, True, False, False, False),
+            "V3": ("nospec", True, True, False, False, False),
+            "V0 ahead": ("spec", False, False, True, False, False),
+            "V0 tmaQ": ("spec", False, False, False, True, False),
+            "V0 tmaQO": ("spec", False, False, False, True, True),
+            "V3 tmaQ": ("nospec", True, True, False, True, False)}  # fmt: skip
 TILES = [(128, 64), (128, 128)]
 SHAPES = [(128, 16, 4096, False), (128, 16, 4096, True), (128, 16, 16384, True), (64, 32, 4096, False)]
 
 
 def run_variant(q, k, v, causal, name, tile, stages=3):
-    kernel, store_lse, guard, ahead = VARIANTS[name]
+    kernel, store_lse, guard, ahead, tma_q, tma_o = VARIANTS[name]
     B, H, N, D = q.shape
     o = torch.empty_like(q)
     lse = torch.empty(B * H * N, device=q.device, dtype=torch.float32)
-    KERNELS[kernel][(N // tile[0], B * H)](q, k, v, o, lse, N, D, D**-0.5 * fa.LOG2E, HEAD_DIM=D,
-                                           BLOCK_M=tile[0], BLOCK_N=tile[1], CAUSAL=causal,
-                                           STORE_LSE=store_lse, GUARD=guard, AHEAD=ahead, num_warps=8,
-                                           num_stages=stages)  # fmt: skip
+    q_desc, o_desc = (TensorDescriptor.from_tensor(t.detach().view(-1, D), [tile[0], D]) for t in (q, o))
+    flags = dict(STORE_LSE=store_lse, GUARD=guard, AHEAD=ahead, TMA_Q=tma_q, TMA_O=tma_o)
+    KERNELS[kernel][(N // tile[0], B * H)](q, k, v, o, lse, q_desc, o_desc, N, D, D**-0.5 * fa.LOG2E,
+                                           HEAD_DIM=D, BLOCK_M=tile[0], BLOCK_N=tile[1], CAUSAL=causal,
+                                           **flags, num_warps=8, num_stages=stages)  # fmt: skip
     return o
 
 
