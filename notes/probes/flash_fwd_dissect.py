@@ -58,8 +58,8 @@ def _inner_ahead(acc, l_i, m_i, q, k_base, v_base, stride_n, lo, hi, qk_scale, H
 
 
 def _variant(Q, K, V, O, LSE, Q_DESC, O_DESC, N, stride_n, qk_scale, HEAD_DIM: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, STORE_LSE: tl.constexpr, GUARD: tl.constexpr,
-             AHEAD: tl.constexpr, TMA_Q: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, STORE_LSE: tl.constexpr,
+             GUARD: tl.constexpr, AHEAD: tl.constexpr, TMA_Q: tl.constexpr,
              TMA_O: tl.constexpr):  # fmt: skip
     pid_m = tl.program_id(0)
     if CAUSAL:
