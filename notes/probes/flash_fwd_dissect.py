@@ -9,7 +9,9 @@ features at a time: V0 nothing else; V1 + the log-sum-exp store; V2 + 64-bit off
 the Q load and O store; V3 + N not specialised (06 passes n_q, n_k as do_not_specialize). "ahead":
 the whole-block loop computes the next block's scores before this block's softmax (_inner_ahead;
 measured slower, 2-18%, and out of shared memory at 128 x 128 with 3 stages). "tmaQ" / "tmaQO": the Q
-tile loaded (and the O tile stored) through a tensor descriptor, K and V still through pointers. Each at
+tile loaded (and the O tile stored) through a tensor descriptor, K and V still through pointers (no
+gain). "tmaKV": the whole-block loop's K and V through descriptors, both at the loop's top, or V after
+the softmax ("late V"); "tmaQKVO": all four, i.e. the stripped TMA kernel with 06's masked diagonal. Each at
 06's two tiles, best kept, checked against cuDNN, timed beside 06, the stripped TMA kernel and cuDNN.
 Backward: 06 now against 06 at d816d82 (a copy passed as argv[1]), forward and backward, same run.
 GPU only."""
@@ -57,9 +59,31 @@ def _inner_ahead(acc, l_i, m_i, q, k_base, v_base, stride_n, lo, hi, qk_scale, H
     return acc, l_i, m_i
 
 
-def _variant(Q, K, V, O, LSE, Q_DESC, O_DESC, N, stride_n, qk_scale, HEAD_DIM: tl.constexpr,
+@triton.jit
+def _inner_tma(acc, l_i, m_i, q, k_desc, v_desc, row0, lo, hi, qk_scale, BLOCK_N: tl.constexpr,
+               LATE_V: tl.constexpr):  # fmt: skip
+    """06's whole-block key loop with K and V tiles through tensor descriptors over the (B*H*N, D) view:
+    both at the top of the loop (as the stripped TMA kernel does), or V after the softmax (LATE_V, as
+    06's loop and the row-descriptor attempt did)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        k = k_desc.load([row0 + start_n, 0])
+        if not LATE_V:
+            v = v_desc.load([row0 + start_n, 0])
+        qk = tl.dot(q, tl.trans(k))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if LATE_V:
+            v = v_desc.load([row0 + start_n, 0])
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+def _variant(Q, K, V, O, LSE, Q_DESC, O_DESC, K_DESC, V_DESC, N, stride_n, qk_scale, HEAD_DIM: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, STORE_LSE: tl.constexpr,
-             GUARD: tl.constexpr, AHEAD: tl.constexpr, TMA_Q: tl.constexpr,
+             GUARD: tl.constexpr, LOOP: tl.constexpr, TMA_Q: tl.constexpr,
              TMA_O: tl.constexpr):  # fmt: skip
     pid_m = tl.program_id(0)
     if CAUSAL:
@@ -83,7 +107,12 @@ def _variant(Q, K, V, O, LSE, Q_DESC, O_DESC, N, stride_n, qk_scale, HEAD_DIM: t
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     lo_end = start_m if CAUSAL else N
     hi = start_m + BLOCK_M if CAUSAL else N
-    if AHEAD:
+    if LOOP == 2 or LOOP == 3:
+        row0 = (tl.program_id(1) * N).to(tl.int32)
+        acc, l_i, m_i = _inner_tma(
+            acc, l_i, m_i, q, K_DESC, V_DESC, row0, 0, lo_end, qk_scale, BLOCK_N, LOOP == 3
+        )
+    elif LOOP == 1:
         if lo_end > 0:
             acc, l_i, m_i = _inner_ahead(acc, l_i, m_i, q, K + base, V + base, stride_n, 0, lo_end,
                                          qk_scale, HEAD_DIM, BLOCK_N)  # fmt: skip
@@ -105,27 +134,32 @@ def _variant(Q, K, V, O, LSE, Q_DESC, O_DESC, N, stride_n, qk_scale, HEAD_DIM: t
 
 
 KERNELS = {"spec": triton.jit(_variant), "nospec": triton.jit(do_not_specialize=["N"])(_variant)}
-# name: (kernel, STORE_LSE, GUARD, AHEAD, TMA_Q, TMA_O)
-VARIANTS = {"V0": ("spec", False, False, False, False, False),
-            "V1": ("spec", True, False, False, False, False),
-            "V2": ("spec", True, True, False, False, False),
-            "V3": ("nospec", True, True, False, False, False),
-            "V0 ahead": ("spec", False, False, True, False, False),
-            "V0 tmaQ": ("spec", False, False, False, True, False),
-            "V0 tmaQO": ("spec", False, False, False, True, True),
-            "V3 tmaQ": ("nospec", True, True, False, True, False)}  # fmt: skip
+# name: (kernel, STORE_LSE, GUARD, LOOP, TMA_Q, TMA_O); LOOP: 0 06's _fwd_inner, 1 _inner_ahead,
+# 2 _inner_tma (K and V at the top), 3 _inner_tma (V after the softmax)
+VARIANTS = {"V0": ("spec", False, False, 0, False, False),
+            "V1": ("spec", True, False, 0, False, False),
+            "V2": ("spec", True, True, 0, False, False),
+            "V3": ("nospec", True, True, 0, False, False),
+            "V0 ahead": ("spec", False, False, 1, False, False),
+            "V0 tmaKV": ("spec", False, False, 2, False, False),
+            "V0 tmaKV late V": ("spec", False, False, 3, False, False),
+            "V0 tmaQKVO": ("spec", False, False, 2, True, True),
+            "V0 tmaQ": ("spec", False, False, 0, True, False),
+            "V0 tmaQO": ("spec", False, False, 0, True, True),
+            "V3 tmaQ": ("nospec", True, True, 0, True, False)}  # fmt: skip
 TILES = [(128, 64), (128, 128)]
 SHAPES = [(128, 16, 4096, False), (128, 16, 4096, True), (128, 16, 16384, True), (64, 32, 4096, False)]
 
 
 def run_variant(q, k, v, causal, name, tile, stages=3):
-    kernel, store_lse, guard, ahead, tma_q, tma_o = VARIANTS[name]
+    kernel, store_lse, guard, loop, tma_q, tma_o = VARIANTS[name]
     B, H, N, D = q.shape
     o = torch.empty_like(q)
     lse = torch.empty(B * H * N, device=q.device, dtype=torch.float32)
-    q_desc, o_desc = (TensorDescriptor.from_tensor(t.detach().view(-1, D), [tile[0], D]) for t in (q, o))
-    flags = dict(STORE_LSE=store_lse, GUARD=guard, AHEAD=ahead, TMA_Q=tma_q, TMA_O=tma_o)
-    KERNELS[kernel][(N // tile[0], B * H)](q, k, v, o, lse, q_desc, o_desc, N, D, D**-0.5 * fa.LOG2E,
+    descs = [TensorDescriptor.from_tensor(t.detach().view(-1, D), [rows, D])
+             for t, rows in ((q, tile[0]), (o, tile[0]), (k, tile[1]), (v, tile[1]))]  # fmt: skip
+    flags = dict(STORE_LSE=store_lse, GUARD=guard, LOOP=loop, TMA_Q=tma_q, TMA_O=tma_o)
+    KERNELS[kernel][(N // tile[0], B * H)](q, k, v, o, lse, *descs, N, D, D**-0.5 * fa.LOG2E,
                                            HEAD_DIM=D, BLOCK_M=tile[0], BLOCK_N=tile[1], CAUSAL=causal,
                                            **flags, num_warps=8, num_stages=stages)  # fmt: skip
     return o
@@ -138,7 +172,7 @@ def load_old(path):
     return mod
 
 
-def shape_row(D, H, N, causal, old) -> str:
+def shape_row(D, H, N, causal, old, variants) -> str:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     dev, dt = torch.device("cuda"), torch.bfloat16
@@ -166,7 +200,7 @@ def shape_row(D, H, N, causal, old) -> str:
     res["stripped TMA"] = max(
         tf(lambda t=t: flash_fwd_tma.fwd_tma(q, k, v, causal, (*t, 8, 3, False))) for t in TILES
     )
-    for name in VARIANTS:
+    for name in variants:
         best = 0.0
         for t in TILES:
             for stages in (3, 2):  # 2 where 3 stages do not fit in shared memory
@@ -187,9 +221,15 @@ def shape_row(D, H, N, causal, old) -> str:
 
 
 def main():
-    old = load_old(sys.argv[1]) if len(sys.argv) > 1 else None
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("old", nargs="?", help="an older 06_flash.py to time beside this one")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
+    args = ap.parse_args()
+    old = load_old(args.old) if args.old else None
     for D, H, N, causal in SHAPES:
-        print(shape_row(D, H, N, causal, old), flush=True)
+        print(shape_row(D, H, N, causal, old, args.variants.split(",")), flush=True)
 
 
 if __name__ == "__main__":
