@@ -29,7 +29,8 @@ Does not handle:
     bottom-right);
   - TMA tensor descriptors, warp specialisation and the ping-pong scheduling of FlashAttention-3
     (see "Why plain pointer loads" below and the gap analysis in notes/06_flash.md: what descriptors
-    buy was measured three ways, and one of them, +3-15% forward at D=128, awaits a last check).
+    buy was measured three ways, and one of them, +3-15% forward at D=128 and N >= 1k, awaits a
+    last check).
 
 References: Dao et al., "FlashAttention" (2022); Dao, "FlashAttention-2" (2023); Shah et al.,
 "FlashAttention-3" (2024). Reference implementation: the Triton tutorial 06-fused-attention.py.
@@ -253,14 +254,16 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
 # price: the dQ kernel recomputes P and dP, 7 matmuls per (query block, key block) pair instead of 5.
 # deterministic=False takes FlashAttention-2's other road: the dK/dV kernel also adds dS K into an fp32
 # dQ buffer with atomic adds (5 matmuls, no dQ kernel), in whatever order the programs run, so dQ's
-# last bits vary from run to run. On the H200 it is the slower road: at D=128, causal, N=4k the dK/dV
-# kernel grows from 1.33 to 2.24 ms (one matmul is ~0.33 ms of that; the rest is the ~2 GB of fp32
-# atomic adds), more than the 0.69 ms dQ kernel it replaces, so the backward runs at 0.50-0.77x cuDNN
-# against 0.65-0.88x (results/06_flash.json, notes/06_flash.md). It stays as the measured alternative;
-# so does the finding that a TMA bulk reduce-add of whole dQ tiles (desc.atomic_add) did not rescue it.
+# last bits vary from run to run. On the H200 it is mostly the slower road: at D=128, causal, N=4k the
+# dK/dV kernel grows from 1.33 to 2.24 ms (one matmul is ~0.33 ms of that; the rest is the ~2 GB of
+# fp32 atomic adds), more than the 0.69 ms dQ kernel it replaces. Over the benchmark it runs at
+# 0.76-0.91x the two-kernel backward (0.50-0.77x cuDNN against 0.65-0.88x), except D=128 MHA without a
+# causal mask, where it runs 1.01-1.04x (results/06_flash.json, notes/06_flash.md); the bitwise
+# repeatable two-kernel path stays the default for a gain that small. A TMA bulk reduce-add of
+# whole dQ tiles (desc.atomic_add, commit ce166b9) measured slower than these pointer atomics.
 # The dK/dV kernel walks a key block's query blocks in three ranges: those crossing the diagonal and
 # the ragged last block with masks, the whole blocks between without any (measured on the H200 beside
-# the kernel that masked every row of every block: 4-5% faster causal backward, 0-2% full).
+# the kernel that masked every row of every block: causal backward 4-5% faster, full within noise).
 # GQA: a kv head's dK/dV sums over its query group. One program walks the whole group, or, where that
 # leaves too few programs to fill the GPU (MQA), a share of it, writing an fp32 partial sum; the
 # partials are added afterwards (dkdv_splits). On the H200 this took MQA's causal backward from 0.40x
@@ -474,14 +477,15 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
 # (B*H*N, D) tensor reads and, worse, *writes* across the boundary into the next head or (for varlen)
 # the next sequence, so only whole blocks of one head may go through it and the rest needs masked
 # pointers; descriptors also impose 16-byte stride rules on the inputs. What the H200 measured
-# (notes/06_flash.md, with the probes in notes/probes/):
+# (notes/06_flash.md; the probes in notes/probes/, flash_row_descs.py at commit ce166b9):
 #   - 4-D per-head descriptors for every tile (0559ba9): within 2% at D=128, 6-8% slower at D=64;
 #   - 2-D row descriptors for whole K/V (and Q/dO) blocks in every kernel, V loaded after the softmax
-#     as below (ce166b9): forward 0.94-1.00x, backward 0.89-1.02x of these pointer loads;
-#   - the same with K and V both issued at the top of the forward's loop (e406d1e): 1.03-1.15x at
-#     D=128 and N >= 1k, 0.96-1.02x at D=64, but one row, D=128 causal N=512, ran at 0.48x, and the
-#     run ended before its results were written (notes/logs/06_flash_e406d1e_h200.log). Not kept until
-#     that row is understood; it is the next step of the second pass.
+#     as in _fwd_inner above (ce166b9): forward 0.94-1.00x, backward 0.89-1.02x of pointer loads;
+#   - in the forward only, K and V through row descriptors, both issued at the top of the loop
+#     (e406d1e): 1.03-1.15x at D=128 and N >= 1k, 0.96-1.02x at D=64, but one row, D=128 causal
+#     N=512, ran at 0.48x, and the run ended before its results were written
+#     (notes/logs/06_flash_e406d1e_h200.log). Not kept until that row is understood; it is the next
+#     step of the second pass.
 # tl.range(..., warp_specialize=True) bought nothing either. On Hopper Triton software-pipelines
 # pointer loads (num_stages) and emits wgmma for the dots; we did not inspect the generated code here.
 # Strides: every kernel reads q, k, v, o and dO through their (batch, head, row) strides, with unit

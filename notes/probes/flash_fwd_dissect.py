@@ -8,12 +8,14 @@ imported, not copied) over whole blocks and then the masked diagonal blocks, add
 features at a time: V0 nothing else; V1 + the log-sum-exp store; V2 + 64-bit offsets and row masks on
 the Q load and O store; V3 + N not specialised (06 passes n_q, n_k as do_not_specialize). "ahead":
 the whole-block loop computes the next block's scores before this block's softmax (_inner_ahead;
-measured slower, 2-18%, and out of shared memory at 128 x 128 with 3 stages). "tmaQ" / "tmaQO": the Q
+measured ~2% faster at D=128 full 4k, 11-20% slower elsewhere, and out of shared memory at 128 x 128
+with 3 stages). "tmaQ" / "tmaQO": the Q
 tile loaded (and the O tile stored) through a tensor descriptor, K and V still through pointers (no
 gain). "tmaKV": the whole-block loop's K and V through descriptors, both at the loop's top, or V after
-the softmax ("late V"); "tmaQKVO": all four, i.e. the stripped TMA kernel with 06's masked diagonal. Each at
-06's two tiles, best kept, checked against cuDNN, timed beside 06, the stripped TMA kernel and cuDNN.
-Backward: 06 now against 06 at d816d82 (a copy passed as argv[1]), forward and backward, same run.
+the softmax ("late V"); "tmaQKVO": all four, i.e. the stripped TMA kernel with 06's masked diagonal.
+Each at 06's two tiles, best kept, checked against cuDNN, timed beside 06, the stripped TMA kernel and cuDNN.
+Backward: 06 now against an older 06_flash.py passed as argv[1] (session 4: d816d82's, via `git show
+d816d82:06_flash.py > data/flash_d816d82.py`, carried to the device), forward and backward, same run.
 GPU only."""
 
 import importlib.util
@@ -195,8 +197,9 @@ def shape_row(D, H, N, causal, old, variants) -> str:
     res["06"] = tf(lambda: fa.flash_attention(q, k, v, causal))
     res["06 bwd"] = bwd(fa.flash_attention)
     if old is not None:
-        res["06@d816d82"] = tf(lambda: old.flash_attention(q, k, v, causal))
-        res["06@d816d82 bwd"] = bwd(old.flash_attention)
+        tag = Path(old.__file__).stem  # session 4's logs: "06@d816d82" (from data/flash_d816d82.py)
+        res[tag] = tf(lambda: old.flash_attention(q, k, v, causal))
+        res[f"{tag} bwd"] = bwd(old.flash_attention)
     res["stripped TMA"] = max(
         tf(lambda t=t: flash_fwd_tma.fwd_tma(q, k, v, causal, (*t, 8, 3, False))) for t in TILES
     )

@@ -3,7 +3,8 @@ tiles through TMA, both at the loop's top) run D=128 causal N=512 at 0.48x of it
 when it ran 1.03-1.15x at N >= 1k (notes/06_flash.md, session 4)?
 
 Loads 06_flash.py as of e406d1e (`git show e406d1e:06_flash.py > data/flash_e406d1e.py`, path as
-argv[1]) and times its forward at that shape and at N=1024 as a control, for each of its fixed configs
+argv[1]; data/ is git-ignored, so name it in the device call's carry) and times its forward at that
+shape and, as controls, D=128 full N=512 and causal N=1024, for each of its fixed configs
 and the autotuned one, with descriptor loads and with pointer loads: by CUDA events around each call
 (harness.bench, as the benchmark does) and by the profiler's device time of the kernel alone, which
 separates host-side costs (making descriptors, the pre-hook) from the kernel's own. GPU only."""
