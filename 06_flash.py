@@ -27,10 +27,9 @@ Does not handle:
   - dropout, attention bias/ALiBi, sliding windows, softcapping, a KV cache with paged blocks;
   - causal attention with Nq != Nk in the dense API (use the varlen API, which aligns the diagonal
     bottom-right);
-  - TMA tensor descriptors, warp specialisation and the ping-pong scheduling of FlashAttention-3
-    (see "Why plain pointer loads" below and the gap analysis in notes/06_flash.md: what descriptors
-    buy was measured three ways, and one of them, +3-15% forward at D=128 and N >= 1k, awaits a
-    last check).
+  - warp specialisation and the ping-pong scheduling of FlashAttention-3; TMA tensor descriptors
+    carry only the forward's whole K and V blocks (see "Pointers and descriptors" below and the gap
+    analysis in notes/06_flash.md).
 
 References: Dao et al., "FlashAttention" (2022); Dao, "FlashAttention-2" (2023); Shah et al.,
 "FlashAttention-3" (2024). Reference implementation: the Triton tutorial 06-fused-attention.py.
@@ -66,6 +65,11 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+try:  # host-side tensor descriptors (Triton >= 3.4); without them the forward loads through pointers only
+    from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
+except ImportError:
+    TensorDescriptor = None
+
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)); exp2 is the native MUFU instruction
 HEAD_DIMS = (16, 32, 64, 128)
 
@@ -87,16 +91,25 @@ class BenchConfig:
     varlen_tokens: int = 65536  # 67 sequences at mean 1024, 13 at 4096
 
 
-def _c(bm, bn, warps, stages):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+def _kv_tiles(nargs):
+    """Pre-hook of the forward's configs: the K and V descriptors are made before the config is chosen,
+    so their tile, BLOCK_N rows of one head, is set here."""
+    for name in ("K_DESC", "V_DESC"):
+        if nargs[name] is not None:
+            nargs[name].block_shape = [nargs["BLOCK_N"], nargs[name].block_shape[-1]]
+
+
+def _c(bm, bn, warps, stages, pre_hook=None):
+    meta = {"BLOCK_M": bm, "BLOCK_N": bn}
+    return triton.Config(meta, num_warps=warps, num_stages=stages, pre_hook=pre_hook)
 
 
 def _configs(kind: str) -> list:
     if harness.INTERPRET:
-        return [_c(16, 16, 4, 1)]
+        return [_c(16, 16, 4, 1, _kv_tiles if kind == "fwd" else None)]
     return {
         # forward: 128 query rows per program keeps the wgmma M dimension full (two warpgroups at 8 warps)
-        "fwd": [_c(128, 64, 8, 3), _c(128, 128, 8, 3)],
+        "fwd": [_c(128, 64, 8, 3, _kv_tiles), _c(128, 128, 8, 3, _kv_tiles)],
         # dK/dV: a tall K/V tile stays in registers while thin Q/dO tiles stream through, deep pipeline
         "dkdv": [_c(32, 128, 4, 4), _c(64, 128, 8, 3)],
         # dQ: the mirror image, a tall Q tile and thin K/V tiles (configs that rarely won were dropped:
@@ -161,16 +174,32 @@ def _seq_bounds(CU_Q, CU_K, b, n_q, n_k, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, lo, hi, seq_k, diag,
-               qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-               CAUSAL: tl.constexpr):  # fmt: skip
+def _desc_origin(b, h, heads, n, row0, HEAD_DIM: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Where head h of sequence b starts in a row descriptor (_row_descs): row row0, column h * D of a
+    packed (T, heads * D) view; row (b * heads + h) * n, column 0 of a dense (B * heads * n, D) view."""
+    if IS_VARLEN:
+        row = row0
+        col = h * HEAD_DIM
+    else:
+        row = (b * heads + h) * n
+        col = h * 0
+    return row.to(tl.int32), col.to(tl.int32)
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, k_desc, v_desc, d_row, d_col, offs_m,
+               lo, hi, seq_k, diag, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, USE_TMA: tl.constexpr):  # fmt: skip
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         k_ptrs = k_base + cols[:, None] * stride_kn + offs_d[None, :]  # (BLOCK_N, D)
         v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :]
-        if MASKED:
+        if USE_TMA and not MASKED:  # whole blocks: both tiles by TMA, together ("Pointers and descriptors")
+            k = k_desc.load([d_row + start_n, d_col])
+            v = v_desc.load([d_row + start_n, d_col])
+        elif MASKED:
             k = tl.load(k_ptrs, mask=cols[:, None] < seq_k, other=0.0)
         else:
             k = tl.load(k_ptrs)
@@ -186,21 +215,22 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, l
         l_i = l_i * alpha + tl.sum(p, 1)
         if MASKED:
             v = tl.load(v_ptrs, mask=cols[:, None] < seq_k, other=0.0)
-        else:
+        elif not USE_TMA:
             v = tl.load(v_ptrs)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])  # acc = alpha * acc + p v
         m_i = m_new
     return acc, l_i, m_i
 
 
-@_autotune("fwd", key=["N_BUCKET", "GRID_BUCKET", "HEAD_DIM", "CAUSAL", "IS_VARLEN"], outputs=["O", "LSE"])
+@_autotune("fwd", key=["N_BUCKET", "GRID_BUCKET", "HEAD_DIM", "CAUSAL", "IS_VARLEN", "USE_TMA"],
+           outputs=["O", "LSE"])  # fmt: skip
 @triton.jit(do_not_specialize=["n_q", "n_k", "N_BUCKET", "GRID_BUCKET"])
-def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
+def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, K_DESC, V_DESC,
                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on, stride_lb, stride_lh,
                 n_q, n_k, H, GROUP, qk_scale, N_BUCKET, GRID_BUCKET,
                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+                USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     pid_m = tl.program_id(0)
     if CAUSAL:  # the last query blocks see the most keys: launch them first so the grid ends on light work
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -231,11 +261,13 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
         else:
             lo_end = seq_k // BLOCK_N * BLOCK_N
             hi = seq_k
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, 0,
-                                   lo_end, seq_k, diag, qk_scale, HEAD_DIM, BLOCK_N, False,
-                                   CAUSAL)  # fmt: skip
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, lo_end,
-                                   hi, seq_k, diag, qk_scale, HEAD_DIM, BLOCK_N, True, CAUSAL)  # fmt: skip
+        d_row, d_col = _desc_origin(b, h_kv, H // GROUP, n_k, k_row0, HEAD_DIM, IS_VARLEN)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC,
+                                   d_row, d_col, offs_m, 0, lo_end, seq_k, diag, qk_scale, HEAD_DIM, BLOCK_N,
+                                   False, CAUSAL, USE_TMA)  # fmt: skip
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC,
+                                   d_row, d_col, offs_m, lo_end, hi, seq_k, diag, qk_scale, HEAD_DIM, BLOCK_N,
+                                   True, CAUSAL, USE_TMA)  # fmt: skip
         o = acc / l_i[:, None]
         o_base = O + bl * stride_ob + hl * stride_oh + q_row0 * stride_on
         tl.store(
@@ -473,21 +505,19 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
 
 
 # %% Python wrappers
-# Why plain pointer loads and not TMA tensor descriptors (so far): a descriptor over the flattened
-# (B*H*N, D) tensor reads and, worse, *writes* across the boundary into the next head or (for varlen)
-# the next sequence, so only whole blocks of one head may go through it and the rest needs masked
-# pointers; descriptors also impose 16-byte stride rules on the inputs. What the H200 measured
-# (notes/06_flash.md; the probes in notes/probes/, flash_row_descs.py at commit ce166b9):
-#   - 4-D per-head descriptors for every tile (0559ba9): within 2% at D=128, 6-8% slower at D=64;
-#   - 2-D row descriptors for whole K/V (and Q/dO) blocks in every kernel, V loaded after the softmax
-#     as in _fwd_inner above (ce166b9): forward 0.94-1.00x, backward 0.89-1.02x of pointer loads;
-#   - in the forward only, K and V through row descriptors, both issued at the top of the loop
-#     (e406d1e): 1.03-1.15x at D=128 and N >= 1k, 0.96-1.02x at D=64, but one row, D=128 causal
-#     N=512, ran at 0.48x, and the run ended before its results were written
-#     (notes/logs/06_flash_e406d1e_h200.log). Not kept until that row is understood; it is the next
-#     step of the second pass.
-# tl.range(..., warp_specialize=True) bought nothing either. On Hopper Triton software-pipelines
-# pointer loads (num_stages) and emits wgmma for the dots; we did not inspect the generated code here.
+# Pointers and descriptors. A TMA tensor descriptor over the flattened (B*H*N, D) tensor reads and,
+# worse, *writes* across the boundary into the next head or (for varlen) the next sequence, so only
+# whole blocks of one head may go through it and the rest needs masked pointers; descriptors also
+# impose 16-byte rules on the inputs. So every kernel keeps its masked-pointer path, and one place takes
+# descriptors: the forward's whole K and V blocks, both issued at the top of the key loop (_row_descs).
+# What the H200 measured (notes/06_flash.md; probes in notes/probes/):
+#   - K and V through descriptors at the loop's top (this file): 1.03-1.15x the same forward with
+#     pointer loads at D=128 and N >= 1k, 0.96-1.02x at D=64 (the benchmark's fwd/pointers column);
+#   - pointer loads in that same order: no gain, so it is the copy engine, not the order alone;
+#   - V loaded after the softmax, as _fwd_inner's pointer path does (commit ce166b9, descriptors in
+#     every kernel): forward 0.94-1.00x, backward 0.89-1.02x of pointers; 4-D per-head descriptors
+#     for every tile (0559ba9): within 2% at D=128, 6-8% slower at D=64;
+#   - tl.range(..., warp_specialize=True) over the descriptor loop: no change on Triton 3.6.
 # Strides: every kernel reads q, k, v, o and dO through their (batch, head, row) strides, with unit
 # stride along D (_contig_last copies a tensor that lacks it); o, lse, delta, dq, dk, dv are allocated
 # here contiguous, and cu_seqlens are made contiguous before the kernels index them as plain arrays.
@@ -516,7 +546,7 @@ def _bucket(n: int) -> int:
 # The checks launch one fixed config per kernel instead of autotuning (fixed_configs below): autotuning
 # compiles every config for every new key, and the checks' tiny grids would fill the autotune cache the
 # benchmark then reuses. Module state, but only ever set inside the `with` of fixed_configs.
-_FIXED = {"index": None, "splits": None}
+_FIXED = {"index": None, "splits": None, "pointers": False}
 
 
 @contextlib.contextmanager
@@ -540,10 +570,42 @@ def fixed_dkdv_splits(splits: int):
         _FIXED["splits"] = before
 
 
+@contextlib.contextmanager
+def pointer_loads():
+    """The forward loads every tile through pointers even where row descriptors (TMA) would do: the
+    checks prove that path too, and the benchmark times it beside the descriptor path."""
+    before, _FIXED["pointers"] = _FIXED["pointers"], True
+    try:
+        yield
+    finally:
+        _FIXED["pointers"] = before
+
+
+def _row_descs(varlen, *ts):
+    """2-D tensor descriptors over each tensor's rows, for the forward's whole-block K and V tiles (TMA,
+    Hopper's copy engine): a dense contiguous (B, H, N, D) tensor as (B*H*N, D), a packed contiguous
+    (T, H, D) one as (T, H*D). Only whole blocks of one head's rows go through them, so a tile never
+    crosses into another head or sequence. None (pointer loads) where TMA is missing (before sm_90, or
+    a Triton without descriptors), a tensor is strided or empty, or the rows would overflow the
+    descriptors' int32 coordinates. Tiles are set per config (_kv_tiles)."""
+    if TensorDescriptor is None or _FIXED["pointers"]:
+        return [None] * len(ts)
+    if not harness.INTERPRET and torch.cuda.get_device_capability(ts[0].device)[0] < 9:
+        return [None] * len(ts)
+    if any(not t.is_contiguous() or t.numel() == 0 or t.data_ptr() % 16 for t in ts):
+        return [None] * len(ts)
+    views = [t.view(t.shape[0], -1) if varlen else t.view(-1, t.shape[-1]) for t in ts]
+    if any(v.shape[0] >= 2**31 for v in views):
+        return [None] * len(ts)
+    return [TensorDescriptor.from_tensor(v, [16, ts[0].shape[-1]]) for v in views]
+
+
 def _launch(kernel, kind, grid, *args, **meta):
     if _FIXED["index"] is None:
         return kernel[grid](*args, **meta)  # autotuned on the first call of each key
     cfg = _configs(kind)[_FIXED["index"] % len(_configs(kind))]
+    if cfg.pre_hook is not None:  # what the autotuner runs before launching a config
+        cfg.pre_hook({**dict(zip(kernel.fn.arg_names, args, strict=False)), **meta, **cfg.kwargs})
     return kernel.fn[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
@@ -569,10 +631,11 @@ def _fwd(q, k, v, cu, B, n_q, n_k, causal, sm_scale, poison):
     lse_bh = (0, lse.stride(0)) if varlen else lse.stride()[:2]
     cu_q, cu_k = cu if varlen else (q, q)  # the cu_seqlens slots are unused in dense mode
     grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _launch(_fwd_kernel, "fwd", grid, q, k, v, o, lse, cu_q, cu_k,
+    k_desc, v_desc = _row_descs(varlen, k, v)
+    _launch(_fwd_kernel, "fwd", grid, q, k, v, o, lse, cu_q, cu_k, k_desc, v_desc,
             *_bhn(q, varlen), *_bhn(k, varlen), *_bhn(v, varlen), *_bhn(o, varlen), *lse_bh,
             n_q, n_k, H, H // k.shape[1], sm_scale * LOG2E, _bucket(max(n_q, n_k)), _bucket(B * H),
-            HEAD_DIM=D, CAUSAL=causal, IS_VARLEN=varlen)  # fmt: skip
+            HEAD_DIM=D, CAUSAL=causal, IS_VARLEN=varlen, USE_TMA=k_desc is not None)  # fmt: skip
     return o, lse
 
 
@@ -885,11 +948,12 @@ def run_checks(checks, device, quick):
     shapes = [(s, both) for s in cpu_shapes] if (quick or not on_gpu) else gpu_shapes
     # Each check launches one fixed config per kernel, rotating through the lists so every config the
     # benchmark may pick is proved somewhere, and never autotunes (see fixed_configs).
-    n = 0
+    n, index = 0, {}
     for s, dtypes in shapes:
         for dtype in dtypes:
             name = f"fwd+bwd B{s[0]} H{s[1]}/{s[2]} Nq{s[3]} Nk{s[4]} D{s[5]} {'causal' if s[6] else 'full'}"
-            with fixed_configs(n := n + 1):
+            index[s, dtype] = n = n + 1
+            with fixed_configs(n):
                 checks(f"{name} {str(dtype)[6:]}", check_dense, *s, dtype, device)
     # The dK/dV group split, forced: the checks' small grids make dkdv_splits split every group into
     # single heads, so a program walking the whole group (what GQA 32/8 gets at 8k) and one walking half
@@ -909,6 +973,17 @@ def run_checks(checks, device, quick):
             mode = "causal" if s[6] else "full"
             name = f"fwd+bwd B{s[0]} H{s[1]}/{s[2]} N{s[3]} D{s[5]} {mode}, dQ by atomic adds"
             checks(f"{name} {str(dtype)[6:]}", check_dense, *s, dtype, device, False)
+    # Contiguous inputs take the forward's descriptor (TMA) loads on the GPU and in the interpreter; the
+    # pointer loads that strided inputs use are proved on two of the shapes above, with the same configs
+    # (so only the pointer-load forward compiles anew).
+    pointer = [(2, 4, 4, 1000, 1000, 128, True), (1, 6, 3, 1111, 300, 64, False)]
+    if quick or not on_gpu:
+        pointer = [(1, 2, 2, 45, 45, 64, True), (1, 4, 1, 29, 53, 32, False)]
+    for s in pointer:
+        with fixed_configs(index[s, dtype]), pointer_loads():
+            mode = "causal" if s[6] else "full"
+            name = f"fwd+bwd B{s[0]} H{s[1]}/{s[2]} Nq{s[3]} Nk{s[4]} D{s[5]} {mode}, pointer-load forward"
+            checks(f"{name} {str(dtype)[6:]}", check_dense, *s, dtype, device)
     with fixed_configs(0):
         checks("saved log-sum-exp (base 2)", check_lse, device)
     # varlen, forward and backward: a zero-length prompt, a one-token prompt, cached prefixes
@@ -931,8 +1006,10 @@ def run_checks(checks, device, quick):
 # TFLOP/s from the standard formula: forward 4 * B * H * N^2 * D (two matmuls of 2 * N^2 * D each,
 # H = query heads, so GQA does the same FLOPs as MHA), halved for causal; backward 2.5x the forward
 # (five matmuls instead of two). Every implementation is timed side by side in one run on the same
-# inputs and the same way (harness.bench: CUDA events around each call, L2 flushed before each; the
-# calls are milliseconds long, so launch overhead does not matter), and so is the matmul ceiling:
+# inputs and the same way (harness.bench: CUDA-graph replay, L2 flushed before each), and so is the
+# matmul ceiling. Graphs, because launch overhead does matter at the short end: at D=128 causal N=512
+# the forward kernel takes ~165 us, and timed by events around eager calls the same kernel read 96-210
+# TFLOP/s from run to run while its device time held at ~210 (notes/06_flash.md, session 5). Timed:
 # ours, and SDPA pinned to cuDNN (the strongest attention on Hopper a PyTorch user has), FlashAttention-2
 # and memory-efficient. Ratios lead with cuDNN, then FA2.
 # GQA / MQA rows: a practitioner calls SDPA with enable_gqa=True (what Hugging Face transformers does on
@@ -962,18 +1039,29 @@ def _impls(causal):
         "ours": (lambda q, k, v: flash_attention(q, k, v, causal), None),
         # the same forward; the backward adds dQ with atomics (5 matmuls a block pair instead of 7)
         "ours_atomic": (lambda q, k, v: flash_attention(q, k, v, causal, deterministic=False), None),
+        # the forward with every tile through pointers: what the descriptor (TMA) loads buy (forward only)
+        "ours_pointers": (lambda q, k, v: flash_attention(q, k, v, causal), pointer_loads),
     }
     for name, backend in SDPA_BACKENDS.items():
         impls[name] = (_sdpa(causal, False), lambda b=backend: sdpa_kernel(getattr(SDPBackend, b)))
     return impls
 
 
-def _time(fn, ctx, q, k, v, do, device):
-    """(forward ms, backward ms, output) of one implementation."""
+def _time(fn, ctx, q, k, v, do, device, backward=True):
+    """(forward ms, backward ms or None, output) of one implementation, each by CUDA-graph replay. The
+    backward alone is captured: its forward runs first on the stream the capture then uses, since
+    autograd launches a backward on its forward's streams."""
     with ctx() if ctx else contextlib.nullcontext():
-        fwd_ms = harness.bench(lambda: fn(q, k, v), device)
-        o = fn(q, k, v)
-        bwd_ms = harness.bench(lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True), device)
+        fwd_ms = harness.bench(lambda: fn(q, k, v), device, graph=True)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            o = fn(q, k, v)
+        torch.cuda.current_stream(device).wait_stream(side)
+        if not backward:
+            return fwd_ms, None, o.detach()
+        grads = lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True)  # noqa: E731
+        bwd_ms = harness.bench(grads, device, graph=True, stream=side)
     return fwd_ms, bwd_ms, o.detach()
 
 
@@ -989,7 +1077,7 @@ def bench_case(D, H, H_KV, N, causal, cfg, device, dtype, skipped):
     for name, (fn, ctx) in _impls(causal).items():
         try:
             try:
-                fwd_ms, bwd_ms, outs[name] = _time(fn, ctx, q, k, v, do, device)
+                fwd_ms, bwd_ms, outs[name] = _time(fn, ctx, q, k, v, do, device, name != "ours_pointers")
                 gqa_mode[name] = "enable_gqa"
             except RuntimeError:
                 if H == H_KV or name.startswith("ours"):
@@ -1000,7 +1088,8 @@ def bench_case(D, H, H_KV, N, causal, cfg, device, dtype, skipped):
             skipped.setdefault(f"{name} H{H}/{H_KV}", f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
             continue
         tflops[f"{name}_fwd"] = fwd_flops / fwd_ms / 1e9
-        tflops[f"{name}_bwd"] = bwd_flops / bwd_ms / 1e9
+        if bwd_ms is not None:
+            tflops[f"{name}_bwd"] = bwd_flops / bwd_ms / 1e9
     ratios = {}
     for ref in ("cudnn", "fa2"):  # the strongest baseline first
         if f"{ref}_fwd" in tflops:
@@ -1008,6 +1097,7 @@ def bench_case(D, H, H_KV, N, causal, cfg, device, dtype, skipped):
             ratios[f"bwd/{ref}"] = tflops["ours_bwd"] / tflops[f"{ref}_bwd"]
             if "ours_atomic_bwd" in tflops:
                 ratios[f"bwd_atomic/{ref}"] = tflops["ours_atomic_bwd"] / tflops[f"{ref}_bwd"]
+    ratios["fwd/pointers"] = tflops["ours_fwd"] / tflops["ours_pointers_fwd"]
     row = head | ratios | tflops
     if H != H_KV:
         row["sdpa_gqa"] = ",".join(f"{n}:{m}" for n, m in gqa_mode.items() if not n.startswith("ours"))
@@ -1035,7 +1125,8 @@ def varlen_case(D, H, H_KV, mean, causal, tokens, device, dtype) -> dict:
     """The varlen forward (a serving engine's prefill: 10_batching and the capstone) on mixed lengths
     against the dense forward on (tokens / mean) x mean, the same tokens. TFLOP/s counts each
     sequence's own 4 * H * n^2 * D (halved for causal), so the mixed batch's extra work is not
-    mistaken for speed."""
+    mistaken for speed. Both timed eagerly (CUDA events around each call), not by graph replay: the
+    varlen API checks cu_seqlens on the host, which a graph cannot capture; the calls take ~1 ms."""
     lens = mixed_lengths(tokens, mean)
     cu = cu_seqlens(lens, device)
     q = torch.randn(tokens, H, D, device=device, dtype=dtype)
@@ -1081,11 +1172,8 @@ def bench_all(cfg, device, dtype):
                 print(f"  D{D} H{H}/{H_KV} N{N} causal={causal}: FAILED {type(e).__name__}: {e}", flush=True)
                 continue
             r = rows[-1]
-            vs = " ".join(
-                f"{key} {r[key]:.2f}"
-                for key in ("fwd/cudnn", "bwd/cudnn", "bwd_atomic/cudnn", "fwd/fa2", "bwd/fa2")
-                if key in r
-            )
+            shown = ("fwd/cudnn", "bwd/cudnn", "bwd_atomic/cudnn", "fwd/fa2", "bwd/fa2", "fwd/pointers")
+            vs = " ".join(f"{key} {r[key]:.2f}" for key in shown if key in r)
             print(f"  D{D} H{H}/{H_KV} {'causal' if causal else 'full  '} N{N}: ours fwd {r['ours_fwd']:.0f} "
                   f"bwd {r['ours_bwd']:.0f} TFLOP/s  {vs}", flush=True)  # fmt: skip
     return rows, skipped
@@ -1191,8 +1279,8 @@ def main():
     rows, skipped = bench_all(cfg, device, dtype)
     varlen_rows = bench_varlen(cfg, device, dtype)
     print(f"benchmark took {time.perf_counter() - t0:.0f} s")
-    # the ceiling in the benchmark's dtype, timed like the rows (graph=False: CUDA events, L2 flushed)
-    ceiling = harness.matmul_flops(device, dtype, graph=False) / 1e12
+    # the ceiling in the benchmark's dtype, timed like the rows (CUDA-graph replay, L2 flushed)
+    ceiling = harness.matmul_flops(device, dtype, graph=True) / 1e12
     extra = {"matmul_tflops": ceiling, "matmul_dtype": args.dtype, "skipped_backends": skipped,
              "varlen_vs_dense": varlen_rows}  # fmt: skip
     for r in rows:

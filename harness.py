@@ -193,12 +193,15 @@ class Checks:
 # %% Timing and ceilings
 
 
-def bench(fn, device: torch.device, reps: int = 20, graph: bool = False) -> float:
+def bench(fn, device: torch.device, reps: int = 20, graph: bool = False, stream=None) -> float:
     """Median milliseconds per call of fn, under the timing policy in this module's docstring.
 
     GPU: CUDA events around each call (graph=False) or each replay of a CUDA graph holding one
     call (graph=True), the L2 flushed before each, for about 100 ms of repetitions (at least
     `reps`). CPU: the median of `reps` perf_counter timings after one warm-up call.
+    stream: the side stream to warm up and capture on (default: a new one). A backward alone,
+    torch.autograd.grad on an output computed earlier, launches its kernels on the streams its
+    forward ran on, so to capture it, run that forward on a side stream and pass it here.
     """
     if device.type != "cuda":
         fn()  # warm-up
@@ -209,7 +212,7 @@ def bench(fn, device: torch.device, reps: int = 20, graph: bool = False) -> floa
             times.append((time.perf_counter() - t0) * 1e3)
         return statistics.median(times)
     # Warm up on a side stream (compiles and autotunes Triton kernels; required before capture).
-    side = torch.cuda.Stream(device)
+    side = stream if stream is not None else torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
         for _ in range(3):
@@ -218,7 +221,7 @@ def bench(fn, device: torch.device, reps: int = 20, graph: bool = False) -> floa
     call = fn
     if graph:
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
+        with torch.cuda.graph(g, stream=stream):  # None: a stream of its own
             fn()
         call = g.replay
     flush = torch.empty(256 << 20, dtype=torch.uint8, device=device)  # more than any L2 today

@@ -93,6 +93,34 @@ def test_custom_scale_and_non_contiguous_inputs():
     )
 
 
+@pytest.mark.parametrize("varlen", [False, True])
+def test_forward_descriptor_loads_match_pointer_loads(monkeypatch, varlen):
+    """Contiguous K and V reach the forward as row descriptors (TMA tiles for whole blocks), strided ones
+    and pointer_loads() as pointers only; both paths give the float64 reference's output."""
+    made = []
+    real = mod._row_descs
+    monkeypatch.setattr(mod, "_row_descs", lambda *a: made.append(real(*a)) or made[-1])
+    if varlen:
+        cu = torch.tensor([0, 37, 40, 73], dtype=torch.int32)
+        q, k, v = (torch.randn(73, 4, 32, dtype=F16) for _ in range(3))
+        run = lambda q, k, v: mod.flash_attention_varlen(q, k, v, cu, cu, 37, 37, True, poison=True)  # noqa: E731
+    else:
+        q, k, v = (torch.randn(2, 4, 45, 32, dtype=F16) for _ in range(3))
+        run = lambda q, k, v: mod.flash_attention(q, k, v, True, poison=True)  # noqa: E731
+    with mod.fixed_configs(0):
+        by_desc = run(q, k, v)
+        assert made[-1][0] is not None and made[-1][0].block_shape == [16, 32]  # tile set by the pre-hook
+        with mod.pointer_loads():
+            by_ptr = run(q, k, v)
+        assert made[-1] == [None, None]
+        strided = run(q, *(t.transpose(0, 1).contiguous().transpose(0, 1) for t in (k, v)))
+        assert made[-1] == [None, None]
+    assert torch.equal(by_desc, by_ptr) and torch.equal(by_desc, strided)
+    if not varlen:
+        ref = mod.attention_reference(q.double(), k.double(), v.double(), True)
+        harness.assert_close(by_desc, ref, F16, "descriptor loads")
+
+
 def test_user_errors_are_clear():
     q = torch.randn(1, 2, 8, 64, dtype=F16)
     with pytest.raises(TypeError, match="float16 or bfloat16"):

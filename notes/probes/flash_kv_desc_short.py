@@ -1,6 +1,11 @@
-"""H200 probe (issue 19, the next step; not yet run): why did the descriptor forward of e406d1e (K and V
-tiles through TMA, both at the loop's top) run D=128 causal N=512 at 0.48x of its own pointer loads,
-when it ran 1.03-1.15x at N >= 1k (notes/06_flash.md, session 4)?
+"""H200 probe (issue 19; run in session 5 on e406d1e's file, then on 06 itself): why did the
+descriptor forward of e406d1e (K and V tiles through TMA, both at the loop's top) run D=128 causal
+N=512 at 0.48x of its own pointer loads, when it ran 1.03-1.15x at N >= 1k (notes/06_flash.md,
+session 4)?
+
+Session 5's answer: host-side launch cost, not the kernel. Each fixed config ran ~205-210 TFLOP/s by
+both clocks, descriptors or pointers; autotuned calls read 96 (descriptors) and 138 (pointers) by
+events but ~210 by device time (notes/06_flash.md, session 5).
 
 Loads 06_flash.py as of e406d1e (`git show e406d1e:06_flash.py > data/flash_e406d1e.py`, path as
 argv[1]; data/ is git-ignored, so name it in the device call's carry) and times its forward at that
@@ -19,7 +24,10 @@ import harness  # noqa: E402
 
 import torch  # noqa: E402
 
-SHAPES = [(128, 16, 512, True), (128, 16, 512, False), (128, 16, 1024, True)]  # (D, H, N, causal)
+# (D, H, N, causal); session 5 added the 4k rows, where the forward dissection's kernel with 06's
+# features and descriptor K/V (V3 tmaKV) ran 594 / 492 TFLOP/s against e406d1e's file at 544 / 470
+SHAPES = [(128, 16, 512, True), (128, 16, 512, False), (128, 16, 1024, True), (128, 16, 4096, False),
+          (128, 16, 4096, True)]  # fmt: skip
 
 
 def load(path):
@@ -66,6 +74,7 @@ def main():
     fa = load(sys.argv[1])
     for D, H, N, causal in SHAPES:
         shape_rows(fa, D, H, N, causal)
+    print("autotuned picks:", fa.tuned_configs())
 
 
 if __name__ == "__main__":
