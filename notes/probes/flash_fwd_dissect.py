@@ -4,19 +4,18 @@ bought nothing (notes/06_flash.md, session 4)? And does the dK/dV kernel's new u
 pay, against the file as it was at d816d82?
 
 Forward variants, each a dense contiguous (B, H, N, D) kernel that runs 06's own key loop (_fwd_inner,
-imported, not copied) over whole blocks and then the masked diagonal blocks, adding one of 06's
-features at a time: V0 nothing else; V1 + the log-sum-exp store; V2 + 64-bit offsets and row masks on
-the Q load and O store; V3 + N not specialised (06 passes n_q, n_k as do_not_specialize). "ahead":
-the whole-block loop computes the next block's scores before this block's softmax (_inner_ahead;
-measured ~2% faster at D=128 full 4k, 11-20% slower elsewhere, and out of shared memory at 128 x 128
-with 3 stages). "tmaQ" / "tmaQO": the Q
-tile loaded (and the O tile stored) through a tensor descriptor, K and V still through pointers (no
-gain). "tmaKV": the whole-block loop's K and V through descriptors, both at the loop's top, or V after
-the softmax ("late V"); "tmaQKVO": all four, i.e. the stripped TMA kernel with 06's masked diagonal.
-Each at 06's two tiles, best kept, checked against cuDNN, timed beside 06, the stripped TMA kernel and cuDNN.
-Backward: 06 now against an older 06_flash.py passed as argv[1] (session 4: d816d82's, via `git show
-d816d82:06_flash.py > data/flash_d816d82.py`, carried to the device), forward and backward, same run.
-GPU only."""
+imported, not copied; since session 5 through its pointer loads, USE_TMA=False) over whole blocks and then the
+masked diagonal blocks, adding one of 06's features at a time: V0 nothing else; V1 + the log-sum-exp store; V2
++ 64-bit offsets and row masks on the Q load and O store; V3 + N not specialised (06 passes n_q, n_k as
+do_not_specialize). "ahead": the whole-block loop computes the next block's scores before this block's softmax
+(_inner_ahead; measured ~2% faster at D=128 full 4k, 11-20% slower elsewhere, and out of shared memory at 128
+x 128 with 3 stages). "tmaQ" / "tmaQO": the Q tile loaded (and the O tile stored) through a tensor descriptor,
+K and V still through pointers (no gain). "tmaKV": the whole-block loop's K and V through descriptors, both at
+the loop's top, or V after the softmax ("late V"); "tmaQKVO": all four, i.e. the stripped TMA kernel with 06's
+masked diagonal. Each at 06's two tiles, best kept, checked against cuDNN, timed beside 06, the stripped TMA
+kernel and cuDNN. Backward: 06 now against an older 06_flash.py passed as argv[1] (session 4: d816d82's, via
+`git show d816d82:06_flash.py > data/flash_d816d82.py`, carried to the device), forward and backward, same
+run. GPU only."""
 
 import importlib.util
 import sys
@@ -162,10 +161,12 @@ def _variant(Q, K, V, O, LSE, Q_DESC, O_DESC, K_DESC, V_DESC, N, stride_n, qk_sc
             acc, l_i, m_i = _inner_ahead(acc, l_i, m_i, q, K + base, V + base, stride_n, 0, lo_end,
                                          qk_scale, HEAD_DIM, BLOCK_N)  # fmt: skip
     else:
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K + base, V + base, stride_n, stride_n, offs_m, 0,
-                                   lo_end, N, 0, qk_scale, HEAD_DIM, BLOCK_N, False, CAUSAL)  # fmt: skip
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K + base, V + base, stride_n, stride_n, offs_m, lo_end, hi,
-                               N, 0, qk_scale, HEAD_DIM, BLOCK_N, True, CAUSAL)  # fmt: skip
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K + base, V + base, stride_n, stride_n, K_DESC, V_DESC,
+                                   0, 0, offs_m, 0, lo_end, N, 0, qk_scale, HEAD_DIM, BLOCK_N, False, CAUSAL,
+                                   False)  # fmt: skip
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K + base, V + base, stride_n, stride_n, K_DESC, V_DESC, 0, 0,
+                               offs_m, lo_end, hi, N, 0, qk_scale, HEAD_DIM, BLOCK_N, True, CAUSAL,
+                               False)  # fmt: skip
     o = (acc / l_i[:, None]).to(O.dtype.element_ty)
     o_ptrs = O + base + offs_m[:, None] * stride_n + offs_d[None, :]
     if TMA_O:
