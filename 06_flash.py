@@ -5,7 +5,7 @@ only O(N) memory traffic: a block of queries stays on chip while blocks of keys 
 past, and a running max / running sum ("online softmax") rescales the partial output so the N x N
 score matrix never reaches device memory. This file builds the forward kernel, the FlashAttention-2
 backward (one kernel for dK/dV, one for dQ, no atomics; FA2's atomic-dQ variant beside it, measured
-slower on the H200), grouped-query attention read in place, and a packed variable-length path,
+mostly slower on the H200), grouped-query attention read in place, and a packed variable-length path,
 forward and backward, for a batch of prompts of different lengths (the capstone's prefill, and
 training on packed sequences).
 
@@ -17,6 +17,8 @@ You will learn:
     two programs ever write the same output;
   - GQA without copies: a kv head serves GROUP query heads, and its dK/dV sums over them in-kernel;
   - packed varlen batches through cu_seqlens and one launch, with FA2's bottom-right causal diagonal.
+  - where Hopper's copy engine (TMA) pays: whole K and V blocks through tensor descriptors, both
+    issued at the top of the key loop (and where it does not: the same loads after the softmax).
 
 Builds on: 02_attention.py (the maths, GQA and the bottom-right mask of a query chunk at the end of a
 longer key sequence, all written densely); harness.py (checks, timing, results).
@@ -289,7 +291,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, K_DESC, V_DESC,
 # last bits vary from run to run. On the H200 it is mostly the slower road: at D=128, causal, N=4k the
 # dK/dV kernel grows from 1.33 to 2.24 ms (one matmul is ~0.33 ms of that; the rest is the ~2 GB of
 # fp32 atomic adds), more than the 0.69 ms dQ kernel it replaces. Over the benchmark it runs at
-# 0.76-0.91x the two-kernel backward (0.50-0.77x cuDNN against 0.65-0.88x), except D=128 MHA without a
+# 0.76-0.91x the two-kernel backward (0.49-0.76x cuDNN against 0.61-0.88x), except D=128 MHA without a
 # causal mask, where it runs 1.01-1.04x (results/06_flash.json, notes/06_flash.md); the bitwise
 # repeatable two-kernel path stays the default for a gain that small. A TMA bulk reduce-add of
 # whole dQ tiles (desc.atomic_add, commit ce166b9) measured slower than these pointer atomics.
@@ -299,7 +301,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, K_DESC, V_DESC,
 # GQA: a kv head's dK/dV sums over its query group. One program walks the whole group, or, where that
 # leaves too few programs to fill the GPU (MQA), a share of it, writing an fp32 partial sum; the
 # partials are added afterwards (dkdv_splits). On the H200 this took MQA's causal backward from 0.40x
-# to 0.63x cuDNN (0.60x in a later run; notes/06_flash.md).
+# to 0.63x cuDNN (0.60-0.61x in later runs; notes/06_flash.md).
 # Query-side tails are neutralised through the loads: a missing row has q = dO = 0 and lse = +inf,
 # so its P is exactly 0 and it adds nothing to dK or dV.
 
@@ -512,7 +514,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
 # descriptors: the forward's whole K and V blocks, both issued at the top of the key loop (_row_descs).
 # What the H200 measured (notes/06_flash.md; probes in notes/probes/):
 #   - K and V through descriptors at the loop's top (this file): 1.03-1.15x the same forward with
-#     pointer loads at D=128 and N >= 1k, 0.96-1.02x at D=64 (the benchmark's fwd/pointers column);
+#     pointer loads at D=128 and N >= 1k (1.02-1.08x at 512), 0.97-1.05x at D=64 (the benchmark's
+#     fwd/pointers column); varlen 1.08-1.10x at mean length 4k but 0.97-0.98x at 1k (why is not
+#     yet measured);
 #   - pointer loads in that same order: no gain, so it is the copy engine, not the order alone;
 #   - V loaded after the softmax, as _fwd_inner's pointer path does (commit ce166b9, descriptors in
 #     every kernel): forward 0.94-1.00x, backward 0.89-1.02x of pointers; 4-D per-head descriptors
@@ -1286,8 +1290,8 @@ def main():
     varlen_rows = bench_varlen(cfg, device, dtype)
     print(f"benchmark took {time.perf_counter() - t0:.0f} s")
     # the ceiling in the benchmark's dtype, timed like the rows (CUDA-graph replay, L2 flushed) and
-    # eagerly: one H200 run read 716 TFLOP/s replayed against 785 eager in an earlier run, so both are
-    # kept and the higher is the ceiling
+    # eagerly; on the H200 either came out ahead by up to 10% from run to run (716 replayed against 785
+    # eager in two runs, 751 against 680 in one), so both are kept and the higher is the ceiling
     graphed = harness.matmul_flops(device, dtype, graph=True) / 1e12
     eager = harness.matmul_flops(device, dtype, graph=False) / 1e12
     ceiling = max(graphed, eager)
