@@ -521,7 +521,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
 #   - V loaded after the softmax, as _fwd_inner's pointer path does (commit ce166b9, descriptors in
 #     every kernel): forward 0.94-1.00x, backward 0.89-1.02x of pointers; 4-D per-head descriptors
 #     for every tile (0559ba9): within 2% at D=128, 6-8% slower at D=64;
-#   - tl.range(..., warp_specialize=True) over the descriptor loop: no change on Triton 3.6.
+#   - tl.range(..., warp_specialize=True) over the descriptor loop: no change on Triton 3.6;
+#   - in a probe (notes/probes/flash_bwd_tma.py), the dQ kernel's K and V the same way: 1.07-1.10x on
+#     that kernel; the dK/dV kernel's Q and dO: 0.92-1.07x. Not in this file yet.
 # Strides: every kernel reads q, k, v, o and dO through their (batch, head, row) strides, with unit
 # stride along D (_contig_last copies a tensor that lacks it); o, lse, delta, dq, dk, dv are allocated
 # here contiguous, and cu_seqlens are made contiguous before the kernels index them as plain arrays.

@@ -11,6 +11,8 @@ loop ("pointers") or a loop whose two streamed tiles come through row descriptor
 variant's dq, dk, dv are checked against 06's backward, then each kernel launch is timed alone by
 CUDA-graph replay with the L2 flushed (harness.bench), at each of 06's tiles.
 
+Session 5's answer (notes/06_flash.md): dQ 1.07-1.10x with descriptors; dK/dV 0.92-1.07x.
+
 GPU: python notes/probes/flash_bwd_tma.py. CPU (interpreter, checks only, small shapes): the same
 with TRITON_INTERPRET=1."""
 

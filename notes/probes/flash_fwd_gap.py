@@ -4,7 +4,10 @@ full / causal, where 06 with the same loads ran 544 / 470 in the same run. Is th
 tile the autotuner picks, or drift over the run (clocks, power)? Times, at each shape, 06 autotuned,
 06 at each fixed config, and V3 / V0 tmaKV at each tile, interleaved over three rounds so drift shows
 as spread within a name rather than as a gap between names; every call by CUDA-graph replay with the
-L2 flushed (harness.bench), as the benchmark now times. GPU only."""
+L2 flushed (harness.bench), as the benchmark now times. GPU only.
+
+Session 5's answer: the kernels run alike (06 at 128 x 128 543 against V3 tmaKV 549 full, 477 against
+480 causal); the 594 was run-to-run spread of eager timing (notes/06_flash.md)."""
 
 import statistics
 import sys
