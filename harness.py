@@ -10,9 +10,11 @@ Timing policy (one for the whole collection, so that ratios and fractions of a c
 like with like):
 - A kernel, its baselines and the matmul ceiling are all timed by `bench` with the same `graph`
   flag: `matmul_flops` takes the flag too, with the same default as `bench` (False), so a build
-  passes the one value it times its kernels with. The copy ceiling is the exception, always timed
-  eagerly: captured in a CUDA graph, a device-to-device copy becomes a memcpy node that the copy
-  engines run, measured at 2.7 TB/s on an H200 against 4.2 TB/s for the same copy launched
+  passes the one value it times its kernels with. A build whose ceiling reads differently from run
+  to run may also time it the other way and keep the higher figure, which can only lower the
+  fractions of the ceiling it reports (06_flash does). The copy ceiling is the exception, always
+  timed eagerly: captured in a CUDA graph, a device-to-device copy becomes a memcpy node that the
+  copy engines run, measured at 2.7 TB/s on an H200 against 4.2 TB/s for the same copy launched
   eagerly as a kernel (1 GiB and 4 GiB, uint8 and fp32); a 0.5 ms copy has no launch overhead
   worth removing.
   graph=True captures one call in a CUDA graph and times its replay: the GPU time without Python
@@ -199,9 +201,10 @@ def bench(fn, device: torch.device, reps: int = 20, graph: bool = False, stream=
     GPU: CUDA events around each call (graph=False) or each replay of a CUDA graph holding one
     call (graph=True), the L2 flushed before each, for about 100 ms of repetitions (at least
     `reps`). CPU: the median of `reps` perf_counter timings after one warm-up call.
-    stream: the side stream to warm up and capture on (default: a new one). A backward alone,
-    torch.autograd.grad on an output computed earlier, launches its kernels on the streams its
-    forward ran on, so to capture it, run that forward on a side stream and pass it here.
+    stream: the side stream to warm up and capture on (default: warm up on a new stream, capture on
+    the one torch.cuda.graph makes for itself). A backward alone, torch.autograd.grad on an output
+    computed earlier, launches its kernels on the streams its forward ran on, so to capture it, run
+    that forward on a side stream and pass it here.
     """
     if device.type != "cuda":
         fn()  # warm-up
