@@ -94,10 +94,9 @@ def test_custom_scale_and_non_contiguous_inputs():
 
 
 @pytest.mark.parametrize("varlen", [False, True])
-def test_descriptor_loads_match_pointer_loads(monkeypatch, varlen):
-    """Contiguous K and V reach the forward and the dQ kernel as row descriptors (TMA tiles for whole
-    blocks), strided ones and pointer_loads() as pointers only; both paths give the same output and
-    gradients, and the float64 reference's."""
+def test_forward_descriptor_loads_match_pointer_loads(monkeypatch, varlen):
+    """Contiguous K and V reach the forward as row descriptors (TMA tiles for whole blocks), strided ones
+    and pointer_loads() as pointers only; both paths give the float64 reference's output."""
     made = []
     real = mod._row_descs
     monkeypatch.setattr(mod, "_row_descs", lambda *a: made.append(real(*a)) or made[-1])
@@ -108,27 +107,18 @@ def test_descriptor_loads_match_pointer_loads(monkeypatch, varlen):
     else:
         q, k, v = (torch.randn(2, 4, 45, 32, dtype=F16) for _ in range(3))
         run = lambda q, k, v: mod.flash_attention(q, k, v, True, poison=True)  # noqa: E731
-    do = torch.randn_like(q)
-
-    def out_and_grads(q, k, v):
-        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-        out = run(q, k, v)
-        return [out.detach(), *torch.autograd.grad(out, (q, k, v), do)]
-
     with mod.fixed_configs(0):
-        by_desc = out_and_grads(q, k, v)
-        assert len(made) == 2 and all(d[0] is not None for d in made)  # the forward's, then the dQ kernel's
-        assert made[-1][0].block_shape == [16, 32]  # tile set by the pre-hook
+        by_desc = run(q, k, v)
+        assert made[-1][0] is not None and made[-1][0].block_shape == [16, 32]  # tile set by the pre-hook
         with mod.pointer_loads():
-            by_ptr = out_and_grads(q, k, v)
-        assert made[-2:] == [[None, None]] * 2
-        strided = out_and_grads(q, *(t.transpose(0, 1).contiguous().transpose(0, 1) for t in (k, v)))
-        assert made[-2:] == [[None, None]] * 2
-    for name, d, p, s in zip(("out", "dq", "dk", "dv"), by_desc, by_ptr, strided, strict=True):
-        assert torch.equal(d, p) and torch.equal(d, s), name
+            by_ptr = run(q, k, v)
+        assert made[-1] == [None, None]
+        strided = run(q, *(t.transpose(0, 1).contiguous().transpose(0, 1) for t in (k, v)))
+        assert made[-1] == [None, None]
+    assert torch.equal(by_desc, by_ptr) and torch.equal(by_desc, strided)
     if not varlen:
         ref = mod.attention_reference(q.double(), k.double(), v.double(), True)
-        harness.assert_close(by_desc[0], ref, F16, "descriptor loads")
+        harness.assert_close(by_desc, ref, F16, "descriptor loads")
 
 
 def test_user_errors_are_clear():
