@@ -292,8 +292,8 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, K_DESC, V_DESC,
 # last bits vary from run to run. On the H200 it is mostly the slower road: at D=128, causal, N=4k the
 # dK/dV kernel grows from 1.33 to 2.24 ms (one matmul is ~0.33 ms of that; the rest is the ~2 GB of
 # fp32 atomic adds), more than the 0.69 ms dQ kernel it replaces. Over the benchmark it runs at
-# 0.76-0.91x the two-kernel backward (0.49-0.76x cuDNN against 0.61-0.88x), except D=128 MHA without a
-# causal mask, where it runs 1.01-1.04x (results/06_flash.json, notes/06_flash.md); the bitwise
+# 0.77-0.92x the two-kernel backward (0.50-0.77x cuDNN against 0.63-0.88x), except D=128 MHA without a
+# causal mask, where it runs 1.01-1.06x (results/06_flash.json, notes/06_flash.md); the bitwise
 # repeatable two-kernel path stays the default for a gain that small. A TMA bulk reduce-add of
 # whole dQ tiles (desc.atomic_add, commit ce166b9) measured slower than these pointer atomics.
 # The dK/dV kernel walks a key block's query blocks in three ranges: those crossing the diagonal and
@@ -302,7 +302,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, K_DESC, V_DESC,
 # GQA: a kv head's dK/dV sums over its query group. One program walks the whole group, or, where that
 # leaves too few programs to fill the GPU (MQA), a share of it, writing an fp32 partial sum; the
 # partials are added afterwards (dkdv_splits). On the H200 this took MQA's causal backward from 0.40x
-# to 0.63x cuDNN (0.60-0.61x in later runs; notes/06_flash.md).
+# to 0.63x cuDNN (0.60-0.63x in later runs; notes/06_flash.md).
 # Query-side tails are neutralised through the loads: a missing row has q = dO = 0 and lse = +inf,
 # so its P is exactly 0 and it adds nothing to dK or dV.
 
@@ -514,10 +514,10 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
 # impose 16-byte rules on the inputs. So every kernel keeps its masked-pointer path, and one place takes
 # descriptors: the forward's whole K and V blocks, both issued at the top of the key loop (_row_descs).
 # What the H200 measured (notes/06_flash.md; probes in notes/probes/):
-#   - K and V through descriptors at the loop's top (this file): 1.03-1.15x the same forward with
-#     pointer loads at D=128 and N >= 1k (1.02-1.08x at 512), 0.97-1.05x at D=64 (the benchmark's
-#     fwd/pointers column); varlen 1.08-1.10x at mean length 4k but 0.97-0.98x at 1k (why is not
-#     yet measured);
+#   - K and V through descriptors at the loop's top (this file): 1.02-1.14x the same forward with
+#     pointer loads at D=128 and N >= 1k (1.02-1.08x at 512), 0.98-1.03x at D=64, GQA/MQA 1.04-1.15x
+#     (the benchmark's fwd/pointers column); varlen 1.09-1.15x at mean length 4k, 1.03-1.06x at 1k
+#     (0.97-0.98x at 1k when those rows were timed eagerly with the offset checks in the window);
 #   - pointer loads in that same order: no gain in one reading each, so the copy engine, not the order
 #     alone, is the likely cause;
 #   - the first attempt (commit ce166b9: descriptors for every kernel's streamed tiles, the forward's V
