@@ -7,7 +7,7 @@ as spread within a name rather than as a gap between names; every call by CUDA-g
 L2 flushed (harness.bench), as the benchmark now times. GPU only.
 
 Session 5's answer: the kernels run alike (06 at 128 x 128 543 against V3 tmaKV 549 full, 477 against
-480 causal); the 594 was run-to-run spread of eager timing (notes/06_flash.md)."""
+480 causal); the 594 was within single-reading noise (notes/06_flash.md)."""
 
 import statistics
 import sys
