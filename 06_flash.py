@@ -29,8 +29,7 @@ Does not handle:
     smaller tiles on Hopper and was not tuned); float32 or fp8 inputs (fp16 and bf16 only);
   - dropout, attention bias/ALiBi, sliding windows, softcapping, a KV cache with paged blocks;
   - causal attention with Nq != Nk in the dense API (use the varlen API, which aligns the diagonal
-    bottom-right); sequences of more than 65,535 blocks (8M tokens at the GPU tiles: CUDA's limit
-    on grid axis 1, which counts a sequence's blocks);
+    bottom-right);
   - warp specialisation and the ping-pong scheduling of FlashAttention-3; TMA tensor descriptors
     carry only the forward's whole K and V blocks (see "Pointers and descriptors" below and the gap
     analysis in notes/06_flash.md).
@@ -235,14 +234,11 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, K_DESC, V_DESC,
                 n_q, n_k, H, GROUP, qk_scale, N_BUCKET, GRID_BUCKET,
                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
                 USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    # Grid (B * H, query blocks): axis 0 varies fastest in launch order, so every (batch, head) of one
-    # query block launches before the next block's. Causal: the last query blocks see the most keys,
-    # so the block index runs backwards and the whole grid goes heaviest first, ending on light work.
-    pid_bh = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    if CAUSAL:
-        pid_m = tl.num_programs(1) - 1 - pid_m
+    pid_m = tl.program_id(0)
+    if CAUSAL:  # the last query blocks see the most keys: launch them first so the grid ends on light work
+        pid_m = tl.num_programs(0) - 1 - pid_m
     start_m = pid_m * BLOCK_M
+    pid_bh = tl.program_id(1)  # grid axis 1 runs over (batch, query head)
     b = pid_bh // H
     h = pid_bh % H
     h_kv = h // GROUP  # GQA: GROUP consecutive query heads share one kv head, read in place
@@ -379,8 +375,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_Q, CU_K,
                      qk_scale, sm_scale, N_BUCKET, GRID_BUCKET, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
                      IS_VARLEN: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr):  # fmt: skip
-    pid = tl.program_id(0)  # over (batch, kv head, split of the query group)
-    start_n = tl.program_id(1) * BLOCK_N  # causal: the first key blocks see the most queries, launched first
+    start_n = tl.program_id(0) * BLOCK_N
+    pid = tl.program_id(1)  # over (batch, kv head, split of the query group)
     split = pid % SPLITS
     b = (pid // SPLITS // H_KV).to(tl.int64)
     h_kv = (pid // SPLITS % H_KV).to(tl.int64)
@@ -469,11 +465,11 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
                    n_q, n_k, H, GROUP, qk_scale, sm_scale, N_BUCKET, GRID_BUCKET,
                    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    pid_bh = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    pid_m = tl.program_id(0)
     if CAUSAL:  # heaviest query blocks first, as in the forward
-        pid_m = tl.num_programs(1) - 1 - pid_m
+        pid_m = tl.num_programs(0) - 1 - pid_m
     start_m = pid_m * BLOCK_M
+    pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     h_kv = h // GROUP
@@ -645,7 +641,7 @@ def _fwd(q, k, v, cu, B, n_q, n_k, causal, sm_scale, poison):
     lse = _empty((H, q.shape[0]) if varlen else (B, H, n_q), q, torch.float32, poison)
     lse_bh = (0, lse.stride(0)) if varlen else lse.stride()[:2]
     cu_q, cu_k = cu if varlen else (q, q)  # the cu_seqlens slots are unused in dense mode
-    grid = lambda meta: (B * H, triton.cdiv(n_q, meta["BLOCK_M"]))  # noqa: E731
+    grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), B * H)  # noqa: E731
     k_desc, v_desc = _row_descs(varlen, k, v)
     _launch(_fwd_kernel, "fwd", grid, q, k, v, o, lse, cu_q, cu_k, k_desc, v_desc,
             *_bhn(q, varlen), *_bhn(k, varlen), *_bhn(v, varlen), *_bhn(o, varlen), *lse_bh,
@@ -683,7 +679,7 @@ def _bwd(do, q, k, v, o, lse, cu, B, n_q, n_k, causal, sm_scale, poison, determi
     cu_q, cu_k = cu if varlen else (q, q)
     common = dict(HEAD_DIM=D, CAUSAL=causal, IS_VARLEN=varlen)
     dq_bhn = _bhn(dq, varlen) if atomic else (0, 0, 0)
-    grid_kv = lambda meta: (B * h_kv * splits, triton.cdiv(n_k, meta["BLOCK_N"]))  # noqa: E731
+    grid_kv = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), B * h_kv * splits)  # noqa: E731
     dk_b, dv_b = (t if splits == 1 else t[0] for t in (dk, dv))  # strides of one split's (B, H_KV, N, D)
     _launch(_bwd_dkdv_kernel, "dkdv", grid_kv, q, k, v, do, lse, delta, dk, dv, dq, cu_q, cu_k,
             *_bhn(q, varlen), *_bhn(k, varlen), *_bhn(v, varlen), *_bhn(do, varlen),
@@ -694,7 +690,7 @@ def _bwd(do, q, k, v, o, lse, cu, B, n_q, n_k, causal, sm_scale, poison, determi
         dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)  # summed in fp32, rounded once
     if atomic:
         return dq.to(q.dtype), dk, dv
-    grid_q = lambda meta: (B * H, triton.cdiv(n_q, meta["BLOCK_M"]))  # noqa: E731
+    grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), B * H)  # noqa: E731
     _launch(_bwd_dq_kernel, "dq", grid_q, q, k, v, do, lse, delta, dq, cu_q, cu_k,
             *_bhn(q, varlen), *_bhn(k, varlen), *_bhn(v, varlen), *_bhn(do, varlen), *_bhn(dq, varlen),
             *lse_bh, n_q, n_k, H, H // h_kv, sm_scale * LOG2E, sm_scale, _bucket(max(n_q, n_k)),
