@@ -234,10 +234,11 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, K_DESC, V_DESC,
                 n_q, n_k, H, GROUP, qk_scale, N_BUCKET, GRID_BUCKET,
                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
                 USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    # Axis 0 varies fastest in launch order, so the programs running together are mostly one head's
-    # blocks, reading the same K and V out of L2. Causal: the last query blocks see the most keys, so
-    # each head's run starts with them. (Heaviest first over the whole grid, with the axes swapped,
-    # measured 0.87-1.00x without a mask and 0.90-1.02x causal: notes/06_flash.md, "Launch order".)
+    # Axis 0 varies fastest in launch order (observed, not a CUDA guarantee), so the programs running
+    # together are blocks of one or a few heads, which likely share K and V in L2 (inferred, not
+    # measured). Causal: the last query blocks see the most keys, so each head's run starts with them.
+    # (Heaviest first over the whole grid, with the axes swapped, measured 0.87-1.00x without a mask
+    # and 0.90-1.02x causal: notes/06_flash.md, "Launch order".)
     pid_m = tl.program_id(0)
     if CAUSAL:
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -306,7 +307,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, K_DESC, V_DESC,
 # GQA: a kv head's dK/dV sums over its query group. One program walks the whole group, or, where that
 # leaves too few programs to fill the GPU (MQA), a share of it, writing an fp32 partial sum; the
 # partials are added afterwards (dkdv_splits). On the H200 this took MQA's causal backward from 0.40x
-# to 0.63x cuDNN (0.60-0.63x in later runs; notes/06_flash.md).
+# to 0.63x cuDNN (0.61-0.67x in later runs; notes/06_flash.md).
 # Query-side tails are neutralised through the loads: a missing row has q = dO = 0 and lse = +inf,
 # so its P is exactly 0 and it adds nothing to dK or dV.
 
@@ -519,7 +520,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
 # descriptors: the forward's whole K and V blocks, both issued at the top of the key loop (_row_descs).
 # What the H200 measured (notes/06_flash.md; probes in notes/probes/):
 #   - K and V through descriptors at the loop's top (this file): 1.02-1.14x the same forward with
-#     pointer loads at D=128 and N >= 1k (1.02-1.08x at 512), 0.98-1.03x at D=64, GQA/MQA 1.04-1.15x
+#     pointer loads at D=128 MHA and N >= 1k (1.02-1.08x at 512), 0.98-1.03x at D=64, GQA/MQA 1.04-1.15x
 #     (the benchmark's fwd/pointers column); varlen 1.09-1.15x at mean length 4k, 1.03-1.06x at 1k
 #     (0.97-0.98x at 1k when those rows were timed eagerly with the offset checks in the window);
 #   - pointer loads in that same order: no gain in one reading each, so the copy engine, not the order
@@ -530,9 +531,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
 #   - tl.range(..., warp_specialize=True) over the descriptor loop: no change on Triton 3.6;
 #   - the dQ kernel's K and V the same way, both at the loop's top (commit e61ae14): 1.07-1.10x on a
 #     stripped dQ kernel in a probe (notes/probes/flash_bwd_tma.py), but 0.98-1.04x on the whole
-#     backward in 06's benchmark (the probe's pointer-load kernel was slower than 06's own: 792 against
-#     ~700 us at D=128 causal 4k), so it was taken out again; the dK/dV kernel's Q and dO the same way,
-#     probe only: 0.92-1.07x.
+#     backward in 06's benchmark (likely because the probe's pointer-load kernel was slower than 06's
+#     own, 792 against ~700 us at D=128 causal 4k, by two timing methods), so it was taken out
+#     again; the dK/dV kernel's Q and dO the same way, probe only: 0.92-1.07x.
 # Strides: every kernel reads q, k, v, o and dO through their (batch, head, row) strides, with unit
 # stride along D (_contig_last copies a tensor that lacks it); o, lse, delta, dq, dk, dv are allocated
 # here contiguous, and cu_seqlens are made contiguous before the kernels index them as plain arrays.
@@ -993,7 +994,6 @@ def run_checks(checks, device, quick):
     pointer = [(2, 4, 4, 1000, 1000, 128, True), (1, 6, 3, 1111, 300, 64, False)]
     if quick or not on_gpu:
         pointer = [(1, 2, 2, 45, 45, 64, True), (1, 4, 1, 29, 53, 32, False)]
-    dtype = both[-1]
     for i, s in enumerate(pointer):
         with fixed_configs(i), pointer_loads():
             mode = "causal" if s[6] else "full"
@@ -1304,8 +1304,9 @@ def main():
     varlen_rows = bench_varlen(cfg, device, dtype)
     print(f"benchmark took {time.perf_counter() - t0:.0f} s")
     # the ceiling in the benchmark's dtype, timed like the rows (CUDA-graph replay, L2 flushed) and
-    # eagerly; on the H200 either came out ahead by about 10% from run to run (716 replayed against 785
-    # eager in two runs, 751 against 680 in one), so both are kept and the higher is the ceiling
+    # eagerly; on the H200 either came out ahead by 3-10% from run to run (716 replayed against 785
+    # eager in two runs, 751 against 680 in one, 701 against 682 in another), so both are kept and the
+    # higher is the ceiling
     graphed = harness.matmul_flops(device, dtype, graph=True) / 1e12
     eager = harness.matmul_flops(device, dtype, graph=False) / 1e12
     ceiling = max(graphed, eager)

@@ -202,9 +202,9 @@ def bench(fn, device: torch.device, reps: int = 20, graph: bool = False, stream=
     call (graph=True), the L2 flushed before each, for about 100 ms of repetitions (at least
     `reps`). CPU: the median of `reps` perf_counter timings after one warm-up call.
     stream: the side stream to warm up and capture on (default: warm up on a new stream, capture on
-    the one torch.cuda.graph makes for itself). A backward alone, torch.autograd.grad on an output
-    computed earlier, launches its kernels on the streams its forward ran on, so to capture it, run
-    that forward on a side stream and pass it here.
+    the capture stream torch.cuda.graph keeps for the process). A backward alone, torch.autograd.grad
+    on an output computed earlier, launches its kernels on the streams its forward ran on, so to
+    capture it, run that forward on a side stream and pass it here.
     """
     if device.type != "cuda":
         fn()  # warm-up

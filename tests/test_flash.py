@@ -245,11 +245,16 @@ def test_varlen_benchmark_row_counts_each_sequences_own_flops(monkeypatch):
 
     def bench(fn, device, graph):  # every call "takes" 2 ms, 4 ms with pointer loads; all graph-replayed
         assert graph
+        fn()
         return 4.0 if mod._FIXED["pointers"] else 2.0
 
+    checked = []  # check_offsets of every varlen call: checked once untimed, then never (no host sync)
+    real = mod._validate_varlen
+    monkeypatch.setattr(mod, "_validate_varlen", lambda *a: checked.append(a[-1]) or real(*a))
     monkeypatch.setattr(harness, "bench", bench)
     with mod.fixed_configs(0):
         row = mod.varlen_case(32, 2, 1, 64, True, 256, DEVICE, F16)
+    assert checked == [True, False, False]
     lens = mod.mixed_lengths(256, 64)
     assert row["varlen_fwd"] == pytest.approx(sum(4 * 2 * n * n * 32 * 0.5 for n in lens) / 2.0 / 1e9)
     assert row["dense_fwd"] == pytest.approx(4 * 4 * 2 * 64 * 64 * 32 * 0.5 / 2.0 / 1e9)  # B = 256 / 64

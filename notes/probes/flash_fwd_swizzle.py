@@ -7,7 +7,7 @@ another, each head heaviest-first) and heaviest-first over the whole grid (axes 
 interleaved heaviest-first (a GEMM-style swizzle). SWZ = 1 is 06's order, SWZ = B * H the swapped one.
 Prediction: some SWZ between (4-16) keeps 06's speed without a mask and gains a few % causal.
 Session 6's answer (notes/logs/flash_fwd_swizzle_9ff0839_h200.log): no; SWZ = 4 gained 4% at causal
-4k only and lost 1-3% elsewhere, SWZ = 16 lost 2-6% without a mask; 06's order stays.
+4k only and lost 1-3% elsewhere, SWZ = 16 lost 4-6% without a mask; 06's order stays.
 
 Each variant is 06_flash.py's own source with the forward's program-id mapping and grid replaced (one
 module per SWZ), autotuned as 06 is, outputs checked equal to 06's, timed forward only by CUDA-graph
