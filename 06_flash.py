@@ -307,13 +307,14 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, K_DESC, V_DESC,
 # noise). GQA: a kv head's dK/dV sums over its query group. One program walks the whole group, or, where
 # that leaves too few programs to fill the GPU (MQA), a share of it, writing an fp32 partial sum; the
 # partials are added afterwards (dkdv_splits). On the H200 this took MQA's causal backward from 0.40x
-# to 0.63x cuDNN (0.61-0.67x in later runs; notes/06_flash.md). Each of the two loops covers every head
-# of the program's share and every block of its range as one sequence of steps. How the loops are laid
-# out decides what ptxas makes of them (notes/probes/flash_ptxas.py compiles the kernels for sm_90a
-# on any machine): a loop over the group's heads around three block loops (masked, unmasked, masked)
-# spilled ~1 KB of registers in the GQA kernel, and with the unmasked loop between two others ptxas
-# serialised every matmul of the non-causal kernel (its warning C7515: each 16-deep wgmma waited for
-# before the next is issued).
+# to 0.63x cuDNN (0.61-0.67x in later runs; notes/06_flash.md). How the loops are laid out decides what
+# ptxas makes of them (notes/probes/flash_ptxas.py compiles the kernels for sm_90a on any machine):
+# with three loops, the unmasked one between two masked ones, ptxas serialised every matmul of the
+# non-causal kernel (its warning C7515: each 16-deep wgmma waited for before the next is issued); with
+# the masked loop first and the unmasked one last the H200 ran the non-causal backward 7-10% faster at
+# D=128 and 13-18% at D=64, the causal one 1-5% (GQA 32/8 2-4% slower). Walking the group's heads
+# inside the loops too, a carried counter, pipelined everything and cut the GQA kernel's ~1 KB of spills,
+# but its extra address arithmetic per step made it slower again (notes/06_flash.md, session 7).
 # Query-side tails are neutralised through the loads: a missing row has q = dO = 0 and lse = +inf,
 # so its P is exactly 0 and it adds nothing to dK or dV.
 
@@ -336,57 +337,51 @@ def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_dob,
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qh, stride_qn,
-                stride_doh, stride_don, stride_lh, stride_dqh, stride_dqn, offs_n, heads, lo, length, jump,
-                to, seq_q, diag, qk_scale, sm_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                MASKED: tl.constexpr, CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr):  # fmt: skip
-    """One loop over `heads` query heads (the bases' head and those after it), and in each over the
-    query blocks that start at lo and cover `length` rows, where a block that would start at `jump` or
-    later starts at `to` + (start - jump) instead (so one loop can walk two ranges). The head and block
-    are counters carried from one step to the next, not divisions of the step number: with a division,
-    ptxas serialised the 4-warp config's matmuls (notes/probes/flash_ptxas.py). MASKED: blocks that
-    cross the diagonal (CAUSAL) or run past the last row; else whole blocks that see every key of this
-    block, loaded and used without masks."""
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn, stride_don,
+                stride_dqn, offs_n, lo, hi, seq_q, diag, qk_scale, sm_scale, jump, to,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                ATOMIC_DQ: tl.constexpr):  # fmt: skip
+    """The query blocks from lo to hi, where a block that would start at `jump` or later starts at
+    `to` + (start - jump) instead, so one loop can walk two ranges. MASKED: blocks that cross the
+    diagonal (CAUSAL) or run past the last row; else whole blocks that see every key of this block,
+    loaded and used without masks."""
     offs_d = tl.arange(0, HEAD_DIM)
-    per_head = tl.cdiv(length, BLOCK_M)
-    g = tl.zeros([], tl.int64)
-    start = lo
-    for _ in range(0, heads * per_head):
-        start_m = tl.where(start < jump, start, start - jump + to)
+    for start in range(lo, hi, BLOCK_M):
+        start_m = tl.where(start < jump, start, start - jump + to)  # the second range
         offs_m = start_m + tl.arange(0, BLOCK_M)
         rows = offs_m < seq_q
-        q_ptrs = q_base + g * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
-        do_ptrs = do_base + g * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :]
-        lse_ptrs = lse_base + g * stride_lh + offs_m
-        delta_ptrs = delta_base + g * stride_lh + offs_m
+        q_ptrs = q_base + offs_m[:, None] * stride_qn + offs_d[None, :]
+        do_ptrs = do_base + offs_m[:, None] * stride_don + offs_d[None, :]
         if MASKED:  # a missing row has q = dO = 0 and lse = +inf, so its P is exactly 0
             q = tl.load(q_ptrs, mask=rows[:, None], other=0.0)
-            lse = tl.load(lse_ptrs, mask=rows, other=float("inf"))
+            lse = tl.load(lse_base + offs_m, mask=rows, other=float("inf"))
             do = tl.load(do_ptrs, mask=rows[:, None], other=0.0)
-            delta = tl.load(delta_ptrs, mask=rows, other=0.0)
+            delta = tl.load(delta_base + offs_m, mask=rows, other=0.0)
         else:
             q = tl.load(q_ptrs)
-            lse = tl.load(lse_ptrs)
+            lse = tl.load(lse_base + offs_m)
             do = tl.load(do_ptrs)
-            delta = tl.load(delta_ptrs)
-        p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # P^T, (BLOCK_N, BLOCK_M)
-        if MASKED and CAUSAL:  # key j visible to row i iff j <= i + diag
-            p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + diag, p_t, 0.0)
-        dv = tl.dot(p_t.to(do.dtype), do, dv)  # dV += P^T dO
-        dp_t = tl.dot(v, tl.trans(do))  # dP^T = V dO^T
+            delta = tl.load(delta_base + offs_m)
+        if CAUSAL:
+            p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # P^T, (BLOCK_N, BLOCK_M)
+            if MASKED:  # key j visible to row i iff j <= i + diag
+                p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + diag, p_t, 0.0)
+            dv = tl.dot(p_t.to(do.dtype), do, dv)  # dV += P^T dO
+            dp_t = tl.dot(v, tl.trans(do))  # dP^T = V dO^T
+        else:  # the same, dP^T's matmul issued before the exponential (faster without a mask only)
+            s_t = tl.dot(k, tl.trans(q))
+            dp_t = tl.dot(v, tl.trans(do))
+            p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
+            dv = tl.dot(p_t.to(do.dtype), do, dv)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk)  # dK += dS^T Q (scale applied once at the end)
         if ATOMIC_DQ:  # dQ += dS K over these keys, added into the fp32 buffer every key block shares
             dq = tl.dot(tl.trans(ds_t).to(k.dtype), k) * sm_scale
-            dq_ptrs = dq_base + g * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :]
+            dq_ptrs = dq_base + offs_m[:, None] * stride_dqn + offs_d[None, :]
             if MASKED:
                 tl.atomic_add(dq_ptrs, dq, mask=rows[:, None], sem="relaxed")
             else:
                 tl.atomic_add(dq_ptrs, dq, sem="relaxed")
-        start += BLOCK_M
-        wrap = start >= lo + per_head * BLOCK_M  # this head is done: the next one from lo
-        g += wrap.to(tl.int64)
-        start = tl.where(wrap, lo, start)
     return dk, dv
 
 
@@ -430,22 +425,21 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_Q, CU_K,
         # ragged end
         full = tl.maximum(mid, seq_q // BLOCK_M * BLOCK_M)
         per_split = GROUP // SPLITS
-        h = h_kv * GROUP + split * per_split  # the first query head of this split's share of the group
-        q_base = Q + b * stride_qb + h * stride_qh + q_row0 * stride_qn
-        do_base = DO + b * stride_dob + h * stride_doh + q_row0 * stride_don
-        lse_base = LSE + b * stride_lb + h * stride_lh + q_row0  # LSE and DELTA share one layout
-        delta_base = DELTA + b * stride_lb + h * stride_lh + q_row0
-        dq_base = DQ + b * stride_dqb + h * stride_dqh + q_row0 * stride_dqn  # ATOMIC_DQ only
-        # the masked blocks first, [lo, mid) then [full, seq_q); the unmasked ones last (the other order
-        # makes ptxas serialise the dK/dV matmuls)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qh,
-                             stride_qn, stride_doh, stride_don, stride_lh, stride_dqh, stride_dqn, offs_n,
-                             per_split, lo, mid - lo + seq_q - full, mid, full, seq_q, diag, qk_scale,
-                             sm_scale, HEAD_DIM, BLOCK_M, True, CAUSAL, ATOMIC_DQ)  # fmt: skip
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qh,
-                             stride_qn, stride_doh, stride_don, stride_lh, stride_dqh, stride_dqn, offs_n,
-                             per_split, mid, full - mid, full, full, seq_q, diag, qk_scale, sm_scale,
-                             HEAD_DIM, BLOCK_M, False, CAUSAL, ATOMIC_DQ)  # fmt: skip
+        for g in range(split * per_split, (split + 1) * per_split):  # this split's share of the group
+            h = h_kv * GROUP + g
+            q_base = Q + b * stride_qb + h * stride_qh + q_row0 * stride_qn
+            do_base = DO + b * stride_dob + h * stride_doh + q_row0 * stride_don
+            lse_base = LSE + b * stride_lb + h * stride_lh + q_row0  # LSE and DELTA share one layout
+            delta_base = DELTA + b * stride_lb + h * stride_lh + q_row0
+            dq_base = DQ + b * stride_dqb + h * stride_dqh + q_row0 * stride_dqn  # ATOMIC_DQ only
+            # masked first, [lo, mid) and then [full, seq_q) in one loop; the unmasked [mid, full) last
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn,
+                                 stride_don, stride_dqn, offs_n, lo, mid + seq_q - full, seq_q, diag,
+                                 qk_scale, sm_scale, mid, full, HEAD_DIM, BLOCK_M, True, CAUSAL,
+                                 ATOMIC_DQ)  # fmt: skip
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn,
+                                 stride_don, stride_dqn, offs_n, mid, full, seq_q, diag, qk_scale, sm_scale,
+                                 full, full, HEAD_DIM, BLOCK_M, False, CAUSAL, ATOMIC_DQ)  # fmt: skip
         dk_rows = (k_row0 + offs_n[:, None]) * stride_dkn
         dv_rows = (k_row0 + offs_n[:, None]) * stride_dvn
         part = split.to(tl.int64) * stride_split  # SPLITS > 1: this split's fp32 partial sum

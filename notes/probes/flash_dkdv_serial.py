@@ -18,8 +18,9 @@ if 06 changes under it):
   one_masked_dp_early  one_masked with dP^T = V dO^T issued before the exponential.
 Second call: the old file as argv[1] (`git show cbfdc94:06_flash.py > data/flash_cbfdc94.py`, carried),
 the edits applied to it (argv[2]: which, comma-separated), beside "now", the file in the repository
-(the dK/dV loops 06 took from this probe: no loop over a GQA group's heads, one masked loop, the
-unmasked loop last).
+(second call, 9500d14: the group's heads walked inside the two loops by a carried counter; third call:
+one_masked, with dP^T's matmul issued before the exponential where there is no causal mask, what 06
+kept).
 Each: whole backward (delta + dK/dV + dQ) by CUDA-graph replay as 06's benchmark times it, dK/dV under a
 fixed config, beside cuDNN; the compiled dK/dV kernel's registers, spills and the C7515 verdict of the
 device's own ptxas; gradients against base's. GPU only."""
