@@ -294,13 +294,12 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, K_DESC, V_DESC,
 # price: the dQ kernel recomputes P and dP, 7 matmuls per (query block, key block) pair instead of 5.
 # deterministic=False takes FlashAttention-2's other road: the dK/dV kernel also adds dS K into an fp32
 # dQ buffer with atomic adds (5 matmuls, no dQ kernel), in whatever order the programs run, so dQ's
-# last bits vary from run to run. On the H200 it is mostly the slower road: at D=128, causal, N=4k the
-# dK/dV kernel grows from 1.33 to 2.24 ms (one matmul is ~0.33 ms of that; the rest is the ~2 GB of
+# last bits vary from run to run. On the H200 it is the slower road: at D=128, causal, N=4k the
+# dK/dV kernel grows from 1.27 to 2.14 ms (one matmul is ~0.32 ms of that; the rest is the ~2 GB of
 # fp32 atomic adds), more than the 0.69 ms dQ kernel it replaces. Over the benchmark it runs at
-# 0.77-0.92x the two-kernel backward (0.50-0.77x cuDNN against 0.63-0.88x), except D=128 MHA without a
-# causal mask, where it runs 1.01-1.06x (results/06_flash.json, notes/06_flash.md); the bitwise
-# repeatable two-kernel path stays the default for a gain that small. A TMA bulk reduce-add of
-# whole dQ tiles (desc.atomic_add, commit ce166b9) measured slower than these pointer atomics.
+# 0.77-0.94x the two-kernel backward (0.56-0.79x cuDNN against 0.66-0.99x; results/06_flash.json,
+# notes/06_flash.md), so the bitwise repeatable two-kernel path is the default. A TMA bulk reduce-add
+# of whole dQ tiles (desc.atomic_add, commit ce166b9) measured slower than these pointer atomics.
 # The dK/dV kernel walks a key block's query blocks in two loops: first, with masks, those crossing the
 # diagonal and the ragged last block; then the whole blocks between, without any (measured on the H200
 # beside the kernel that masked every row of every block: causal backward 4-5% faster, full within
@@ -310,11 +309,13 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, K_DESC, V_DESC,
 # to 0.63x cuDNN (0.61-0.67x in later runs; notes/06_flash.md). How the loops are laid out decides what
 # ptxas makes of them (notes/probes/flash_ptxas.py compiles the kernels for sm_90a on any machine):
 # with three loops, the unmasked one between two masked ones, ptxas serialised every matmul of the
-# non-causal kernel (its warning C7515: each 16-deep wgmma waited for before the next is issued); with
-# the masked loop first and the unmasked one last the H200 ran the non-causal backward 7-10% faster at
-# D=128 and 13-18% at D=64, the causal one 1-5% (GQA 32/8 2-4% slower). Walking the group's heads
-# inside the loops too, a carried counter, pipelined everything and cut the GQA kernel's ~1 KB of spills,
-# but its extra address arithmetic per step made it slower again (notes/06_flash.md, session 7).
+# non-causal kernel (its warning C7515: each 16-deep wgmma waited for before the next is issued). With
+# the masked loop first and the unmasked one last, and dP^T's matmul issued before the exponential
+# where there is no mask, the H200 ran the backward 7-13% faster at D=128 without a causal mask, 11-13%
+# at D=64, 1-6% with one, and 3-4% slower for GQA 32/8 causal (side by side in one run). Walking the
+# group's heads inside the loops too, by a carried counter, pipelined everything and cut the GQA
+# kernel's ~1 KB of spills, but its longer loop body (64-bit address arithmetic each step) made it
+# slower than before nearly everywhere (notes/06_flash.md, session 7).
 # Query-side tails are neutralised through the loads: a missing row has q = dO = 0 and lse = +inf,
 # so its P is exactly 0 and it adds nothing to dK or dV.
 
@@ -535,9 +536,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
 # impose 16-byte rules on the inputs. So every kernel keeps its masked-pointer path, and one place takes
 # descriptors: the forward's whole K and V blocks, both issued at the top of the key loop (_row_descs).
 # What the H200 measured (notes/06_flash.md; probes in notes/probes/):
-#   - K and V through descriptors at the loop's top (this file): 1.02-1.14x the same forward with
-#     pointer loads at D=128 MHA and N >= 1k (1.02-1.08x at 512), 0.98-1.03x at D=64, GQA/MQA 1.04-1.15x
-#     (the benchmark's fwd/pointers column); varlen 1.09-1.15x at mean length 4k, 1.03-1.06x at 1k
+#   - K and V through descriptors at the loop's top (this file): 1.02-1.15x the same forward with
+#     pointer loads at D=128 MHA and N >= 1k (1.01-1.08x at 512), 0.99-1.05x at D=64, GQA/MQA 1.06-1.17x
+#     (the benchmark's fwd/pointers column); varlen 1.08-1.21x at mean length 4k, 1.02-1.03x at 1k
 #     (0.97-0.98x at 1k when those rows were timed eagerly with the offset checks in the window);
 #   - pointer loads in that same order: no gain in one reading each, so the copy engine, not the order
 #     alone, is the likely cause;
