@@ -301,21 +301,22 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, K_DESC, V_DESC,
 # notes/06_flash.md), so the bitwise repeatable two-kernel path is the default. A TMA bulk reduce-add
 # of whole dQ tiles (desc.atomic_add, commit ce166b9) measured slower than these pointer atomics.
 # The dK/dV kernel walks a key block's query blocks in two loops: first, with masks, those crossing the
-# diagonal and the ragged last block; then the whole blocks between, without any (measured on the H200
-# beside the kernel that masked every row of every block: causal backward 4-5% faster, full within
-# noise). GQA: a kv head's dK/dV sums over its query group. One program walks the whole group, or, where
-# that leaves too few programs to fill the GPU (MQA), a share of it, writing an fp32 partial sum; the
-# partials are added afterwards (dkdv_splits). On the H200 this took MQA's causal backward from 0.40x
-# to 0.63x cuDNN (0.61-0.67x in later runs; notes/06_flash.md). How the loops are laid out decides what
-# ptxas makes of them (notes/probes/flash_ptxas.py compiles the kernels for sm_90a on any machine):
-# with three loops, the unmasked one between two masked ones, ptxas serialised every matmul of the
-# non-causal kernel (its warning C7515: each 16-deep wgmma waited for before the next is issued). With
-# the masked loop first and the unmasked one last, and dP^T's matmul issued before the exponential
-# where there is no mask, the H200 ran the backward 7-13% faster at D=128 without a causal mask, 11-13%
-# at D=64, 1-6% with one, and 3-4% slower for GQA 32/8 causal (side by side in one run). Walking the
-# group's heads inside the loops too, by a carried counter, pipelined everything and cut the GQA
-# kernel's ~1 KB of spills, but its longer loop body (64-bit address arithmetic each step) made it
-# slower than before nearly everywhere (notes/06_flash.md, session 7).
+# diagonal and the ragged last block; then the whole blocks between, without any (the unmasked whole
+# blocks were measured on the H200 beside the kernel that masked every row of every block, in an older
+# three-loop layout: causal backward 4-5% faster, full within noise). GQA: a kv head's dK/dV sums over
+# its query group. One program walks the whole group, or, where that leaves too few programs to fill
+# the GPU (MQA), a share of it, writing an fp32 partial sum; the partials are added afterwards
+# (dkdv_splits). On the H200 this took MQA's causal backward from 0.40x to 0.63x cuDNN (0.61-0.67x in
+# later runs; notes/06_flash.md). How the loops are laid out decides what ptxas makes of them
+# (notes/probes/flash_ptxas.py compiles the kernels for sm_90a on any machine): with three loops, the
+# unmasked one between two masked ones, ptxas serialised every matmul of the non-causal MHA kernel (its
+# warning C7515: each 16-deep wgmma waited for before the next is issued). With the masked loop first
+# and the unmasked one last, and dP^T's matmul placed per kernel (below), the H200 ran the backward
+# 7-13% faster at D=128 without a causal mask, 11-13% at D=64 (5-8% with the 8-warp tile), 1-6% with
+# one, and 3-5% slower for GQA 32/8 causal (side by side in one run). Walking the group's heads inside
+# the loops too, by a carried counter, pipelined everything and cut the GQA causal kernel's ~1 KB of
+# spills, but with a longer loop body (64-bit address arithmetic each step) it ran slower than before
+# on most shapes (faster for MQA; notes/06_flash.md, session 7).
 # Query-side tails are neutralised through the loads: a missing row has q = dO = 0 and lse = +inf,
 # so its P is exactly 0 and it adds nothing to dK or dV.
 
@@ -343,9 +344,10 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, st
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                 ATOMIC_DQ: tl.constexpr):  # fmt: skip
     """The query blocks from lo to hi, where a block that would start at `jump` or later starts at
-    `to` + (start - jump) instead, so one loop can walk two ranges. MASKED: blocks that cross the
-    diagonal (CAUSAL) or run past the last row; else whole blocks that see every key of this block,
-    loaded and used without masks."""
+    `to` + (start - jump) instead, so one loop can walk two ranges (this needs jump - lo to be a
+    multiple of BLOCK_M whenever hi > jump; jump = to makes it a plain walk). MASKED: blocks that cross
+    the diagonal (CAUSAL) or run past the last row; else whole blocks that see every key of this
+    block, loaded and used without masks."""
     offs_d = tl.arange(0, HEAD_DIM)
     for start in range(lo, hi, BLOCK_M):
         start_m = tl.where(start < jump, start, start - jump + to)  # the second range
@@ -363,17 +365,19 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, st
             lse = tl.load(lse_base + offs_m)
             do = tl.load(do_ptrs)
             delta = tl.load(delta_base + offs_m)
-        if CAUSAL:
-            p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # P^T, (BLOCK_N, BLOCK_M)
-            if MASKED:  # key j visible to row i iff j <= i + diag
-                p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + diag, p_t, 0.0)
-            dv = tl.dot(p_t.to(do.dtype), do, dv)  # dV += P^T dO
+        s_t = tl.dot(k, tl.trans(q))  # S^T, (BLOCK_N, BLOCK_M)
+        # Where dP^T's matmul is issued is a measured choice (notes/06_flash.md, session 7): before the
+        # exponential in the kernel without a causal mask (the dV matmul then overlaps the dS arithmetic:
+        # 0-5% faster at D=128), after dV in the causal kernel (3-5% faster at D=128 MHA, though GQA 32/8
+        # and D=64 at 8 warps went 1-5% the other way).
+        if not CAUSAL:
             dp_t = tl.dot(v, tl.trans(do))  # dP^T = V dO^T
-        else:  # the same, dP^T's matmul issued before the exponential (faster without a mask only)
-            s_t = tl.dot(k, tl.trans(q))
-            dp_t = tl.dot(v, tl.trans(do))
-            p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
-            dv = tl.dot(p_t.to(do.dtype), do, dv)
+        p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])  # P^T
+        if MASKED and CAUSAL:  # key j visible to row i iff j <= i + diag
+            p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + diag, p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv)  # dV += P^T dO
+        if CAUSAL:
+            dp_t = tl.dot(v, tl.trans(do))  # dP^T = V dO^T
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk)  # dK += dS^T Q (scale applied once at the end)
         if ATOMIC_DQ:  # dQ += dS K over these keys, added into the fp32 buffer every key block shares
@@ -422,7 +426,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_Q, CU_K,
         else:
             lo = 0
             mid = 0
-        # [lo, mid) crosses the diagonal; [mid, full) are whole blocks, unmasked; [full, seq_q) is the
+        # [lo, mid) crosses the diagonal; [mid, full) are whole blocks, unmasked; [full, seq_q), the
         # ragged end
         full = tl.maximum(mid, seq_q // BLOCK_M * BLOCK_M)
         per_split = GROUP // SPLITS

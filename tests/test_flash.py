@@ -214,8 +214,10 @@ def test_autotune_keys_include_the_grid_and_checks_do_not_tune():
 def test_varlen_backward_matches_autograd_through_the_reference(causal):
     """Packed sequences train: dq, dk, dv of the varlen kernel equal autograd through the float64
     reference run on each sequence alone (GQA 4/2, a zero-length and a one-token sequence, cached
-    prefixes len_k > len_q, lengths off the block size)."""
-    note = mod.check_varlen([21, 1, 0, 17], [21, 4, 3, 30], 4, 2, 32, causal, F16, DEVICE, grad=True)
+    prefixes len_k > len_q, lengths off the block size, and one long enough that its dK/dV key blocks
+    see masked diagonal blocks, whole blocks and a ragged end)."""
+    lens_q, lens_k = [21, 1, 0, 17, 45], [21, 4, 3, 30, 52]
+    note = mod.check_varlen(lens_q, lens_k, 4, 2, 32, causal, F16, DEVICE, grad=True)
     assert "dq/dk/dv" in note
 
 

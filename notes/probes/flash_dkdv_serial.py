@@ -3,27 +3,29 @@ reordering its three query-block loops give it back?
 
 Found offline first (Triton 3.6 compiling 06 for sm_90a on a CPU machine, notes/probes/flash_ptxas.py):
 ptxas reports "(C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized due to
-non wgmma instructions defining accumulator registers" for the non-causal dK/dV kernel, which then waits
-for every 16-deep wgmma before issuing the next. The kernel walks a key block's query blocks in three
-loops, dK and dV carried from one to the next: masked blocks crossing the diagonal, unmasked whole blocks,
-the masked ragged end. Compiled offline, keeping only the first two loops, or putting the unmasked loop
-last, removes the serialization.
+non wgmma instructions defining accumulator registers" for the non-causal MHA dK/dV kernel, which then
+waits for every 16-deep wgmma before issuing the next. At cbfdc94 the kernel walks a key block's query
+blocks in three loops, dK and dV carried from one to the next: masked blocks crossing the diagonal,
+unmasked whole blocks, the masked ragged end. Compiled offline, keeping only the first two loops, or
+putting the unmasked loop last, removes the serialization.
 
-Variants, each 06_flash.py with one edit (made here from the file's own text, so the probe breaks loudly
-if 06 changes under it):
-  base         06 as it is;
+    python notes/probes/flash_dkdv_serial.py OLD_06 [NAMES]
+
+OLD_06 is cbfdc94's 06_flash.py (`git show cbfdc94:06_flash.py > data/flash_cbfdc94.py`, carried to the
+device; data/ is git-ignored): the edits below are written against its text and stop the probe with a
+message on any other. NAMES, comma-separated, picks the variants (default: all):
+  base         OLD_06 as it is;
   ragged_first the ragged end's masked loop before the unmasked middle (three loops, unmasked last);
   one_masked   the diagonal blocks and the ragged end in one masked loop (its index jumps from the
                diagonal's end to the ragged end), then the unmasked middle: two loops;
-  one_masked_dp_early  one_masked with dP^T = V dO^T issued before the exponential.
-Second call: the old file as argv[1] (`git show cbfdc94:06_flash.py > data/flash_cbfdc94.py`, carried),
-the edits applied to it (argv[2]: which, comma-separated), beside "now", the file in the repository
-(second call, 9500d14: the group's heads walked inside the two loops by a carried counter; third call:
-one_masked, with dP^T's matmul issued before the exponential where there is no causal mask, what 06
-kept).
+  one_masked_dp_early  one_masked with dP^T = V dO^T issued before the exponential;
+  now          the repository's 06_flash.py as it stands (call 2, 9500d14: the group's heads walked
+               inside the two loops by a carried counter; call 3, 8611a07: one_masked with dP^T
+               early only in the kernel without a causal mask, what 06 kept).
 Each: whole backward (delta + dK/dV + dQ) by CUDA-graph replay as 06's benchmark times it, dK/dV under a
 fixed config, beside cuDNN; the compiled dK/dV kernel's registers, spills and the C7515 verdict of the
-device's own ptxas; gradients against base's. GPU only."""
+device's own ptxas; the largest relative gradient difference from the first variant at the shape's first
+config (so a second config's row shows the difference between the two tiles). GPU only."""
 
 import importlib.util
 import re
@@ -149,7 +151,7 @@ def main():
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         mods = load_variants(Path(tmp))
-        base = mods["base"]
+        base = next(iter(mods.values()))  # the first variant times cuDNN and names the configs
         for D, H, H_KV, N, causal in SHAPES:
             from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -7,12 +7,14 @@ ptxas reports C7515 ("wgmma.mma_async instructions are serialized"), which means
 16-deep wgmma before issuing the next. Use the GPU's Triton, not the CPU machine's (the device has 3.6):
 
     python3.11 -m venv /tmp/t36 && /tmp/t36/bin/pip install triton==3.6.0 torch==2.13.0 numpy
+    (torch==2.13.0 is the CPU build on this project's machines; elsewhere the CPU build comes from
+    --extra-index-url https://download.pytorch.org/whl/cpu, not tried here)
     /tmp/t36/bin/python notes/probes/flash_ptxas.py [--file 06_flash.py] [--kinds dkdv,dq] [--h-kv 1]
                                                     [--dump DIR]
 
 --h-kv 1 makes the query group 4 heads (GQA); --dump writes each kernel's TTGIR, PTX and SASS to DIR.
-Session 7 found the non-causal dK/dV kernel serialised (and ~1 KB of spills in the GQA one); the
-device's own ptxas agreed (notes/probes/flash_dkdv_serial.py)."""
+Session 7 found the non-causal MHA dK/dV kernel serialised (and ~1 KB of spills in the GQA causal
+one); the device's own ptxas agreed (notes/probes/flash_dkdv_serial.py)."""
 
 import argparse
 import importlib.util
