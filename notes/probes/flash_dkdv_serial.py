@@ -29,7 +29,6 @@ config (so a second config's row shows the difference between the two tiles). GP
 
 import importlib.util
 import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -125,24 +124,16 @@ def load_variants(tmp: Path) -> dict:
 
 def ptxas_verdict(mod) -> list[str]:
     """Registers, spills and whether the device's ptxas serialises the wgmmas, per compiled dK/dV kernel
-    (labelled by its constexpr values: HEAD_DIM, CAUSAL, IS_VARLEN, ATOMIC_DQ, BLOCK_M, BLOCK_N, ...)."""
-    ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
+    (labelled by its constexpr values: HEAD_DIM, CAUSAL, IS_VARLEN, ATOMIC_DQ, BLOCK_M, BLOCK_N, ...),
+    read by flash_ptxas.py's report on each kernel's PTX."""
+    from flash_ptxas import ptxas_report  # here, not at the top: that module compiles for sm_90a
+
     out = []
     for cache in mod._bwd_dkdv_kernel.fn.device_caches.values():
         for key, kernel in cache[0].items():
-            with tempfile.TemporaryDirectory() as d:
-                ptx = Path(d) / "k.ptx"
-                ptx.write_text(kernel.asm["ptx"])
-                cmd = [str(ptxas), "-arch=sm_90a", "-v", str(ptx), "-o", str(Path(d) / "k.cubin")]
-                err = subprocess.run(cmd, capture_output=True, text=True).stderr
             consts = re.findall(r"\('constexpr', ([^)]*)\)", str(key))
-            regs = re.search(r"Used (\d+) registers", err)
-            spill = re.search(r"(\d+) bytes spill stores", err)
-            out.append(
-                f"{','.join(consts)} warps {kernel.metadata.num_warps}: "
-                f"regs {regs.group(1) if regs else '?'} "
-                f"spill {spill.group(1) if spill else '?'} {'SERIALIZED' if 'C7515' in err else 'pipelined'}"
-            )
+            report = ptxas_report(kernel.asm | {"shared": kernel.metadata.shared}, None, "")
+            out.append(f"{','.join(consts)} warps {kernel.metadata.num_warps}: {report}")
     return out
 
 
