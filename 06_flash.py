@@ -422,7 +422,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_Q, CU_K,
             # query blocks before lo see none of these keys; from mid on they see all of them
             lo = tl.maximum(start_n - diag, 0) // BLOCK_M * BLOCK_M
             mid = tl.maximum(start_n + BLOCK_N - 1 - diag + BLOCK_M - 1, 0) // BLOCK_M * BLOCK_M
-            mid = tl.minimum(tl.maximum(mid, lo), seq_q)
+            # clamped to the last whole block, not to seq_q: every bound is then x // BLOCK_M * BLOCK_M
+            # or a max / min of such, so the compiler knows each block's lse and delta rows are aligned
+            # and loads them two at a time (with the clamp at seq_q, one at a time: compiled for sm_90a,
+            # up to 16% more instructions in the causal unmasked loop and 2-4x the spill bytes)
+            mid = tl.minimum(tl.maximum(mid, lo), seq_q // BLOCK_M * BLOCK_M)
         else:
             lo = 0
             mid = 0
