@@ -295,9 +295,9 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, K_DESC, V_DESC,
 # deterministic=False takes FlashAttention-2's other road: the dK/dV kernel also adds dS K into an fp32
 # dQ buffer with atomic adds (5 matmuls, no dQ kernel), in whatever order the programs run, so dQ's
 # last bits vary from run to run. On the H200 it is the slower road: at D=128, causal, N=4k the
-# dK/dV kernel grows from 1.27 to 2.14 ms (one matmul is ~0.32 ms of that; the rest is the ~2 GB of
+# dK/dV kernel grows from 1.17 to 2.02 ms (one matmul is ~0.29 ms of that; the rest is the ~2 GB of
 # fp32 atomic adds), more than the 0.69 ms dQ kernel it replaces. Over the benchmark it runs at
-# 0.77-0.94x the two-kernel backward (0.56-0.79x cuDNN against 0.66-0.99x; results/06_flash.json,
+# 0.79-0.97x the two-kernel backward (0.59-0.83x cuDNN against 0.71-0.97x; results/06_flash.json,
 # notes/06_flash.md), so the bitwise repeatable two-kernel path is the default. A TMA bulk reduce-add
 # of whole dQ tiles (desc.atomic_add, commit ce166b9) measured slower than these pointer atomics.
 # The dK/dV kernel walks a key block's query blocks in two loops: first, with masks, those crossing the
@@ -306,7 +306,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, K_DESC, V_DESC,
 # three-loop layout: causal backward 4-5% faster, full within noise). GQA: a kv head's dK/dV sums over
 # its query group. One program walks the whole group, or, where that leaves too few programs to fill
 # the GPU (MQA), a share of it, writing an fp32 partial sum; the partials are added afterwards
-# (dkdv_splits). On the H200 this took MQA's causal backward from 0.40x to 0.63x cuDNN (0.61-0.67x in
+# (dkdv_splits). On the H200 this took MQA's causal backward from 0.40x to 0.63x cuDNN (0.61-0.71x in
 # later runs; notes/06_flash.md). How the loops are laid out decides what ptxas makes of them
 # (notes/probes/flash_ptxas.py compiles the kernels for sm_90a on any machine): with three loops, the
 # unmasked one between two masked ones, ptxas serialised every matmul of the non-causal MHA kernel (its
@@ -425,7 +425,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_Q, CU_K,
             # clamped to the last whole block, not to seq_q: every bound is then x // BLOCK_M * BLOCK_M
             # or a max / min of such, so the compiler knows each block's lse and delta rows are aligned
             # and loads them two at a time (with the clamp at seq_q, one at a time: compiled for sm_90a,
-            # up to 16% more instructions in the causal unmasked loop and 2-4x the spill bytes)
+            # up to 16% more instructions in the causal unmasked loop and 2-4x the spill bytes; this
+            # clamp ran the causal backward 4-8% faster on the H200 at D=128 MHA, 9-10% for GQA 32/8,
+            # 13% for MQA, 3% at D=64, side by side in one run: notes/06_flash.md, session 8)
             mid = tl.minimum(tl.maximum(mid, lo), seq_q // BLOCK_M * BLOCK_M)
         else:
             lo = 0
@@ -545,8 +547,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
 # descriptors: the forward's whole K and V blocks, both issued at the top of the key loop (_row_descs).
 # What the H200 measured (notes/06_flash.md; probes in notes/probes/):
 #   - K and V through descriptors at the loop's top (this file): 1.02-1.15x the same forward with
-#     pointer loads at D=128 MHA and N >= 1k (1.01-1.08x at 512), 0.99-1.05x at D=64, GQA/MQA 1.06-1.17x
-#     (the benchmark's fwd/pointers column); varlen 1.08-1.21x at mean length 4k, 1.02-1.03x at 1k
+#     pointer loads at D=128 MHA and N >= 1k (1.01-1.08x at 512), 0.99-1.08x at D=64, GQA/MQA 1.03-1.17x
+#     (the benchmark's fwd/pointers column); varlen 1.09-1.18x at mean length 4k, 1.03-1.08x at 1k
 #     (0.97-0.98x at 1k when those rows were timed eagerly with the offset checks in the window);
 #   - pointer loads in that same order: no gain in one reading each, so the copy engine, not the order
 #     alone, is the likely cause;
