@@ -435,6 +435,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_Q, CU_K,
         # [lo, mid) crosses the diagonal; [mid, full) are whole blocks, unmasked; [full, seq_q), the
         # ragged end
         full = tl.maximum(mid, seq_q // BLOCK_M * BLOCK_M)
+        if CAUSAL:  # the masked loop walks [lo, mid), then jumps to [full, seq_q)
+            m_start, m_stop, jump, to = lo, mid + seq_q - full, mid, full
+        else:  # only the ragged end is masked, walked without a jump (with one, compiled for sm_90a,
+            # D=64's 4-warp kernel had 10% more instructions and spill loads in its unmasked loop, and
+            # its backward ran 3-6% slower on the H200, side by side: notes/06_flash.md, session 8)
+            m_start, m_stop, jump, to = full, seq_q, seq_q, seq_q
         per_split = GROUP // SPLITS
         for g in range(split * per_split, (split + 1) * per_split):  # this split's share of the group
             h = h_kv * GROUP + g
@@ -443,11 +449,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_Q, CU_K,
             lse_base = LSE + b * stride_lb + h * stride_lh + q_row0  # LSE and DELTA share one layout
             delta_base = DELTA + b * stride_lb + h * stride_lh + q_row0
             dq_base = DQ + b * stride_dqb + h * stride_dqh + q_row0 * stride_dqn  # ATOMIC_DQ only
-            # masked first, [lo, mid) and then [full, seq_q) in one loop; the unmasked [mid, full) last
+            # masked first, in one loop; the unmasked [mid, full) last
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn,
-                                 stride_don, stride_dqn, offs_n, lo, mid + seq_q - full, seq_q, diag,
-                                 qk_scale, sm_scale, mid, full, HEAD_DIM, BLOCK_M, True, CAUSAL,
-                                 ATOMIC_DQ)  # fmt: skip
+                                 stride_don, stride_dqn, offs_n, m_start, m_stop, seq_q, diag, qk_scale,
+                                 sm_scale, jump, to, HEAD_DIM, BLOCK_M, True, CAUSAL, ATOMIC_DQ)  # fmt: skip
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn,
                                  stride_don, stride_dqn, offs_n, mid, full, seq_q, diag, qk_scale, sm_scale,
                                  full, full, HEAD_DIM, BLOCK_M, False, CAUSAL, ATOMIC_DQ)  # fmt: skip
