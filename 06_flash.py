@@ -295,9 +295,9 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, K_DESC, V_DESC,
 # deterministic=False takes FlashAttention-2's other road: the dK/dV kernel also adds dS K into an fp32
 # dQ buffer with atomic adds (5 matmuls, no dQ kernel), in whatever order the programs run, so dQ's
 # last bits vary from run to run. On the H200 it is the slower road: at D=128, causal, N=4k the
-# dK/dV kernel grows from 1.17 to 2.02 ms (one matmul is ~0.29 ms of that; the rest is the ~2 GB of
+# dK/dV kernel grows from 1.18 to 2.04 ms (one matmul is ~0.29 ms of that; the rest is the ~2 GB of
 # fp32 atomic adds), more than the 0.69 ms dQ kernel it replaces. Over the benchmark it runs at
-# 0.79-0.97x the two-kernel backward (0.59-0.83x cuDNN against 0.71-0.97x; results/06_flash.json,
+# 0.77-0.94x the two-kernel backward (0.57-0.83x cuDNN against 0.68-0.99x; results/06_flash.json,
 # notes/06_flash.md), so the bitwise repeatable two-kernel path is the default. A TMA bulk reduce-add
 # of whole dQ tiles (desc.atomic_add, commit ce166b9) measured slower than these pointer atomics.
 # The dK/dV kernel walks a key block's query blocks in two loops: first, with masks, those crossing the
@@ -551,9 +551,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
 # impose 16-byte rules on the inputs. So every kernel keeps its masked-pointer path, and one place takes
 # descriptors: the forward's whole K and V blocks, both issued at the top of the key loop (_row_descs).
 # What the H200 measured (notes/06_flash.md; probes in notes/probes/):
-#   - K and V through descriptors at the loop's top (this file): 1.02-1.15x the same forward with
-#     pointer loads at D=128 MHA and N >= 1k (1.01-1.08x at 512), 0.99-1.08x at D=64, GQA/MQA 1.03-1.17x
-#     (the benchmark's fwd/pointers column); varlen 1.09-1.18x at mean length 4k, 1.03-1.08x at 1k
+#   - K and V through descriptors at the loop's top (this file): 1.03-1.16x the same forward with
+#     pointer loads at D=128 MHA and N >= 1k (1.01-1.08x at 512), 0.99-1.06x at D=64, GQA/MQA 1.03-1.16x
+#     (the benchmark's fwd/pointers column); varlen 1.10-1.17x at mean length 4k, 1.03x at 1k
 #     (0.97-0.98x at 1k when those rows were timed eagerly with the offset checks in the window);
 #   - pointer loads in that same order: no gain in one reading each, so the copy engine, not the order
 #     alone, is the likely cause;
