@@ -438,8 +438,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_Q, CU_K,
         if CAUSAL:  # the masked loop walks [lo, mid), then jumps to [full, seq_q)
             m_start, m_stop, jump, to = lo, mid + seq_q - full, mid, full
         else:  # only the ragged end is masked, walked without a jump (with one, compiled for sm_90a,
-            # D=64's 4-warp kernel had 10% more instructions and spill loads in its unmasked loop, and
-            # its backward ran 3-6% slower on the H200, side by side: notes/06_flash.md, session 8)
+            # D=64's 4-warp kernel had 10% more instructions and more spill traffic in its unmasked
+            # loop, and its backward ran 3-6% slower on the H200, side by side: notes/06_flash.md,
+            # session 8)
             m_start, m_stop, jump, to = full, seq_q, seq_q, seq_q
         per_split = GROUP // SPLITS
         for g in range(split * per_split, (split + 1) * per_split):  # this split's share of the group

@@ -10,13 +10,16 @@ ptxas reports C7515 ("wgmma.mma_async instructions are serialized"), which means
     (torch==2.13.0 is the CPU build on this project's machines; elsewhere the CPU build comes from
     --extra-index-url https://download.pytorch.org/whl/cpu, not tried here)
     /tmp/t36/bin/python notes/probes/flash_ptxas.py [--file 06_flash.py] [--kinds dkdv,dq] [--h-kv 1]
-                                                    [--dump DIR]
+                                                    [--dump DIR] [--loops]
 
---h-kv 1 makes the query group 4 heads (GQA); --dump writes each kernel's TTGIR, PTX and SASS to DIR.
+--h-kv 1 makes the query group 4 heads (GQA); --dump writes each kernel's TTGIR, PTX and SASS to DIR;
+--loops counts each inner loop's SASS instructions (HGMMA, MUFU, loads, spill traffic): session 8 found
+the causal dK/dV kernel's 4-byte lse/delta loads and the exp2 probe's costs this way.
 Session 7 found the non-causal MHA dK/dV kernel serialised (and ~1 KB of spills in the GQA causal
 one); the device's own ptxas agreed (notes/probes/flash_dkdv_serial.py)."""
 
 import argparse
+import collections
 import importlib.util
 import os
 import re
@@ -52,25 +55,48 @@ def compile_for_sm90(fn, args, meta) -> dict:
     return kernel.asm | {"shared": kernel.metadata.shared}
 
 
-def ptxas_report(asm: dict, dump: Path | None, tag: str) -> str:
+INSTR = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")  # address, opcode
+
+
+def sass_loops(sass: str) -> list[str]:
+    """The innermost loops of a cuobjdump SASS listing (a branch back to a lower address closes one):
+    instructions per pass, and the kinds that told session 8 what a loop costs."""
+    ins = [(int(m[1], 16), m[2], line) for line in sass.splitlines() if (m := INSTR.match(line))]
+    loops = []
+    for addr, op, line in ins:
+        target = re.search(r"0x([0-9a-f]+)", line.split(op, 1)[1]) if op.startswith("BRA") else None
+        if target and int(target[1], 16) < addr:
+            loops.append((int(target[1], 16), addr))
+    inner = [a for a in loops if not any(b != a and a[0] <= b[0] and b[1] <= a[1] for b in loops)]
+    out = []
+    for lo, hi in inner:
+        ops = collections.Counter(op.split(".")[0] for addr, op, _ in ins if lo <= addr <= hi)
+        kinds = ", ".join(f"{k} {ops[k]}" for k in ("HGMMA", "MUFU", "LDGSTS", "LDS", "LDL", "STL"))
+        out.append(f"    loop {lo:#06x}-{hi:#06x}: {sum(ops.values())} instructions; {kinds}")
+    return out
+
+
+def ptxas_report(asm: dict, dump: Path | None, tag: str, loops: bool = False) -> str:
     with tempfile.TemporaryDirectory() as d:
         ptx, cubin = Path(d) / "k.ptx", Path(d) / "k.cubin"
         ptx.write_text(asm["ptx"])
         err = subprocess.run(
             [BIN / "ptxas", "-arch=sm_90a", "-v", ptx, "-o", cubin], capture_output=True, text=True
         )
+        if dump is not None or loops:
+            sass = subprocess.run([BIN / "cuobjdump", "-sass", cubin], capture_output=True, text=True).stdout
         if dump is not None:
             dump.mkdir(parents=True, exist_ok=True)
             (dump / f"{tag}.ttgir").write_text(asm["ttgir"])
             (dump / f"{tag}.ptx").write_text(asm["ptx"])
-            sass = subprocess.run([BIN / "cuobjdump", "-sass", cubin], capture_output=True, text=True).stdout
             (dump / f"{tag}.sass").write_text(sass)
     regs = re.search(r"Used (\d+) registers", err.stderr)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", err.stderr)
     serial = "SERIALIZED (C7515)" if "C7515" in err.stderr else "pipelined"
     spilled = "/".join(spill.groups()) if spill else "?"
-    return (f"regs {regs.group(1) if regs else '?':>3}  spill st/ld {spilled:>9}"
-            f"  smem {asm['shared']:>6}  {serial}")  # fmt: skip
+    report = (f"regs {regs.group(1) if regs else '?':>3}  spill st/ld {spilled:>9}"
+              f"  smem {asm['shared']:>6}  {serial}")  # fmt: skip
+    return "\n".join([report] + (sass_loops(sass) if loops else []))
 
 
 def main():
@@ -79,6 +105,7 @@ def main():
     ap.add_argument("--kinds", default="fwd,dkdv,dq", help="which kernels, comma-separated")
     ap.add_argument("--h-kv", type=int, default=4, help="kv heads for 4 query heads (4: MHA, 1: GQA 4/1)")
     ap.add_argument("--dump", type=Path, default=None, help="folder for TTGIR / PTX / SASS of each kernel")
+    ap.add_argument("--loops", action="store_true", help="count the SASS instructions of each inner loop")
     a = ap.parse_args()
     spec = importlib.util.spec_from_file_location("flash_under_test", a.file)
     fa = importlib.util.module_from_spec(spec)
@@ -98,7 +125,7 @@ def main():
                    f"{tile}")  # fmt: skip
             launch_meta = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
             asm = compile_for_sm90(kernel.fn, args, meta | cfg.kwargs | launch_meta)
-            print(f"{tag:48s} {ptxas_report(asm, a.dump, tag.replace(' ', '_'))}", flush=True)
+            print(f"{tag:48s} {ptxas_report(asm, a.dump, tag.replace(' ', '_'), a.loops)}", flush=True)
 
     class NoLaunch:  # the delta kernel is launched directly; it has no dot, so nothing to see
         def __getitem__(self, grid):
