@@ -317,6 +317,16 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, K_DESC, V_DESC,
 # the loops too, by a carried counter, pipelined everything and cut the GQA causal kernel's ~1 KB of
 # spills, but with a longer loop body (64-bit address arithmetic each step) it ran slower than before
 # on most shapes (faster for MQA; notes/06_flash.md, session 7).
+# Two details the compiler is sensitive to (flash_ptxas.py --loops counts each loop's SASS; the H200
+# timed each side by side, notes/06_flash.md, session 8). Every loop bound is written as
+# x // BLOCK_M * BLOCK_M or a max / min of such (mid clamped to the last whole block, not to seq_q), so
+# the compiler sees the blocks aligned and loads each block's lse and delta two floats at a time; with
+# the clamp at seq_q it loaded them one at a time, the 8-warp causal kernels' unmasked loop had up to
+# 16% more instructions and 2-4x the spill bytes, and the causal backward ran 4-8% slower at D=128
+# MHA, 9-10% for GQA 32/8 (more than the loop order above had cost it), 13% for MQA and 7% at D=64 with
+# 8 warps (3%, within noise, with the 4-warp tile the autotuner picks there). And the kernel without a
+# causal mask walks its ragged end as a plain range, not through the jump: with the jump, D=64's
+# 4-warp kernel had 10% more instructions in its unmasked loop and its backward ran 2-6% slower.
 # Query-side tails are neutralised through the loads: a missing row has q = dO = 0 and lse = +inf,
 # so its P is exactly 0 and it adds nothing to dK or dV.
 
@@ -422,25 +432,18 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_Q, CU_K,
             # query blocks before lo see none of these keys; from mid on they see all of them
             lo = tl.maximum(start_n - diag, 0) // BLOCK_M * BLOCK_M
             mid = tl.maximum(start_n + BLOCK_N - 1 - diag + BLOCK_M - 1, 0) // BLOCK_M * BLOCK_M
-            # clamped to the last whole block, not to seq_q: every bound is then x // BLOCK_M * BLOCK_M
-            # or a max / min of such, so the compiler knows each block's lse and delta rows are aligned
-            # and loads them two at a time (with the clamp at seq_q, one at a time: compiled for sm_90a,
-            # up to 16% more instructions in the causal unmasked loop and 2-4x the spill bytes; this
-            # clamp ran the causal backward 4-8% faster on the H200 at D=128 MHA, 9-10% for GQA 32/8,
-            # 13% for MQA, 3% at D=64, side by side in one run: notes/06_flash.md, session 8)
+            # clamped to the last whole block, not to seq_q, so the blocks stay visibly aligned (above)
             mid = tl.minimum(tl.maximum(mid, lo), seq_q // BLOCK_M * BLOCK_M)
         else:
             lo = 0
             mid = 0
         # [lo, mid) crosses the diagonal; [mid, full) are whole blocks, unmasked; [full, seq_q), the
-        # ragged end
+        # ragged end. The max changes no value (mid is at most the last whole block), but without it
+        # the kernels without a causal mask compile with more spills (flash_ptxas.py).
         full = tl.maximum(mid, seq_q // BLOCK_M * BLOCK_M)
         if CAUSAL:  # the masked loop walks [lo, mid), then jumps to [full, seq_q)
             m_start, m_stop, jump, to = lo, mid + seq_q - full, mid, full
-        else:  # only the ragged end is masked, walked without a jump (with one, compiled for sm_90a,
-            # D=64's 4-warp kernel had 10% more instructions and more spill traffic in its unmasked
-            # loop, and its backward ran 3-6% slower on the H200, side by side: notes/06_flash.md,
-            # session 8)
+        else:  # only the ragged end is masked, walked as a plain range (above)
             m_start, m_stop, jump, to = full, seq_q, seq_q, seq_q
         per_split = GROUP // SPLITS
         for g in range(split * per_split, (split + 1) * per_split):  # this split's share of the group
