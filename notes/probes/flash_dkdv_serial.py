@@ -41,8 +41,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
-SOURCE = Path(sys.argv[1] if len(sys.argv) > 1 else ROOT / "06_flash.py").read_text()
-
 
 def _call(lo: str, hi: str, masked: str, extra: str = "") -> str:
     """One of cbfdc94's three _dkdv_inner calls, as its text reads."""
@@ -85,37 +83,38 @@ DP_EARLY = """        s_t = tl.dot(k, tl.trans(q))
 """
 
 
-def _edit(src: str, old: str, new: str) -> str:
+def edit(src: str, old: str, new: str) -> str:
     if src.count(old) != 1:
         raise SystemExit(f"06_flash.py changed: expected one copy of\n{old}")
     return src.replace(old, new)
 
 
 def _one_masked(src: str) -> str:
-    src = _edit(src, DIAG + MIDDLE + RAGGED, _call("lo", "mid + seq_q - full", "True", " mid, full,")
-                + _call("mid", "full", "False", " full, full,"))  # fmt: skip
-    src = _edit(src, INNER_SIG, INNER_SIG.replace("sm_scale,", "sm_scale, jump, to,"))
-    return _edit(src, LOOP, JUMP)
+    src = edit(src, DIAG + MIDDLE + RAGGED, _call("lo", "mid + seq_q - full", "True", " mid, full,")
+               + _call("mid", "full", "False", " full, full,"))  # fmt: skip
+    src = edit(src, INNER_SIG, INNER_SIG.replace("sm_scale,", "sm_scale, jump, to,"))
+    return edit(src, LOOP, JUMP)
 
 
 VARIANTS = {
     "base": lambda s: s,
     "now": lambda s: (ROOT / "06_flash.py").read_text(),
-    "ragged_first": lambda s: _edit(s, DIAG + MIDDLE + RAGGED, DIAG + RAGGED + MIDDLE),
+    "ragged_first": lambda s: edit(s, DIAG + MIDDLE + RAGGED, DIAG + RAGGED + MIDDLE),
     "one_masked": _one_masked,
-    "one_masked_dp_early": lambda s: _edit(_one_masked(s), DP_LATE, DP_EARLY),
+    "one_masked_dp_early": lambda s: edit(_one_masked(s), DP_LATE, DP_EARLY),
 }
 SHAPES = [(128, 16, 16, 4096, False), (128, 16, 16, 4096, True), (128, 16, 16, 16384, False),
           (128, 16, 16, 16384, True), (128, 32, 8, 8192, False), (128, 32, 8, 8192, True),
           (128, 32, 1, 4096, True), (64, 32, 32, 4096, False), (64, 32, 32, 4096, True)]  # fmt: skip
 
 
-def load_variants(tmp: Path) -> dict:
+def load_variants(variants: dict, names: list, source: str, tmp: Path) -> dict:
+    """Each named variant of 06's source (variants: name -> edit of the source text), written to tmp
+    and imported as its own module (also used by flash_exp2_poly.py)."""
     mods = {}
-    chosen = sys.argv[2].split(",") if len(sys.argv) > 2 else list(VARIANTS)  # argv[2]: names to run
-    for name, edit in ((n, VARIANTS[n]) for n in chosen):
+    for name in names:
         path = tmp / f"flash_{name}.py"
-        path.write_text(edit(SOURCE))
+        path.write_text(variants[name](source))
         spec = importlib.util.spec_from_file_location(path.stem, path)
         mods[name] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mods[name])
@@ -141,7 +140,9 @@ def main():
     dev, dt = torch.device("cuda"), torch.bfloat16
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        mods = load_variants(Path(tmp))
+        source = Path(sys.argv[1] if len(sys.argv) > 1 else ROOT / "06_flash.py").read_text()
+        names = sys.argv[2].split(",") if len(sys.argv) > 2 else list(VARIANTS)  # argv[2]: names to run
+        mods = load_variants(VARIANTS, names, source, Path(tmp))
         base = next(iter(mods.values()))  # the first variant times cuDNN and names the configs
         for D, H, H_KV, N, causal in SHAPES:
             from torch.nn.attention import SDPBackend, sdpa_kernel

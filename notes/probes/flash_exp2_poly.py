@@ -27,7 +27,6 @@ Variants, edits of the repository's 06_flash.py (a changed text stops the probe 
 Each: the forward by CUDA-graph replay, three interleaved rounds, beside cuDNN; the largest relative
 output difference from base."""
 
-import importlib.util
 import statistics
 import struct
 import sys
@@ -41,6 +40,7 @@ import harness  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
+from flash_dkdv_serial import edit, load_variants  # noqa: E402  (this folder is on sys.path)
 
 COEFFS = (0.9999281167984009, 0.6932609677314758, 0.24261081218719482, 0.055171433836221695)
 
@@ -80,21 +80,13 @@ def helper(pack: int) -> str:
 
 
 FWD = "        p = tl.math.exp2(qk * qk_scale - m_new[:, None])"
-DKDV = "        p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])"
-DQ = "        p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])"
 ANCHOR = "@triton.jit\ndef _seq_bounds("
 
 
-def _edit(src: str, old: str, new: str) -> str:
-    if src.count(old) != 1:
-        raise SystemExit(f"06_flash.py changed: expected one copy of\n{old}")
-    return src.replace(old, new)
-
-
 def variant(src: str, pack: int, lines: tuple) -> str:
-    src = _edit(src, ANCHOR, helper(pack) + ANCHOR)
+    src = edit(src, ANCHOR, helper(pack) + ANCHOR)
     for line in lines:
-        src = _edit(src, line, line.replace("tl.math.exp2(", "_exp2_mix("))
+        src = edit(src, line, line.replace("tl.math.exp2(", "_exp2_mix("))
     return src
 
 
@@ -109,17 +101,6 @@ SHAPES = [(128, 16, 16, 4096, False), (128, 16, 16, 4096, True), (128, 16, 16, 1
           (64, 32, 32, 16384, False)]  # fmt: skip
 
 
-def load(names: list, tmp: Path) -> dict:
-    mods, src = {}, (ROOT / "06_flash.py").read_text()
-    for name in names:
-        path = tmp / f"flash_{name}.py"
-        path.write_text(VARIANTS[name](src))
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        mods[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mods[name])
-    return mods
-
-
 def main():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -127,7 +108,7 @@ def main():
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
     names = sys.argv[1].split(",") if len(sys.argv) > 1 else list(VARIANTS)
     with tempfile.TemporaryDirectory() as tmp:
-        mods = load(names, Path(tmp))
+        mods = load_variants(VARIANTS, names, (ROOT / "06_flash.py").read_text(), Path(tmp))
         base = mods[names[0]]
         for D, H, H_KV, N, causal in SHAPES:
             B = 16384 // N
