@@ -332,8 +332,9 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, K_DESC, V_DESC,
 
 
 @triton.jit
-def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don,
+def _bwd_delta_kernel(O, DO, LSE, LD, stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don,
                       n_q, H, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
+    """delta = rowsum(O * dO), written with each row's lse as one (lse, delta) pair (_lse_delta)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     pid_bh = tl.program_id(1)
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
@@ -345,13 +346,35 @@ def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_dob,
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
                  mask=row_ok)  # fmt: skip
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)  # (BLOCK_M,)
-    tl.store(DELTA + pid_bh.to(tl.int64) * n_q + offs_m, delta, mask=offs_m < n_q)
+    lse = tl.load(LSE + pid_bh.to(tl.int64) * n_q + offs_m, mask=offs_m < n_q)
+    pairs = LD + pid_bh.to(tl.int64) * n_q * 2 + offs_m[:, None] * 2 + tl.arange(0, 2)[None, :]
+    tl.store(pairs, tl.join(lse, delta), mask=row_ok)
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn, stride_don,
-                stride_dqn, offs_n, lo, hi, seq_q, diag, qk_scale, sm_scale, jump, to,
-                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+def _lse_delta(ld_base, start_m, seq_q, BLOCK_M: tl.constexpr, MASKED: tl.constexpr):
+    """The lse and delta of query rows start_m.. start_m + BLOCK_M, stored as (lse, delta) pairs, so the
+    block's are one run of 2 * BLOCK_M floats, split after the load. Loaded as two arrays, a thread of
+    the dK/dV kernel copied each of its 16 columns' values 8 bytes at a time (the matmul layout it uses
+    them in gives it pairs of adjacent columns); as pairs it copies (lse, delta) of two columns, 16 bytes
+    at a time: half the copies and shared-memory reads (measured: notes/06_flash.md, session 9). A
+    missing row (MASKED) gets lse = +inf, so its P is exactly 0."""
+    block = ld_base + 2 * start_m  # the block's offset added to the pointer first: fewer instructions
+    offs = tl.arange(0, 2 * BLOCK_M)
+    if MASKED:
+        pairs = tl.load(block + offs, mask=offs < 2 * (seq_q - start_m), other=0.0)
+    else:
+        pairs = tl.load(block + offs)
+    lse, delta = tl.split(tl.reshape(pairs, (BLOCK_M, 2)))
+    if MASKED:
+        lse = tl.where(start_m + tl.arange(0, BLOCK_M) < seq_q, lse, float("inf"))
+    return lse, delta
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, ld_base, dq_base, stride_qn, stride_don, stride_dqn, offs_n,
+                lo, hi, seq_q, diag, qk_scale, sm_scale, jump, to, HEAD_DIM: tl.constexpr,
+                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                 ATOMIC_DQ: tl.constexpr):  # fmt: skip
     """The query blocks from lo to hi, where a block that would start at `jump` or later starts at
     `to` + (start - jump) instead, so one loop can walk two ranges (this needs jump - lo to be a
@@ -367,14 +390,11 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, st
         do_ptrs = do_base + offs_m[:, None] * stride_don + offs_d[None, :]
         if MASKED:  # a missing row has q = dO = 0 and lse = +inf, so its P is exactly 0
             q = tl.load(q_ptrs, mask=rows[:, None], other=0.0)
-            lse = tl.load(lse_base + offs_m, mask=rows, other=float("inf"))
             do = tl.load(do_ptrs, mask=rows[:, None], other=0.0)
-            delta = tl.load(delta_base + offs_m, mask=rows, other=0.0)
         else:
             q = tl.load(q_ptrs)
-            lse = tl.load(lse_base + offs_m)
             do = tl.load(do_ptrs)
-            delta = tl.load(delta_base + offs_m)
+        lse, delta = _lse_delta(ld_base, start_m, seq_q, BLOCK_M, MASKED)
         s_t = tl.dot(k, tl.trans(q))  # S^T, (BLOCK_N, BLOCK_M)
         # Where dP^T's matmul is issued is a measured choice (notes/06_flash.md, session 7): before the
         # exponential in the kernel without a causal mask (the dV matmul then overlaps the dS arithmetic:
@@ -403,7 +423,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, st
 @_autotune("dkdv", key=["N_BUCKET", "GRID_BUCKET", "HEAD_DIM", "CAUSAL", "IS_VARLEN", "ATOMIC_DQ"],
            outputs=["DK", "DV", "DQ"])  # fmt: skip
 @triton.jit(do_not_specialize=["n_q", "n_k", "N_BUCKET", "GRID_BUCKET"])
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_Q, CU_K,
+def _bwd_dkdv_kernel(Q, K, V, DO, LD, DK, DV, DQ, CU_Q, CU_K,
                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
                      stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, stride_split,
@@ -450,16 +470,15 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_Q, CU_K,
             h = h_kv * GROUP + g
             q_base = Q + b * stride_qb + h * stride_qh + q_row0 * stride_qn
             do_base = DO + b * stride_dob + h * stride_doh + q_row0 * stride_don
-            lse_base = LSE + b * stride_lb + h * stride_lh + q_row0  # LSE and DELTA share one layout
-            delta_base = DELTA + b * stride_lb + h * stride_lh + q_row0
+            ld_base = LD + b * stride_lb + h * stride_lh + q_row0 * 2  # (lse, delta) pairs
             dq_base = DQ + b * stride_dqb + h * stride_dqh + q_row0 * stride_dqn  # ATOMIC_DQ only
             # masked first, in one loop; the unmasked [mid, full) last
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn,
-                                 stride_don, stride_dqn, offs_n, m_start, m_stop, seq_q, diag, qk_scale,
-                                 sm_scale, jump, to, HEAD_DIM, BLOCK_M, True, CAUSAL, ATOMIC_DQ)  # fmt: skip
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn,
-                                 stride_don, stride_dqn, offs_n, mid, full, seq_q, diag, qk_scale, sm_scale,
-                                 full, full, HEAD_DIM, BLOCK_M, False, CAUSAL, ATOMIC_DQ)  # fmt: skip
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, ld_base, dq_base, stride_qn, stride_don,
+                                 stride_dqn, offs_n, m_start, m_stop, seq_q, diag, qk_scale, sm_scale, jump,
+                                 to, HEAD_DIM, BLOCK_M, True, CAUSAL, ATOMIC_DQ)  # fmt: skip
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, ld_base, dq_base, stride_qn, stride_don,
+                                 stride_dqn, offs_n, mid, full, seq_q, diag, qk_scale, sm_scale, full, full,
+                                 HEAD_DIM, BLOCK_M, False, CAUSAL, ATOMIC_DQ)  # fmt: skip
         dk_rows = (k_row0 + offs_n[:, None]) * stride_dkn
         dv_rows = (k_row0 + offs_n[:, None]) * stride_dvn
         part = split.to(tl.int64) * stride_split  # SPLITS > 1: this split's fp32 partial sum
@@ -499,7 +518,7 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_
 
 @_autotune("dq", key=["N_BUCKET", "GRID_BUCKET", "HEAD_DIM", "CAUSAL", "IS_VARLEN"], outputs=["DQ"])
 @triton.jit(do_not_specialize=["n_q", "n_k", "N_BUCKET", "GRID_BUCKET"])
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
+def _bwd_dq_kernel(Q, K, V, DO, LD, DQ, CU_Q, CU_K,
                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
                    stride_dqb, stride_dqh, stride_dqn, stride_lb, stride_lh,
@@ -526,9 +545,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
         do_rows = (q_row0 + offs_m[:, None]) * stride_don
         do = tl.load(DO + b * stride_dob + h * stride_doh + do_rows + offs_d[None, :], mask=rows[:, None],
                      other=0.0)  # fmt: skip
-        lse_base = LSE + b * stride_lb + h * stride_lh + q_row0  # LSE and DELTA share one layout
-        lse = tl.load(lse_base + offs_m, mask=rows, other=0.0)
-        delta = tl.load(DELTA + b * stride_lb + h * stride_lh + q_row0 + offs_m, mask=rows, other=0.0)
+        ld_base = LD + b * stride_lb + h * stride_lh + q_row0 * 2  # (lse, delta) pairs
+        lse, delta = _lse_delta(ld_base, start_m, seq_q, BLOCK_M, True)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         diag = seq_k - seq_q
         if CAUSAL:  # the same block ranges as the forward
@@ -571,8 +589,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
 #     own, 792 against ~700 us at D=128 causal 4k, by two timing methods), so it was taken out
 #     again; the dK/dV kernel's Q and dO the same way, probe only: 0.92-1.07x.
 # Strides: every kernel reads q, k, v, o and dO through their (batch, head, row) strides, with unit
-# stride along D (_contig_last copies a tensor that lacks it); o, lse, delta, dq, dk, dv are allocated
-# here contiguous, and cu_seqlens are made contiguous before the kernels index them as plain arrays.
+# stride along D (_contig_last copies a tensor that lacks it); o, lse, the (lse, delta) pairs, dq, dk,
+# dv are allocated here contiguous, and cu_seqlens are made contiguous before the kernels index them as
+# plain arrays.
 
 
 def _empty(shape, like, dtype=None, poison=False):
@@ -692,15 +711,15 @@ def _fwd(q, k, v, cu, B, n_q, n_k, causal, sm_scale, poison):
 
 
 def _bwd(do, q, k, v, o, lse, cu, B, n_q, n_k, causal, sm_scale, poison, deterministic=True):
-    """dq, dk, dv for either layout (see _fwd); lse and delta share one contiguous layout.
+    """dq, dk, dv for either layout (see _fwd); each row's lse and delta are stored as a pair.
     deterministic=False: dQ from fp32 atomic adds in the dK/dV kernel instead of its own kernel."""
     varlen, H, D, h_kv = cu is not None, q.shape[1], q.shape[-1], k.shape[1]
     (do,) = _contig_last(do)
-    delta = _empty(lse.shape, q, torch.float32, poison)
-    lse_bh = (0, lse.stride(0)) if varlen else lse.stride()[:2]
+    ld = _empty((*lse.shape, 2), q, torch.float32, poison)  # (lse, delta) of each row
+    ld_bh = (0, ld.stride(0)) if varlen else ld.stride()[:2]
     rows, n_b = (q.shape[0], 1) if varlen else (n_q, B)  # varlen: all T rows of a head as one run
     _bwd_delta_kernel[(triton.cdiv(rows, 64), n_b * H)](
-        o, do, delta, *_bhn(o, varlen), *_bhn(do, varlen), rows, H, HEAD_DIM=D, BLOCK_M=64
+        o, do, lse, ld, *_bhn(o, varlen), *_bhn(do, varlen), rows, H, HEAD_DIM=D, BLOCK_M=64
     )
     atomic = not deterministic
     # the atomic path adds into zeros, so it is not poisoned: a row nobody adds to stays 0, which the
@@ -722,9 +741,9 @@ def _bwd(do, q, k, v, o, lse, cu, B, n_q, n_k, causal, sm_scale, poison, determi
     dq_bhn = _bhn(dq, varlen) if atomic else (0, 0, 0)
     grid_kv = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), B * h_kv * splits)  # noqa: E731
     dk_b, dv_b = (t if splits == 1 else t[0] for t in (dk, dv))  # strides of one split's (B, H_KV, N, D)
-    _launch(_bwd_dkdv_kernel, "dkdv", grid_kv, q, k, v, do, lse, delta, dk, dv, dq, cu_q, cu_k,
+    _launch(_bwd_dkdv_kernel, "dkdv", grid_kv, q, k, v, do, ld, dk, dv, dq, cu_q, cu_k,
             *_bhn(q, varlen), *_bhn(k, varlen), *_bhn(v, varlen), *_bhn(do, varlen),
-            *_bhn(dk_b, varlen), *_bhn(dv_b, varlen), dk.stride(0) if splits > 1 else 0, *dq_bhn, *lse_bh,
+            *_bhn(dk_b, varlen), *_bhn(dv_b, varlen), dk.stride(0) if splits > 1 else 0, *dq_bhn, *ld_bh,
             n_q, n_k, h_kv, H // h_kv, splits, sm_scale * LOG2E, sm_scale, _bucket(max(n_q, n_k)),
             _bucket(B * h_kv * splits), ATOMIC_DQ=atomic, **common)  # fmt: skip
     if splits > 1:
@@ -732,9 +751,9 @@ def _bwd(do, q, k, v, o, lse, cu, B, n_q, n_k, causal, sm_scale, poison, determi
     if atomic:
         return dq.to(q.dtype), dk, dv
     grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _launch(_bwd_dq_kernel, "dq", grid_q, q, k, v, do, lse, delta, dq, cu_q, cu_k,
+    _launch(_bwd_dq_kernel, "dq", grid_q, q, k, v, do, ld, dq, cu_q, cu_k,
             *_bhn(q, varlen), *_bhn(k, varlen), *_bhn(v, varlen), *_bhn(do, varlen), *_bhn(dq, varlen),
-            *lse_bh, n_q, n_k, H, H // h_kv, sm_scale * LOG2E, sm_scale, _bucket(max(n_q, n_k)),
+            *ld_bh, n_q, n_k, H, H // h_kv, sm_scale * LOG2E, sm_scale, _bucket(max(n_q, n_k)),
             _bucket(B * H), **common)  # fmt: skip
     return dq, dk, dv
 
