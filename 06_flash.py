@@ -295,9 +295,9 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, K_DESC, V_DESC,
 # deterministic=False takes FlashAttention-2's other road: the dK/dV kernel also adds dS K into an fp32
 # dQ buffer with atomic adds (5 matmuls, no dQ kernel), in whatever order the programs run, so dQ's
 # last bits vary from run to run. On the H200 it is the slower road: at D=128, causal, N=4k the
-# dK/dV kernel grows from 1.18 to 2.04 ms (one matmul is ~0.29 ms of that; the rest is the ~2 GB of
+# dK/dV kernel grows from 1.10 to 1.97 ms (one matmul is ~0.27 ms of that; the rest is the ~2 GB of
 # fp32 atomic adds), more than the 0.69 ms dQ kernel it replaces. Over the benchmark it runs at
-# 0.77-0.94x the two-kernel backward (0.57-0.83x cuDNN against 0.68-0.99x; results/06_flash.json,
+# 0.78-0.94x the two-kernel backward (0.62-0.87x cuDNN against 0.74-1.06x; results/06_flash.json,
 # notes/06_flash.md), so the bitwise repeatable two-kernel path is the default. A TMA bulk reduce-add
 # of whole dQ tiles (desc.atomic_add, commit ce166b9) measured slower than these pointer atomics.
 # The dK/dV kernel walks a key block's query blocks in two loops: first, with masks, those crossing the
@@ -317,16 +317,19 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, K_DESC, V_DESC,
 # the loops too, by a carried counter, pipelined everything and cut the GQA causal kernel's ~1 KB of
 # spills, but with a longer loop body (64-bit address arithmetic each step) it ran slower than before
 # on most shapes (faster for MQA; notes/06_flash.md, session 7).
-# Two details the compiler is sensitive to (flash_ptxas.py --loops counts each loop's SASS; the H200
-# timed each side by side, notes/06_flash.md, session 8). Every loop bound is written as
+# Three details the compiler is sensitive to (flash_ptxas.py --loops counts each loop's SASS; the H200
+# timed each side by side, notes/06_flash.md, sessions 8-9). Every loop bound is written as
 # x // BLOCK_M * BLOCK_M or a max / min of such (mid clamped to the last whole block, not to seq_q), so
-# the compiler sees the blocks aligned and loads each block's lse and delta two floats at a time; with
-# the clamp at seq_q it loaded them one at a time, the 8-warp causal kernels' unmasked loop had up to
+# the compiler sees the blocks aligned and vectorises each block's lse and delta loads; with the clamp
+# at seq_q it loaded them one float at a time, the 8-warp causal kernels' unmasked loop had up to
 # 16% more instructions and 2-4x the spill bytes, and the causal backward ran 4-8% slower at D=128
 # MHA, 9-10% for GQA 32/8 (more than the loop order above had cost it), 13% for MQA and 7% at D=64 with
 # 8 warps (3%, within noise, with the 4-warp tile the autotuner picks there). And the kernel without a
 # causal mask walks its ragged end as a plain range, not through the jump: with the jump, D=64's
-# 4-warp kernel had 10% more instructions in its unmasked loop and its backward ran 2-6% slower.
+# 4-warp kernel had 10% more instructions in its unmasked loop and its backward ran 2-6% slower. And
+# lse and delta are stored as (lse, delta) pairs (_lse_delta): as two arrays, D=128's unmasked loop
+# had 417 instructions causal and 392 without a mask, against 382 and 374 now, and the backward ran
+# 2-5% slower causal at D=128 (MHA, GQA, MQA), level to 3% slower without a mask, 1-7% slower at D=64.
 # Query-side tails are neutralised through the loads: a missing row has q = dO = 0 and lse = +inf,
 # so its P is exactly 0 and it adds nothing to dK or dV.
 
@@ -354,12 +357,13 @@ def _bwd_delta_kernel(O, DO, LSE, LD, stride_ob, stride_oh, stride_on, stride_do
 @triton.jit
 def _lse_delta(ld_base, start_m, seq_q, BLOCK_M: tl.constexpr, MASKED: tl.constexpr):
     """The lse and delta of query rows start_m.. start_m + BLOCK_M, stored as (lse, delta) pairs, so the
-    block's are one run of 2 * BLOCK_M floats, split after the load. Loaded as two arrays, a thread of
-    the dK/dV kernel copied each of its 16 columns' values 8 bytes at a time (the matmul layout it uses
-    them in gives it pairs of adjacent columns); as pairs it copies (lse, delta) of two columns, 16 bytes
-    at a time: half the copies and shared-memory reads (measured: notes/06_flash.md, session 9). A
-    missing row (MASKED) gets lse = +inf, so its P is exactly 0."""
-    block = ld_base + 2 * start_m  # the block's offset added to the pointer first: fewer instructions
+    block's are one run of 2 * BLOCK_M floats, split after the load. In the dK/dV kernel each thread
+    holds its own copy of the values of its columns of S^T (the matmul layout gives it pairs of adjacent
+    columns); as two arrays it copied and read them 8 bytes (one pair of columns of one array) at a
+    time, as pairs 16 bytes (both arrays for a pair of columns): half the copies and shared-memory reads
+    (measured: the block comment above _bwd_delta_kernel). A missing row (MASKED) gets lse = +inf, so
+    its P is exactly 0."""
+    block = ld_base + 2 * start_m  # offset added to the pointer first: up to 10% fewer loop instructions
     offs = tl.arange(0, 2 * BLOCK_M)
     if MASKED:
         pairs = tl.load(block + offs, mask=offs < 2 * (seq_q - start_m), other=0.0)
