@@ -722,8 +722,8 @@ def _bwd(do, q, k, v, o, lse, cu, B, n_q, n_k, causal, sm_scale, poison, determi
     ld = _empty((*lse.shape, 2), q, torch.float32, poison)  # (lse, delta) of each row
     ld_bh = (0, ld.stride(0)) if varlen else ld.stride()[:2]
     rows, n_b = (q.shape[0], 1) if varlen else (n_q, B)  # varlen: all T rows of a head as one run
-    _bwd_delta_kernel[(triton.cdiv(rows, 64), n_b * H)](
-        o, do, lse, ld, *_bhn(o, varlen), *_bhn(do, varlen), rows, H, HEAD_DIM=D, BLOCK_M=64
+    _bwd_delta_kernel[(triton.cdiv(rows, 32), n_b * H)](
+        o, do, lse, ld, *_bhn(o, varlen), *_bhn(do, varlen), rows, H, HEAD_DIM=D, BLOCK_M=32
     )
     atomic = not deterministic
     # the atomic path adds into zeros, so it is not poisoned: a row nobody adds to stays 0, which the
