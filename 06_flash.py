@@ -295,9 +295,9 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, K_DESC, V_DESC,
 # deterministic=False takes FlashAttention-2's other road: the dK/dV kernel also adds dS K into an fp32
 # dQ buffer with atomic adds (5 matmuls, no dQ kernel), in whatever order the programs run, so dQ's
 # last bits vary from run to run. On the H200 it is the slower road: at D=128, causal, N=4k the
-# dK/dV kernel grows from 1.10 to 1.97 ms (one matmul is ~0.27 ms of that; the rest is the ~2 GB of
+# dK/dV kernel grows from 1.10 to 1.98 ms (one matmul is ~0.28 ms of that; the rest is the ~2 GB of
 # fp32 atomic adds), more than the 0.69 ms dQ kernel it replaces. Over the benchmark it runs at
-# 0.78-0.94x the two-kernel backward (0.62-0.87x cuDNN against 0.74-1.06x; results/06_flash.json,
+# 0.78-0.94x the two-kernel backward (0.62-0.88x cuDNN against 0.75-1.07x; results/06_flash.json,
 # notes/06_flash.md), so the bitwise repeatable two-kernel path is the default. A TMA bulk reduce-add
 # of whole dQ tiles (desc.atomic_add, commit ce166b9) measured slower than these pointer atomics.
 # The dK/dV kernel walks a key block's query blocks in two loops: first, with masks, those crossing the
@@ -722,6 +722,8 @@ def _bwd(do, q, k, v, o, lse, cu, B, n_q, n_k, causal, sm_scale, poison, determi
     ld = _empty((*lse.shape, 2), q, torch.float32, poison)  # (lse, delta) of each row
     ld_bh = (0, ld.stride(0)) if varlen else ld.stride()[:2]
     rows, n_b = (q.shape[0], 1) if varlen else (n_q, B)  # varlen: all T rows of a head as one run
+    # delta reads O and dO at 0.78-0.83x the copy bandwidth at each of 8 launch shapes (16-128 rows, 2-8
+    # warps, within 6% of each other; notes/probes/flash_delta.py): 32 rows a program, 4 warps
     _bwd_delta_kernel[(triton.cdiv(rows, 32), n_b * H)](
         o, do, lse, ld, *_bhn(o, varlen), *_bhn(do, varlen), rows, H, HEAD_DIM=D, BLOCK_M=32
     )
