@@ -352,6 +352,13 @@ SHAPES = [(128, 16, 16, 4096, False), (128, 16, 16, 4096, True), (128, 32, 8, 81
           (64, 32, 32, 4096, False)]  # fmt: skip
 ORDER = [("pipe", 128, 128, 2), ("ws", 128, 128, 2), ("ws", 128, 64, 3), ("ws", 128, 128, 3),
          ("pipe", 128, 128, 3), ("pipe", 128, 64, 3), ("pipe", 128, 64, 4), ("ws", 128, 64, 4)]  # fmt: skip
+if os.environ.get("PROBE_SET") == "wide":  # call 4: the winner on more shapes, one more stage each
+    SHAPES = [(128, 16, 16, 4096, False), (128, 16, 16, 4096, True), (128, 16, 16, 8192, False),
+              (128, 16, 16, 16384, True), (128, 32, 8, 8192, True), (128, 32, 1, 4096, True),
+              (64, 32, 32, 4096, False), (64, 32, 32, 4096, True), (64, 32, 32, 16384, True)]  # fmt: skip
+    ORDER = [("ws", 128, 128, 2), ("ws", 128, 128, 3), ("ws", 128, 128, 4)]
+    CONFIGS[128].append(("ws", 128, 128, 3))
+    CONFIGS[64].append(("ws", 128, 128, 4))
 
 
 def watchdog(seconds: int) -> None:
