@@ -1,0 +1,290 @@
+"""H200 probe (issue 19, session 10; written and compiled offline, not yet run): the dK/dV kernel in Gluon,
+with the forward's recipe (flash_fwd_gluon.py), against 06's tl dK/dV kernel on the same inputs.
+
+06's dK/dV kernel is the backward's slow part: 276 us a matmul against 231 for its dQ kernel and 254 for
+cuDNN's whole backward (D=128 causal 4k, notes/06_flash.md session 9). Here one program owns 128 keys of
+one kv head as two consumer warpgroups of 64 keys each, and one producer warp streams the query side
+through a ring of STAGES slots: Q and dO tiles of 64 rows by TMA, and each row's (lse, delta) pair,
+which it loads and writes to shared memory itself before the slot's mbarrier arrival publishes it.
+A warpgroup's step for one query block (S^T etc. are 64 keys x 64 queries):
+
+    S^T = K Q^T, dP^T = V dO^T          both issued, async
+    wait for S^T; P^T = 2^(S^T * scale - lse)           while dP^T runs
+    dV += P^T dO                         async
+    wait for dP^T; dS^T = P^T (dP^T - delta)            while dV runs
+    dK += dS^T Q; wait for both; hand the slot back
+
+The warpgroups never wait for each other, so one's exponentials can run while the other's matmuls do.
+GQA: the loop runs over the group's heads and their query blocks as one sequence of steps. Causal: the
+steps start at the first query block that sees one of the 128 keys, and a warpgroup masks only the
+blocks crossing its own 64 keys' diagonal (each step's arithmetic in both arms of that branch, so
+ptxas's wgmma waits stay where they are written: see the forward probe). Dense contiguous inputs,
+D = 128, any N (a missing query row gets lse = +inf, so P = 0; key rows past N are computed and not
+stored). dK, dV checked against 06's backward and float64; the kernel timed beside 06's dK/dV kernel on
+the same (lse, delta) pairs. GPU only:  python notes/probes/flash_bwd_gluon.py"""
+
+import faulthandler
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import harness  # noqa: E402
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.experimental import gluon  # noqa: E402
+from triton.experimental.gluon import language as gl  # noqa: E402
+from triton.experimental.gluon.language.nvidia.hopper import (  # noqa: E402
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: E402
+
+fa = harness.load_build("06_flash")
+LOG2E = fa.LOG2E
+
+
+@gluon.jit
+def _p_step(s, lse, k_rows, q_rows, diag, qk_scale, masked):
+    """P^T for one block; the mask (key k sees query i iff k <= i + diag) only where the block needs it,
+    the whole step in both arms."""
+    if masked:
+        keep = k_rows[:, None] <= q_rows[None, :] + diag
+        p = gl.where(keep, gl.exp2(s * qk_scale - lse[None, :]), 0.0)
+    else:
+        p = gl.exp2(s * qk_scale - lse[None, :])
+    return p
+
+
+@gluon.jit
+def _producer(descs, smem, bars, geom, qk_scale, CAUSAL: gl.constexpr):
+    """One warp: K and V once, then per step the Q and dO tiles (TMA) and the (lse, delta) pairs of the
+    block's rows (loaded here and stored to shared memory before the slot's arrival publishes them)."""
+    q_desc, k_desc, v_desc, do_desc = descs
+    k_smem, v_smem, q_smem, do_smem, lse_smem, dl_smem = smem
+    kv_bar, ready, empty = bars
+    LD, q_row0, kv_row, n_q, lo, n_steps, steps_per_head = geom
+    STAGES: gl.constexpr = q_smem.type.shape[0]
+    BLOCK_M: gl.constexpr = q_smem.type.shape[1]
+    HALF: gl.constexpr = k_smem.type.shape[1]
+    mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes)
+    for w in gl.static_range(2):
+        tma.async_copy_global_to_shared(k_desc, [kv_row + w * HALF, 0], kv_bar, k_smem.index(w))
+        tma.async_copy_global_to_shared(v_desc, [kv_row + w * HALF, 0], kv_bar, v_smem.index(w))
+    rows_layout: gl.constexpr = gl.BlockedLayout([BLOCK_M // 32], [32], [1], [0])
+    for i in range(n_steps):
+        slot = i % STAGES
+        mbarrier.wait(empty.index(slot), (i // STAGES & 1) ^ 1)
+        g = i // steps_per_head
+        start_m = lo + (i % steps_per_head) * BLOCK_M
+        rows = start_m + gl.arange(0, BLOCK_M, layout=rows_layout)
+        pairs = LD + (q_row0 + g * n_q + rows).to(gl.int64) * 2  # (lse, delta) of row r at 2r, 2r + 1
+        lse = gl.load(pairs, mask=rows < n_q, other=float("inf"))  # a missing row: P = 0
+        dl = gl.load(pairs + 1, mask=rows < n_q, other=0.0)
+        lse_smem.index(slot).store(lse)
+        dl_smem.index(slot).store(dl)
+        bar = ready.index(slot)
+        mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)  # releases the stores
+        tma.async_copy_global_to_shared(q_desc, [q_row0 + g * n_q + start_m, 0], bar, q_smem.index(slot))
+        tma.async_copy_global_to_shared(do_desc, [q_row0 + g * n_q + start_m, 0], bar, do_smem.index(slot))
+
+
+@gluon.jit
+def _consumer(descs, smem, bars, geom, qk_scale, CAUSAL: gl.constexpr, WG: gl.constexpr):
+    """One warpgroup's 64 keys: dK and dV over every step, then stored (dK scaled once at the end)."""
+    k_smem, v_smem, q_smem, do_smem, lse_smem, dl_smem = smem
+    kv_bar, ready, empty = bars
+    LD, q_row0, kv_row, n_q, lo, n_steps, steps_per_head, DK, DV, n_k, start_n, sm_scale = geom
+    dtype: gl.constexpr = q_smem.dtype
+    STAGES: gl.constexpr = q_smem.type.shape[0]
+    BLOCK_M: gl.constexpr = q_smem.type.shape[1]
+    HEAD_DIM: gl.constexpr = q_smem.type.shape[2]
+    HALF: gl.constexpr = k_smem.type.shape[1]
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_M, 16])  # fmt: skip
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, HEAD_DIM, 16])  # fmt: skip
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    cols_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
+    k0 = start_n + WG * HALF  # this warpgroup's first key
+    k_rows = k0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, s_layout))
+    diag = n_k - n_q
+    k_tile = k_smem.index(WG)
+    v_tile = v_smem.index(WG)
+    dk = gl.zeros([HALF, HEAD_DIM], gl.float32, acc_layout)
+    dv = gl.zeros([HALF, HEAD_DIM], gl.float32, acc_layout)
+    s = gl.zeros([HALF, BLOCK_M], gl.float32, s_layout)
+    dp = gl.zeros([HALF, BLOCK_M], gl.float32, s_layout)
+    mbarrier.wait(kv_bar, 0)
+    for i in range(n_steps):
+        slot = i % STAGES
+        start_m = lo + (i % steps_per_head) * BLOCK_M
+        mbarrier.wait(ready.index(slot), i // STAGES & 1)
+        q_t = q_smem.index(slot)
+        do_t = do_smem.index(slot)
+        s_tok = warpgroup_mma(k_tile, q_t.permute((1, 0)), s, use_acc=False, is_async=True)
+        dp_tok = warpgroup_mma(v_tile, do_t.permute((1, 0)), dp, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(1, deps=[s_tok])
+        lse = lse_smem.index(slot).load(cols_layout)  # each row value read where it is used: fewer live
+        q_rows = start_m + gl.arange(0, BLOCK_M, layout=cols_layout)  # registers (spills otherwise)
+        if CAUSAL:  # masked where some key of this block is past some query row's limit
+            p = _p_step(s, lse, k_rows, q_rows, diag, qk_scale, start_m + diag < k0 + HALF - 1)
+        else:
+            p = gl.exp2(s * qk_scale - lse[None, :])
+        p_op = gl.convert_layout(p.to(dtype), op_layout)
+        dv_tok = warpgroup_mma(p_op, do_t, dv, is_async=True)
+        dp = warpgroup_mma_wait(1, deps=[dp_tok])
+        dl = dl_smem.index(slot).load(cols_layout)
+        ds = p * (dp - dl[None, :])
+        ds_op = gl.convert_layout(ds.to(dtype), op_layout)
+        dk_tok = warpgroup_mma(ds_op, q_t, dk, is_async=True)
+        dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, p_op, ds_op])
+        mbarrier.arrive(empty.index(slot), count=1)
+    offs_k = k0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, acc_layout))
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
+    rows = (kv_row - start_n + offs_k).to(gl.int64) * HEAD_DIM
+    ok = (offs_k < n_k)[:, None]
+    gl.store(DK + rows[:, None] + offs_d[None, :], (dk * sm_scale).to(dtype), mask=ok)
+    gl.store(DV + rows[:, None] + offs_d[None, :], dv.to(dtype), mask=ok)
+
+
+@gluon.jit
+def _consumer1(descs, smem, bars, geom, qk_scale, CAUSAL: gl.constexpr):
+    _consumer(descs, smem, bars, geom, qk_scale, CAUSAL, 1)
+
+
+@gluon.jit
+def _consumer0(descs, smem, bars, geom, qk_scale, CAUSAL: gl.constexpr):
+    _consumer(descs, smem, bars, geom, qk_scale, CAUSAL, 0)
+
+
+@gluon.jit
+def _producer_w(descs, smem, bars, geom, qk_scale, CAUSAL: gl.constexpr):
+    LD, q_row0, kv_row, n_q, lo, n_steps, steps_per_head, DK, DV, n_k, start_n, sm_scale = geom
+    _producer(descs, smem, bars, (LD, q_row0, kv_row, n_q, lo, n_steps, steps_per_head), qk_scale, CAUSAL)
+
+
+@gluon.jit
+def _dkdv_gluon(q_desc, k_desc, v_desc, do_desc, LD, DK, DV, n_q, n_k, H, GROUP, qk_scale, sm_scale,
+                HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                CAUSAL: gl.constexpr):  # fmt: skip
+    start_n = gl.program_id(0) * BLOCK_N
+    pid = gl.program_id(1)  # (batch, kv head)
+    b = pid // (H // GROUP)
+    h_kv = pid % (H // GROUP)
+    kv_row = pid * n_k + start_n
+    q_row0 = (b * H + h_kv * GROUP) * n_q  # the group's first head; head g of the group is g * n_q further
+    if CAUSAL:  # query blocks before lo see none of these keys
+        lo = gl.maximum(start_n - (n_k - n_q), 0) // BLOCK_M * BLOCK_M
+    else:
+        lo = start_n * 0
+    steps_per_head = gl.cdiv(n_q - lo, BLOCK_M)
+    n_steps = GROUP * steps_per_head
+    dtype: gl.constexpr = q_desc.dtype
+    HALF: gl.constexpr = BLOCK_N // 2
+    k_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], v_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
+    row_smem: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+    lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], row_smem)
+    dl_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], row_smem)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)  # both consumer warpgroups
+    fence_async_shared()
+    descs = (q_desc, k_desc, v_desc, do_desc)
+    smem = (k_smem, v_smem, q_smem, do_smem, lse_smem, dl_smem)
+    bars = (kv_bar, ready, empty)
+    geom = (LD, q_row0, kv_row, n_q, lo, n_steps, steps_per_head, DK, DV, n_k, start_n, sm_scale)
+    gl.warp_specialize([
+        (_consumer0, (descs, smem, bars, geom, qk_scale, CAUSAL)),
+        (_consumer1, (descs, smem, bars, geom, qk_scale, CAUSAL)),
+        (_producer_w, (descs, smem, bars, geom, qk_scale, CAUSAL)),
+    ], [4, 1], [240, 24])  # fmt: skip
+
+
+def gluon_dkdv(q, k, v, do, ld, causal, stages=2):
+    """dk, dv of dense contiguous (B, H, N, D) q, do and (B, H_KV, N, D) k, v from the (lse, delta) pairs."""
+    B, H, n_q, D = q.shape
+    h_kv, n_k = k.shape[1], k.shape[2]
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    tile = [64, D]  # 64 query rows of Q and dO a step; each warpgroup's 64 keys of K and V
+    layout = gl.NVMMASharedLayout.get_default_for(tile, dtype)
+    descs = [TensorDescriptor.from_tensor(t.view(-1, D), tile, layout) for t in (q, k, v, do)]
+    grid = (triton.cdiv(n_k, 128), B * h_kv)
+    scale = D**-0.5
+    _dkdv_gluon[grid](*descs, ld, dk, dv, n_q, n_k, H, H // h_kv, scale * LOG2E, scale, D, 64, 128, stages,
+                      causal, num_warps=4, maxnreg=168)  # fmt: skip
+    return dk, dv
+
+
+def inputs(B, H, H_KV, N, D, causal, device, seed=0):
+    """q, k, v, dO and the (lse, delta) pairs 06's backward would compute (its forward and delta kernel)."""
+    g = torch.Generator(device).manual_seed(seed)
+    q = torch.randn(B, H, N, D, device=device, dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(B, H_KV, N, D, device=device, dtype=torch.bfloat16, generator=g) for _ in range(2))
+    do = torch.randn(B, H, N, D, device=device, dtype=torch.bfloat16, generator=g)
+    o, lse = fa._fwd(q, k, v, None, B, N, N, causal, D**-0.5, False)
+    ld = torch.empty(B, H, N, 2, device=device, dtype=torch.float32)
+    fa._bwd_delta_kernel[(triton.cdiv(N, 32), B * H)](o, do, lse, ld, *o.stride()[:3], *do.stride()[:3], N, H,
+                                                      HEAD_DIM=D, BLOCK_M=32)  # fmt: skip
+    return q, k, v, do, ld
+
+
+def dkdv_06(q, k, v, do, ld, causal):
+    """06's tl dK/dV kernel alone, launched as 06's _bwd launches it (autotuned, one split)."""
+    B, H, N, D = q.shape
+    h_kv = k.shape[1]
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * h_kv)  # noqa: E731
+    fa._launch(fa._bwd_dkdv_kernel, "dkdv", grid, q, k, v, do, ld, dk, dv, q, q, q,
+               *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
+               *dv.stride()[:3], 0, 0, 0, 0, *ld.stride()[:2], N, N, h_kv, H // h_kv, 1, D**-0.5 * LOG2E,
+               D**-0.5, fa._bucket(N), fa._bucket(B * h_kv), ATOMIC_DQ=False, HEAD_DIM=D, CAUSAL=causal,
+               IS_VARLEN=False)  # fmt: skip
+    return dk, dv
+
+
+def main():
+    device = torch.device("cuda")
+    t0 = time.time()
+    print(harness.env_line(device, torch.bfloat16), flush=True)
+    checks = [(1, 2, 2, 256, False), (2, 4, 2, 1000, True), (1, 8, 2, 513, False), (1, 2, 1, 77, True)]
+    for B, H, H_KV, N, causal in checks:
+        q, k, v, do, ld = inputs(B, H, H_KV, N, 128, causal, device)
+        ref = dkdv_06(q, k, v, do, ld, causal)
+        print("check", (B, H, H_KV, N, causal), end=" ", flush=True)
+        faulthandler.dump_traceback_later(60, exit=True)  # a barrier waited on forever ends the run
+        got = gluon_dkdv(q, k, v, do, ld, causal)
+        torch.cuda.synchronize()
+        faulthandler.cancel_dump_traceback_later()
+        errs = [harness.rel_err(a, b) for a, b in zip(got, ref, strict=True)]
+        verdict = "ok" if max(errs) < 1e-2 else "FAILED"
+        print(f"dk, dv vs 06: {errs[0]:.1e} {errs[1]:.1e}", verdict, flush=True)
+    shapes = [(4, 16, 16, 4096, False), (4, 16, 16, 4096, True), (2, 32, 8, 8192, True),
+              (1, 16, 16, 16384, True)]  # fmt: skip
+    for B, H, H_KV, N, causal in shapes:
+        q, k, v, do, ld = inputs(B, H, H_KV, N, 128, causal, device)
+        flops = 4 * 2 * B * H * N * N * 128 * (0.5 if causal else 1.0)  # four matmuls of 2 * N^2 * D
+        faulthandler.dump_traceback_later(120, exit=True)
+        t06 = harness.bench(lambda: dkdv_06(q, k, v, do, ld, causal), device, graph=True)  # noqa: B023
+        row = f"{(B, H, H_KV, N, causal)}: 06 {t06 * 1e3:.0f} us ({flops / t06 / 1e9:.0f} TFLOP/s)"
+        for stages in (2, 3):
+            t = harness.bench(lambda s=stages: gluon_dkdv(q, k, v, do, ld, causal, s), device, graph=True)  # noqa: B023
+            row += f", gluon {stages} stages {t * 1e3:.0f} us ({flops / t / 1e9:.0f}, x{t06 / t:.2f})"
+        faulthandler.cancel_dump_traceback_later()
+        print(row, f"[{time.time() - t0:.0f} s]", flush=True)
+
+
+if __name__ == "__main__":
+    main()
