@@ -80,6 +80,19 @@ def _load_kv(desc, row, bars, smem, slot, pred):
 
 
 @gluon.jit
+def _store(acc, l_i, m_i, offs_m, row0, head, n, O, LSE):
+    """O = acc / l for the rows from row0 of one head, and their base-2 lse; rows past n are dropped."""
+    rows_o: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
+    HEAD_DIM: gl.constexpr = acc.type.shape[1]
+    o = acc / gl.convert_layout(l_i, rows_o)[:, None]
+    offs_mo = row0 + gl.arange(0, acc.type.shape[0], layout=rows_o)
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc.type.layout))
+    o_rows = (head * n + offs_mo).to(gl.int64) * HEAD_DIM
+    gl.store(O + o_rows[:, None] + offs_d[None, :], o.to(O.dtype.element_ty), mask=(offs_mo < n)[:, None])
+    gl.store(LSE + head.to(gl.int64) * n + offs_m, m_i + gl.log2(l_i), mask=offs_m < n)
+
+
+@gluon.jit
 def _gluon_fwd(q_desc, k_desc, v_desc, O, LSE, n, H, GROUP, qk_scale, HEAD_DIM: gl.constexpr,
                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
                num_warps: gl.constexpr):  # fmt: skip
@@ -164,12 +177,7 @@ def _gluon_fwd(q_desc, k_desc, v_desc, O, LSE, n, H, GROUP, qk_scale, HEAD_DIM: 
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(k_bars.index(i))
         mbarrier.invalidate(v_bars.index(i))
-    o = acc / gl.convert_layout(l_i, rows_o)[:, None]
-    offs_mo = start_m + gl.arange(0, BLOCK_M, layout=rows_o)
-    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-    o_rows = (pid_bh * n + offs_mo).to(gl.int64) * HEAD_DIM
-    gl.store(O + o_rows[:, None] + offs_d[None, :], o.to(dtype), mask=(offs_mo < n)[:, None])
-    gl.store(LSE + pid_bh.to(gl.int64) * n + offs_m, m_i + gl.log2(l_i), mask=offs_m < n)
+    _store(acc, l_i, m_i, offs_m, start_m, pid_bh, n, O, LSE)
 
 
 @gluon.jit
@@ -248,13 +256,7 @@ def _ws_consumer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready
     acc = warpgroup_mma(p_op, v_smem.index(last), acc)
     mbarrier.arrive(v_empty.index(last), count=1)
 
-    o = acc / gl.convert_layout(l_i, rows_o)[:, None]
-    offs_mo = row0 + gl.arange(0, HALF, layout=rows_o)
-    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-    head = q_row // n
-    o_rows = (head * n + offs_mo).to(gl.int64) * HEAD_DIM
-    gl.store(O + o_rows[:, None] + offs_d[None, :], o.to(dtype), mask=(offs_mo < n)[:, None])
-    gl.store(LSE + head.to(gl.int64) * n + offs_m, m_i + gl.log2(l_i), mask=offs_m < n)
+    _store(acc, l_i, m_i, offs_m, row0, q_row // n, n, O, LSE)
 
 
 @gluon.jit
