@@ -80,6 +80,23 @@ def _load_kv(desc, row, bars, smem, slot, pred):
 
 
 @gluon.jit
+def _program(n, H, GROUP, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    """This program's first query row, its (batch, head), the rows of the (B*H*N, D) views where its Q
+    block and its kv head start, and how many key blocks it visits (heaviest query blocks first, as 06)."""
+    pid_m = gl.program_id(0)
+    if CAUSAL:
+        pid_m = gl.num_programs(0) - 1 - pid_m
+    start_m = pid_m * BLOCK_M
+    pid_bh = gl.program_id(1)
+    kv_head = pid_bh // H * (H // GROUP) + pid_bh % H // GROUP
+    if CAUSAL:
+        hi = gl.minimum(n, start_m + BLOCK_M)
+    else:
+        hi = n
+    return start_m, pid_bh, pid_bh * n + start_m, kv_head * n, gl.cdiv(hi, BLOCK_N)
+
+
+@gluon.jit
 def _store(acc, l_i, m_i, offs_m, row0, head, n, O, LSE):
     """O = acc / l for the rows from row0 of one head, and their base-2 lse; rows past n are dropped."""
     rows_o: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
@@ -104,21 +121,11 @@ def _gluon_fwd(q_desc, k_desc, v_desc, O, LSE, n, H, GROUP, qk_scale, HEAD_DIM: 
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
 
-    pid_m = gl.program_id(0)
-    if CAUSAL:  # heaviest query blocks first, as in 06
-        pid_m = gl.num_programs(0) - 1 - pid_m
-    start_m = pid_m * BLOCK_M
-    pid_bh = gl.program_id(1)
-    kv_head = pid_bh // H * (H // GROUP) + pid_bh % H // GROUP
-    q_row = pid_bh * n + start_m
-    kv_row = kv_head * n
+    start_m, pid_bh, q_row, kv_row, n_blocks = _program(n, H, GROUP, BLOCK_M, BLOCK_N, CAUSAL)
     if CAUSAL:
-        hi = gl.minimum(n, start_m + BLOCK_M)
         unmasked = (start_m + 1) // BLOCK_N * BLOCK_N
     else:
-        hi = n
         unmasked = n // BLOCK_N * BLOCK_N
-    n_blocks = gl.cdiv(hi, BLOCK_N)
 
     q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
@@ -276,20 +283,8 @@ def _gluon_fwd_ws(q_desc, k_desc, v_desc, O, LSE, n, H, GROUP, qk_scale, HEAD_DI
     matmuls do (FlashAttention-3's ping-pong, here left to the warp schedulers)."""
     dtype: gl.constexpr = q_desc.dtype
     HALF: gl.constexpr = BLOCK_M // 2
-    pid_m = gl.program_id(0)
-    if CAUSAL:
-        pid_m = gl.num_programs(0) - 1 - pid_m
-    start_m = pid_m * BLOCK_M
-    pid_bh = gl.program_id(1)
-    kv_head = pid_bh // H * (H // GROUP) + pid_bh % H // GROUP
-    q_row = pid_bh * n + start_m
-    kv_row = kv_head * n
-    if CAUSAL:
-        hi = gl.minimum(n, start_m + BLOCK_M)
-    else:
-        hi = n
+    start_m, pid_bh, q_row, kv_row, n_blocks = _program(n, H, GROUP, BLOCK_M, BLOCK_N, CAUSAL)
     unmasked = n // BLOCK_N * BLOCK_N
-    n_blocks = gl.cdiv(hi, BLOCK_N)
 
     q_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
