@@ -1,5 +1,6 @@
-"""H200 probe (issue 19, session 10; written and compiled offline, not yet run): the dK/dV kernel in Gluon,
-with the forward's recipe (flash_fwd_gluon.py), against 06's tl dK/dV kernel on the same inputs.
+"""H200 probe (issue 19, session 10; written and compiled offline, not yet run): the backward's dK/dV and dQ
+kernels in Gluon, with the forward's recipe (flash_fwd_gluon.py), against 06's tl kernels on the same
+inputs.
 
 06's dK/dV kernel is the backward's slow part: 276 us a matmul against 231 for its dQ kernel and 254 for
 cuDNN's whole backward (D=128 causal 4k, notes/06_flash.md session 9). Here one program owns 128 keys of
@@ -20,11 +21,14 @@ steps start at the first query block that sees one of the 128 keys, and a warpgr
 blocks crossing its own 64 keys' diagonal (each step's arithmetic in both arms of that branch, so
 ptxas's wgmma waits stay where they are written: see the forward probe). Dense contiguous inputs,
 D = 128, any N (a missing query row gets lse = +inf, so P = 0; key rows past N are computed and not
-stored). dK, dV checked against 06's backward and float64; the kernel timed beside 06's dK/dV kernel on
-the same (lse, delta) pairs. GPU only:  python notes/probes/flash_bwd_gluon.py"""
+stored). The dQ kernel (below) mirrors it: 128 query rows a program as two warpgroups, K and V streamed.
+dK, dV, dQ checked against 06's kernels on the same (lse, delta) pairs; each kernel timed beside 06's,
+per matmul, and the whole backward with 06's launches replaced, against cuDNN, the way 06's benchmark
+times it. GPU only:  python notes/probes/flash_bwd_gluon.py"""
 
 import contextlib
 import faulthandler
+import functools
 import sys
 import time
 from pathlib import Path
@@ -213,6 +217,163 @@ def _dkdv_gluon(q_desc, k_desc, v_desc, do_desc, LD, DK, DV, n_q, n_k, H, GROUP,
     ], [4, 1], [240, 24])  # fmt: skip
 
 
+# The dQ kernel the same way: one program owns 128 query rows of one head as two consumer warpgroups of
+# 64 (Q, dO and each row's lse and delta loaded once); the producer streams K and V tiles of 64 keys.
+# Per step: S = Q K^T and dP = dO V^T issued together, P while dP runs, then dQ += dS K.
+
+
+@gluon.jit
+def _dq_producer(descs, smem, bars, geom, qk_scale, CAUSAL: gl.constexpr):
+    q_desc, k_desc, v_desc, do_desc = descs
+    q_smem, do_smem, k_smem, v_smem = smem
+    qd_bar, ready, empty = bars
+    q_row, kv_row, n_q, n_k, start_m, n_steps, LD, DQ, sm_scale = geom
+    STAGES: gl.constexpr = k_smem.type.shape[0]
+    BLOCK_N: gl.constexpr = k_smem.type.shape[1]
+    HALF: gl.constexpr = q_smem.type.shape[1]
+    mbarrier.expect(qd_bar, 2 * q_desc.block_type.nbytes + 2 * do_desc.block_type.nbytes)
+    for w in gl.static_range(2):
+        tma.async_copy_global_to_shared(q_desc, [q_row + start_m + w * HALF, 0], qd_bar, q_smem.index(w))
+        tma.async_copy_global_to_shared(do_desc, [q_row + start_m + w * HALF, 0], qd_bar, do_smem.index(w))
+    for i in range(n_steps):
+        slot = i % STAGES
+        mbarrier.wait(empty.index(slot), (i // STAGES & 1) ^ 1)
+        bar = ready.index(slot)
+        mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [kv_row + i * BLOCK_N, 0], bar, k_smem.index(slot))
+        tma.async_copy_global_to_shared(v_desc, [kv_row + i * BLOCK_N, 0], bar, v_smem.index(slot))
+
+
+@gluon.jit
+def _dq_consumer(descs, smem, bars, geom, qk_scale, CAUSAL: gl.constexpr, WG: gl.constexpr):
+    q_smem, do_smem, k_smem, v_smem = smem
+    qd_bar, ready, empty = bars
+    q_row, kv_row, n_q, n_k, start_m, n_steps, LD, DQ, sm_scale = geom
+    dtype: gl.constexpr = q_smem.dtype
+    STAGES: gl.constexpr = k_smem.type.shape[0]
+    BLOCK_N: gl.constexpr = k_smem.type.shape[1]
+    HALF: gl.constexpr = q_smem.type.shape[1]
+    HEAD_DIM: gl.constexpr = q_smem.type.shape[2]
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])  # fmt: skip
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, HEAD_DIM, 16])  # fmt: skip
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    rows_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row0 = start_m + WG * HALF
+    diag = n_k - n_q
+    q_rows = row0 + gl.arange(0, HALF, layout=rows_layout)
+    pairs = LD + (q_row + q_rows).to(gl.int64) * 2  # (lse, delta) of this warpgroup's rows
+    lse = gl.load(pairs, mask=q_rows < n_q, other=float("inf"))
+    dl = gl.load(pairs + 1, mask=q_rows < n_q, other=0.0)
+    if CAUSAL:  # key blocks from here on cross the diagonal of some row
+        unmasked = (row0 + diag + 1) // BLOCK_N * BLOCK_N
+    else:
+        unmasked = n_k // BLOCK_N * BLOCK_N
+    q_t = q_smem.index(WG)
+    do_t = do_smem.index(WG)
+    dq = gl.zeros([HALF, HEAD_DIM], gl.float32, acc_layout)
+    s = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
+    dp = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
+    mbarrier.wait(qd_bar, 0)
+    for i in range(n_steps):
+        slot = i % STAGES
+        mbarrier.wait(ready.index(slot), i // STAGES & 1)
+        k_t = k_smem.index(slot)
+        s_tok = warpgroup_mma(q_t, k_t.permute((1, 0)), s, use_acc=False, is_async=True)
+        dp_tok = warpgroup_mma(do_t, v_smem.index(slot).permute((1, 0)), dp, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(1, deps=[s_tok])
+        start_n = i * BLOCK_N
+        cols = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        if start_n >= unmasked:  # a missing key, or one past the row's causal limit: P = 0
+            keep = cols[None, :] < n_k
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= q_rows[:, None] + diag)
+            p = gl.where(keep, gl.exp2(s * qk_scale - lse[:, None]), 0.0)
+        else:
+            p = gl.exp2(s * qk_scale - lse[:, None])
+        dp = warpgroup_mma_wait(0, deps=[dp_tok])
+        ds = p * (dp - dl[:, None])
+        ds_op = gl.convert_layout(ds.to(dtype), op_layout)
+        dq_tok = warpgroup_mma(ds_op, k_t, dq, is_async=True)
+        dq, ds_op = warpgroup_mma_wait(0, deps=[dq_tok, ds_op])
+        mbarrier.arrive(empty.index(slot), count=1)
+    offs_m = row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, acc_layout))
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
+    rows = (q_row + offs_m).to(gl.int64) * HEAD_DIM
+    gl.store(DQ + rows[:, None] + offs_d[None, :], (dq * sm_scale).to(dtype), mask=(offs_m < n_q)[:, None])
+
+
+@gluon.jit
+def _dq_consumer0(descs, smem, bars, geom, qk_scale, CAUSAL: gl.constexpr):
+    _dq_consumer(descs, smem, bars, geom, qk_scale, CAUSAL, 0)
+
+
+@gluon.jit
+def _dq_consumer1(descs, smem, bars, geom, qk_scale, CAUSAL: gl.constexpr):
+    _dq_consumer(descs, smem, bars, geom, qk_scale, CAUSAL, 1)
+
+
+@gluon.jit
+def _dq_gluon(q_desc, k_desc, v_desc, do_desc, LD, DQ, n_q, n_k, H, GROUP, qk_scale, sm_scale,
+              HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+              CAUSAL: gl.constexpr):  # fmt: skip
+    pid_m = gl.program_id(0)
+    if CAUSAL:  # heaviest query blocks first
+        pid_m = gl.num_programs(0) - 1 - pid_m
+    start_m = pid_m * BLOCK_M
+    pid_bh = gl.program_id(1)
+    q_row = pid_bh * n_q  # this head's first row; the rows' (lse, delta) pairs are indexed the same way
+    kv_row = (pid_bh // H * (H // GROUP) + pid_bh % H // GROUP) * n_k
+    if CAUSAL:
+        hi = gl.minimum(n_k, start_m + BLOCK_M + n_k - n_q)
+    else:
+        hi = n_k
+    n_steps = gl.cdiv(hi, BLOCK_N)
+    dtype: gl.constexpr = q_desc.dtype
+    HALF: gl.constexpr = BLOCK_M // 2
+    q_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], do_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    qd_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(qd_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)
+    fence_async_shared()
+    descs = (q_desc, k_desc, v_desc, do_desc)
+    smem = (q_smem, do_smem, k_smem, v_smem)
+    bars = (qd_bar, ready, empty)
+    geom = (q_row, kv_row, n_q, n_k, start_m, n_steps, LD, DQ, sm_scale)
+    gl.warp_specialize([
+        (_dq_consumer0, (descs, smem, bars, geom, qk_scale, CAUSAL)),
+        (_dq_consumer1, (descs, smem, bars, geom, qk_scale, CAUSAL)),
+        (_dq_producer, (descs, smem, bars, geom, qk_scale, CAUSAL)),
+    ], [4, 1], [240, 24])  # fmt: skip
+
+
+def gluon_dq(q, k, v, do, ld, causal, stages=3, dq=None, block_n=64):
+    """dq of dense contiguous (B, H, N, D) q, do and (B, H_KV, N, D) k, v from the (lse, delta) pairs."""
+    B, H, n_q, D = q.shape
+    h_kv, n_k = k.shape[1], k.shape[2]
+    dq = torch.empty_like(q) if dq is None else dq
+    dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    q_tile, kv_tile = [64, D], [block_n, D]
+    q_layout = gl.NVMMASharedLayout.get_default_for(q_tile, dtype)
+    kv_layout = gl.NVMMASharedLayout.get_default_for(kv_tile, dtype)
+    descs = [TensorDescriptor.from_tensor(t.view(-1, D), tile, lay)
+             for t, tile, lay in ((q, q_tile, q_layout), (k, kv_tile, kv_layout), (v, kv_tile, kv_layout),
+                                  (do, q_tile, q_layout))]  # fmt: skip
+    grid = (triton.cdiv(n_q, 128), B * H)
+    scale = D**-0.5
+    _dq_gluon[grid](*descs, ld, dq, n_q, n_k, H, H // h_kv, scale * LOG2E, scale, D, 128, block_n, stages,
+                    causal, num_warps=4, maxnreg=168)  # fmt: skip
+    return dq
+
+
 def gluon_dkdv(q, k, v, do, ld, causal, stages=2, dk=None, dv=None):
     """dk, dv of dense contiguous (B, H, N, D) q, do and (B, H_KV, N, D) k, v from the (lse, delta) pairs
     (into dk, dv when given)."""
@@ -232,17 +393,20 @@ def gluon_dkdv(q, k, v, do, ld, causal, stages=2, dk=None, dv=None):
 
 
 @contextlib.contextmanager
-def gluon_dkdv_in_06():
-    """06's backward with its dK/dV launch taken by the Gluon kernel where it applies (dense, D = 128,
-    contiguous, one program per kv head's whole group, no atomic dQ): the whole backward timed the way
-    06's benchmark times it, against cuDNN's."""
+def gluon_in_06(kinds=("dkdv",)):
+    """06's backward with its dK/dV (and, with "dq" in kinds, its dQ) launch taken by the Gluon kernels
+    where they apply (dense, D = 128, contiguous, one dK/dV program per kv head's whole group, no atomic
+    dQ): the whole backward timed the way 06's benchmark times it, against cuDNN's."""
     real = fa._launch
 
     def launch(kernel, kind, grid, *args, **meta):
-        q, k, v, do, ld, dk, dv = args[:7]
-        if (kind == "dkdv" and not meta["IS_VARLEN"] and not meta["ATOMIC_DQ"] and meta["HEAD_DIM"] == 128
-                and dk.dtype == q.dtype and all(t.is_contiguous() for t in (q, k, v, do))):  # fmt: skip
-            return gluon_dkdv(q, k, v, do, ld, meta["CAUSAL"], dk=dk, dv=dv)
+        q, k, v, do, ld = args[:5]
+        dense = not meta["IS_VARLEN"] and meta["HEAD_DIM"] == 128
+        dense = dense and all(t.is_contiguous() for t in (q, k, v, do))
+        if kind == "dkdv" and kind in kinds and dense and not meta["ATOMIC_DQ"] and args[5].dtype == q.dtype:
+            return gluon_dkdv(q, k, v, do, ld, meta["CAUSAL"], dk=args[5], dv=args[6])
+        if kind == "dq" and kind in kinds and dense:
+            return gluon_dq(q, k, v, do, ld, meta["CAUSAL"], dq=args[5])
         return real(kernel, kind, grid, *args, **meta)
 
     fa._launch = launch
@@ -279,6 +443,32 @@ def dkdv_06(q, k, v, do, ld, causal):
     return dk, dv
 
 
+def dq_06(q, k, v, do, ld, causal):
+    """06's tl dQ kernel alone, launched as 06's _bwd launches it (autotuned)."""
+    B, H, N, D = q.shape
+    dq = torch.empty_like(q)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)  # noqa: E731
+    fa._launch(fa._bwd_dq_kernel, "dq", grid, q, k, v, do, ld, dq, q, q,
+               *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
+               *ld.stride()[:2], N, N, H, H // k.shape[1], D**-0.5 * LOG2E, D**-0.5, fa._bucket(N),
+               fa._bucket(B * H), HEAD_DIM=D, CAUSAL=causal, IS_VARLEN=False)  # fmt: skip
+    return dq
+
+
+def time_kernels(q, k, v, do, ld, causal, device) -> str:
+    """Each backward kernel alone, 06's and the Gluon one with 2 and 3 stages, per matmul it does."""
+    args = (q, k, v, do, ld, causal)
+    out = []
+    for name, n_mm, ours, gluon_fn in (("dK/dV", 4, dkdv_06, gluon_dkdv), ("dQ", 3, dq_06, gluon_dq)):
+        t06 = harness.bench(functools.partial(ours, *args), device, graph=True) / n_mm
+        row = f"{name} 06 {t06 * 1e3:.0f}"
+        for stages in (2, 3):
+            t = harness.bench(functools.partial(gluon_fn, *args, stages), device, graph=True) / n_mm
+            row += f", gluon {stages} stages {t * 1e3:.0f} (x{t06 / t:.2f})"
+        out.append(row)
+    return "; ".join(out)
+
+
 def main():
     device = torch.device("cuda")
     t0 = time.time()
@@ -286,34 +476,31 @@ def main():
     checks = [(1, 2, 2, 256, False), (2, 4, 2, 1000, True), (1, 8, 2, 513, False), (1, 2, 1, 77, True)]
     for B, H, H_KV, N, causal in checks:
         q, k, v, do, ld = inputs(B, H, H_KV, N, 128, causal, device)
-        ref = dkdv_06(q, k, v, do, ld, causal)
+        ref = (*dkdv_06(q, k, v, do, ld, causal), dq_06(q, k, v, do, ld, causal))
         print("check", (B, H, H_KV, N, causal), end=" ", flush=True)
         faulthandler.dump_traceback_later(60, exit=True)  # a barrier waited on forever ends the run
-        got = gluon_dkdv(q, k, v, do, ld, causal)
+        got = (*gluon_dkdv(q, k, v, do, ld, causal), gluon_dq(q, k, v, do, ld, causal))
         torch.cuda.synchronize()
         faulthandler.cancel_dump_traceback_later()
         errs = [harness.rel_err(a, b) for a, b in zip(got, ref, strict=True)]
         verdict = "ok" if max(errs) < 1e-2 else "FAILED"
-        print(f"dk, dv vs 06: {errs[0]:.1e} {errs[1]:.1e}", verdict, flush=True)
+        print("dk, dv, dq vs 06: " + " ".join(f"{e:.1e}" for e in errs), verdict, flush=True)
     shapes = [(4, 16, 16, 4096, False), (4, 16, 16, 4096, True), (2, 32, 8, 8192, True),
               (1, 16, 16, 16384, True)]  # fmt: skip
     for B, H, H_KV, N, causal in shapes:
         q, k, v, do, ld = inputs(B, H, H_KV, N, 128, causal, device)
-        flops = 4 * 2 * B * H * N * N * 128 * (0.5 if causal else 1.0)  # four matmuls of 2 * N^2 * D
-        faulthandler.dump_traceback_later(120, exit=True)
-        t06 = harness.bench(lambda: dkdv_06(q, k, v, do, ld, causal), device, graph=True)  # noqa: B023
-        row = f"{(B, H, H_KV, N, causal)} dK/dV kernel: 06 {t06 * 1e3:.0f} us"
-        row += f" ({flops / t06 / 1e9:.0f} TFLOP/s)"
-        for stages in (2, 3):
-            t = harness.bench(lambda s=stages: gluon_dkdv(q, k, v, do, ld, causal, s), device, graph=True)  # noqa: B023
-            row += f", gluon {stages} stages {t * 1e3:.0f} us ({flops / t / 1e9:.0f}, x{t06 / t:.2f})"
+        matmul = 2 * B * H * N * N * 128 * (0.5 if causal else 1.0)  # one of the backward's matmuls
+        faulthandler.dump_traceback_later(240, exit=True)
+        row = f"{(B, H, H_KV, N, causal)} us a matmul: " + time_kernels(q, k, v, do, ld, causal, device)
         print(row, f"[{time.time() - t0:.0f} s]", flush=True)
         # the whole backward, as 06's benchmark times it (graph replay of autograd.grad, L2 flushed)
         qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
         impls = fa._impls(causal)
-        bwd_flops = 2.5 * flops / 2  # 2.5x the forward's 4 * B * H * N^2 * D
+        bwd_flops = 5 * matmul
         times = {}
-        for name, ctx in (("cudnn", impls["cudnn"][1]), ("06", None), ("06 + gluon dK/dV", gluon_dkdv_in_06)):
+        variants = [("cudnn", impls["cudnn"][1]), ("06", None), ("06 + gluon dK/dV", gluon_in_06),
+                    ("06 + gluon dK/dV, dQ", lambda: gluon_in_06(("dkdv", "dq")))]  # fmt: skip
+        for name, ctx in variants:
             fn = impls["cudnn" if name == "cudnn" else "ours"][0]
             times[name] = fa._time(fn, ctx, qg, kg, vg, do, device)[1]
         faulthandler.cancel_dump_traceback_later()
