@@ -53,6 +53,12 @@ fa = harness.load_build("06_flash")
 LOG2E = fa.LOG2E
 
 
+@gluon.constexpr_function
+def _score_layout(n):
+    """One warpgroup's wgmma result layout for a 64 x n tile (scores, or an accumulator with n = D)."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
+
+
 @gluon.jit
 def _p_step(s, lse, k_rows, q_rows, diag, qk_scale, masked):
     """P^T for one block; the mask (key k sees query i iff k <= i + diag) only where the block needs it,
@@ -109,10 +115,8 @@ def _consumer(descs, smem, bars, geom, qk_scale, CAUSAL: gl.constexpr, WG: gl.co
     BLOCK_M: gl.constexpr = q_smem.type.shape[1]
     HEAD_DIM: gl.constexpr = q_smem.type.shape[2]
     HALF: gl.constexpr = k_smem.type.shape[1]
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_M, 16])  # fmt: skip
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, HEAD_DIM, 16])  # fmt: skip
+    s_layout: gl.constexpr = _score_layout(BLOCK_M)
+    acc_layout: gl.constexpr = _score_layout(HEAD_DIM)
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
     cols_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
     k0 = start_n + WG * HALF  # this warpgroup's first key
@@ -163,11 +167,6 @@ def _consumer1(descs, smem, bars, geom, qk_scale, CAUSAL: gl.constexpr):
 
 
 @gluon.jit
-def _consumer0(descs, smem, bars, geom, qk_scale, CAUSAL: gl.constexpr):
-    _consumer(descs, smem, bars, geom, qk_scale, CAUSAL, 0)
-
-
-@gluon.jit
 def _producer_w(descs, smem, bars, geom, qk_scale, CAUSAL: gl.constexpr):
     LD, q_row0, kv_row, n_q, lo, n_steps, steps_per_head, DK, DV, n_k, start_n, sm_scale = geom
     _producer(descs, smem, bars, (LD, q_row0, kv_row, n_q, lo, n_steps, steps_per_head), qk_scale, CAUSAL)
@@ -211,7 +210,7 @@ def _dkdv_gluon(q_desc, k_desc, v_desc, do_desc, LD, DK, DV, n_q, n_k, H, GROUP,
     bars = (kv_bar, ready, empty)
     geom = (LD, q_row0, kv_row, n_q, lo, n_steps, steps_per_head, DK, DV, n_k, start_n, sm_scale)
     gl.warp_specialize([
-        (_consumer0, (descs, smem, bars, geom, qk_scale, CAUSAL)),
+        (_consumer, (descs, smem, bars, geom, qk_scale, CAUSAL, 0)),
         (_consumer1, (descs, smem, bars, geom, qk_scale, CAUSAL)),
         (_producer_w, (descs, smem, bars, geom, qk_scale, CAUSAL)),
     ], [4, 1], [240, 24])  # fmt: skip
@@ -254,10 +253,8 @@ def _dq_consumer(descs, smem, bars, geom, qk_scale, CAUSAL: gl.constexpr, WG: gl
     BLOCK_N: gl.constexpr = k_smem.type.shape[1]
     HALF: gl.constexpr = q_smem.type.shape[1]
     HEAD_DIM: gl.constexpr = q_smem.type.shape[2]
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])  # fmt: skip
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, HEAD_DIM, 16])  # fmt: skip
+    s_layout: gl.constexpr = _score_layout(BLOCK_N)
+    acc_layout: gl.constexpr = _score_layout(HEAD_DIM)
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
     rows_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     row0 = start_m + WG * HALF
@@ -305,11 +302,6 @@ def _dq_consumer(descs, smem, bars, geom, qk_scale, CAUSAL: gl.constexpr, WG: gl
 
 
 @gluon.jit
-def _dq_consumer0(descs, smem, bars, geom, qk_scale, CAUSAL: gl.constexpr):
-    _dq_consumer(descs, smem, bars, geom, qk_scale, CAUSAL, 0)
-
-
-@gluon.jit
 def _dq_consumer1(descs, smem, bars, geom, qk_scale, CAUSAL: gl.constexpr):
     _dq_consumer(descs, smem, bars, geom, qk_scale, CAUSAL, 1)
 
@@ -349,7 +341,7 @@ def _dq_gluon(q_desc, k_desc, v_desc, do_desc, LD, DQ, n_q, n_k, H, GROUP, qk_sc
     bars = (qd_bar, ready, empty)
     geom = (q_row, kv_row, n_q, n_k, start_m, n_steps, LD, DQ, sm_scale)
     gl.warp_specialize([
-        (_dq_consumer0, (descs, smem, bars, geom, qk_scale, CAUSAL)),
+        (_dq_consumer, (descs, smem, bars, geom, qk_scale, CAUSAL, 0)),
         (_dq_consumer1, (descs, smem, bars, geom, qk_scale, CAUSAL)),
         (_dq_producer, (descs, smem, bars, geom, qk_scale, CAUSAL)),
     ], [4, 1], [240, 24])  # fmt: skip
