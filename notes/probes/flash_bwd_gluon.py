@@ -22,7 +22,7 @@ blocks crossing its own 64 keys' diagonal (each step's arithmetic in both arms o
 ptxas's wgmma waits stay where they are written: see the forward probe). Dense contiguous inputs,
 D = 128, any N (a missing query row gets lse = +inf, so P = 0; key rows past N are computed and not
 stored). The dQ kernel (below) mirrors it: 128 query rows a program as two warpgroups, K and V streamed.
-dK, dV, dQ checked against 06's kernels on the same (lse, delta) pairs; each kernel timed beside 06's,
+dK, dV, dQ checked against 06's backward on the same (lse, delta) pairs; each kernel timed beside 06's,
 per matmul, and the whole backward with 06's launches replaced, against cuDNN, the way 06's benchmark
 times it. GPU only:  python notes/probes/flash_bwd_gluon.py"""
 
@@ -385,77 +385,64 @@ def gluon_dkdv(q, k, v, do, ld, causal, stages=2, dk=None, dv=None):
 
 
 @contextlib.contextmanager
-def gluon_in_06(kinds=("dkdv",)):
-    """06's backward with its dK/dV (and, with "dq" in kinds, its dQ) launch taken by the Gluon kernels
-    where they apply (dense, D = 128, contiguous, one dK/dV program per kv head's whole group, no atomic
-    dQ): the whole backward timed the way 06's benchmark times it, against cuDNN's."""
+def hooked_launch(hook):
+    """Inside the block, 06's kernel launches go through hook(real_launch, kernel, kind, grid, *args,
+    **meta)."""
     real = fa._launch
-
-    def launch(kernel, kind, grid, *args, **meta):
-        q, k, v, do, ld = args[:5]
-        dense = not meta["IS_VARLEN"] and meta["HEAD_DIM"] == 128
-        dense = dense and all(t.is_contiguous() for t in (q, k, v, do))
-        if kind == "dkdv" and kind in kinds and dense and not meta["ATOMIC_DQ"] and args[5].dtype == q.dtype:
-            return gluon_dkdv(q, k, v, do, ld, meta["CAUSAL"], dk=args[5], dv=args[6])
-        if kind == "dq" and kind in kinds and dense:
-            return gluon_dq(q, k, v, do, ld, meta["CAUSAL"], dq=args[5])
-        return real(kernel, kind, grid, *args, **meta)
-
-    fa._launch = launch
+    fa._launch = functools.partial(hook, real)
     try:
         yield
     finally:
         fa._launch = real
 
 
+def _gluon_launch(kinds, real, kernel, kind, grid, *args, **meta):
+    q, k, v, do, ld = args[:5]
+    dense = not meta["IS_VARLEN"] and meta["HEAD_DIM"] == 128
+    dense = dense and all(t.is_contiguous() for t in (q, k, v, do))
+    if kind == "dkdv" and kind in kinds and dense and not meta["ATOMIC_DQ"] and args[5].dtype == q.dtype:
+        return gluon_dkdv(q, k, v, do, ld, meta["CAUSAL"], dk=args[5], dv=args[6])
+    if kind == "dq" and kind in kinds and dense:
+        return gluon_dq(q, k, v, do, ld, meta["CAUSAL"], dq=args[5])
+    return real(kernel, kind, grid, *args, **meta)
+
+
+def gluon_in_06(kinds=("dkdv",)):
+    """06's backward with its dK/dV (and, with "dq" in kinds, its dQ) launch taken by the Gluon kernels
+    where they apply (dense, D = 128, contiguous, one dK/dV program per kv head's whole group, no atomic
+    dQ): the whole backward timed the way 06's benchmark times it, against cuDNN's."""
+    return hooked_launch(functools.partial(_gluon_launch, kinds))
+
+
 def inputs(B, H, H_KV, N, D, causal, device, seed=0):
-    """q, k, v, dO and the (lse, delta) pairs 06's backward would compute (its forward and delta kernel)."""
+    """(q, k, v, dO, the (lse, delta) pairs), then (dk, dv, dq) from one run of 06's own backward, which
+    also records its dK/dV and dQ launches: kind -> a call that launches that kernel alone again, on
+    the same arguments (with one dK/dV split, as the timed shapes get, the whole dK/dV)."""
     g = torch.Generator(device).manual_seed(seed)
     q = torch.randn(B, H, N, D, device=device, dtype=torch.bfloat16, generator=g)
     k, v = (torch.randn(B, H_KV, N, D, device=device, dtype=torch.bfloat16, generator=g) for _ in range(2))
     do = torch.randn(B, H, N, D, device=device, dtype=torch.bfloat16, generator=g)
     o, lse = fa._fwd(q, k, v, None, B, N, N, causal, D**-0.5, False)
-    ld = torch.empty(B, H, N, 2, device=device, dtype=torch.float32)
-    fa._bwd_delta_kernel[(triton.cdiv(N, 32), B * H)](o, do, lse, ld, *o.stride()[:3], *do.stride()[:3], N, H,
-                                                      HEAD_DIM=D, BLOCK_M=32)  # fmt: skip
-    return q, k, v, do, ld
+    launches = {}
+
+    def record(real, kernel, kind, grid, *args, **meta):
+        launches[kind] = functools.partial(real, kernel, kind, grid, *args, **meta)
+        return real(kernel, kind, grid, *args, **meta)
+
+    with hooked_launch(record):
+        dq, dk, dv = fa._bwd(do, q, k, v, o, lse, None, B, N, N, causal, D**-0.5, False)
+    ld = launches["dkdv"].args[7]  # after _launch's kernel, kind, grid: q, k, v, dO, then the pairs
+    return (q, k, v, do, ld), (dk, dv, dq), launches
 
 
-def dkdv_06(q, k, v, do, ld, causal):
-    """06's tl dK/dV kernel alone, launched as 06's _bwd launches it (autotuned, one split)."""
-    B, H, N, D = q.shape
-    h_kv = k.shape[1]
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * h_kv)  # noqa: E731
-    fa._launch(fa._bwd_dkdv_kernel, "dkdv", grid, q, k, v, do, ld, dk, dv, q, q, q,
-               *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
-               *dv.stride()[:3], 0, 0, 0, 0, *ld.stride()[:2], N, N, h_kv, H // h_kv, 1, D**-0.5 * LOG2E,
-               D**-0.5, fa._bucket(N), fa._bucket(B * h_kv), ATOMIC_DQ=False, HEAD_DIM=D, CAUSAL=causal,
-               IS_VARLEN=False)  # fmt: skip
-    return dk, dv
-
-
-def dq_06(q, k, v, do, ld, causal):
-    """06's tl dQ kernel alone, launched as 06's _bwd launches it (autotuned)."""
-    B, H, N, D = q.shape
-    dq = torch.empty_like(q)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)  # noqa: E731
-    fa._launch(fa._bwd_dq_kernel, "dq", grid, q, k, v, do, ld, dq, q, q,
-               *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
-               *ld.stride()[:2], N, N, H, H // k.shape[1], D**-0.5 * LOG2E, D**-0.5, fa._bucket(N),
-               fa._bucket(B * H), HEAD_DIM=D, CAUSAL=causal, IS_VARLEN=False)  # fmt: skip
-    return dq
-
-
-def time_kernels(q, k, v, do, ld, causal, device) -> str:
+def time_kernels(args, causal, launches, device) -> str:
     """Each backward kernel alone, 06's and the Gluon one with 2 and 3 stages, per matmul it does."""
-    args = (q, k, v, do, ld, causal)
     out = []
-    for name, n_mm, ours, gluon_fn in (("dK/dV", 4, dkdv_06, gluon_dkdv), ("dQ", 3, dq_06, gluon_dq)):
-        t06 = harness.bench(functools.partial(ours, *args), device, graph=True) / n_mm
+    for name, kind, n_mm, gluon_fn in (("dK/dV", "dkdv", 4, gluon_dkdv), ("dQ", "dq", 3, gluon_dq)):
+        t06 = harness.bench(launches[kind], device, graph=True) / n_mm
         row = f"{name} 06 {t06 * 1e3:.0f}"
         for stages in (2, 3):
-            t = harness.bench(functools.partial(gluon_fn, *args, stages), device, graph=True) / n_mm
+            t = harness.bench(functools.partial(gluon_fn, *args, causal, stages), device, graph=True) / n_mm
             row += f", gluon {stages} stages {t * 1e3:.0f} (x{t06 / t:.2f})"
         out.append(row)
     return "; ".join(out)
@@ -467,11 +454,10 @@ def main():
     print(harness.env_line(device, torch.bfloat16), flush=True)
     checks = [(1, 2, 2, 256, False), (2, 4, 2, 1000, True), (1, 8, 2, 513, False), (1, 2, 1, 77, True)]
     for B, H, H_KV, N, causal in checks:
-        q, k, v, do, ld = inputs(B, H, H_KV, N, 128, causal, device)
-        ref = (*dkdv_06(q, k, v, do, ld, causal), dq_06(q, k, v, do, ld, causal))
+        args, ref, _ = inputs(B, H, H_KV, N, 128, causal, device)
         print("check", (B, H, H_KV, N, causal), end=" ", flush=True)
         faulthandler.dump_traceback_later(60, exit=True)  # a barrier waited on forever ends the run
-        got = (*gluon_dkdv(q, k, v, do, ld, causal), gluon_dq(q, k, v, do, ld, causal))
+        got = (*gluon_dkdv(*args, causal), gluon_dq(*args, causal))
         torch.cuda.synchronize()
         faulthandler.cancel_dump_traceback_later()
         errs = [harness.rel_err(a, b) for a, b in zip(got, ref, strict=True)]
@@ -480,10 +466,11 @@ def main():
     shapes = [(4, 16, 16, 4096, False), (4, 16, 16, 4096, True), (2, 32, 8, 8192, True),
               (1, 16, 16, 16384, True)]  # fmt: skip
     for B, H, H_KV, N, causal in shapes:
-        q, k, v, do, ld = inputs(B, H, H_KV, N, 128, causal, device)
+        args, _, launches = inputs(B, H, H_KV, N, 128, causal, device)
+        q, k, v, do, _ = args
         matmul = 2 * B * H * N * N * 128 * (0.5 if causal else 1.0)  # one of the backward's matmuls
         faulthandler.dump_traceback_later(240, exit=True)
-        row = f"{(B, H, H_KV, N, causal)} us a matmul: " + time_kernels(q, k, v, do, ld, causal, device)
+        row = f"{(B, H, H_KV, N, causal)} us a matmul: " + time_kernels(args, causal, launches, device)
         print(row, f"[{time.time() - t0:.0f} s]", flush=True)
         # the whole backward, as 06's benchmark times it (graph replay of autograd.grad, L2 flushed)
         qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))

@@ -34,6 +34,7 @@ import harness  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
 from triton.experimental import gluon  # noqa: E402
 from triton.experimental.gluon import language as gl  # noqa: E402
 from triton.experimental.gluon.language.nvidia.hopper import (  # noqa: E402
@@ -333,7 +334,7 @@ def gluon_attention(q, k, v, causal, cfg):
     q_desc = TensorDescriptor.from_tensor(q.view(-1, D), [q_block, D], q_layout)
     k_desc = TensorDescriptor.from_tensor(k.view(-1, D), [block_n, D], kv_layout)
     v_desc = TensorDescriptor.from_tensor(v.view(-1, D), [block_n, D], kv_layout)
-    grid = (-(-N // block_m), B * H)
+    grid = (triton.cdiv(N, block_m), B * H)
     scale = D**-0.5 * LOG2E
     args = (q_desc, k_desc, v_desc, o, lse, N, H, H // k.shape[1], scale, D, block_m, block_n, stages, causal)
     if kind == "pipe":
