@@ -19,7 +19,10 @@ You will learn:
   - packed varlen batches through cu_seqlens and one launch, with FA2's bottom-right causal diagonal.
   - where Hopper's copy engine (TMA) pays: the forward's whole K and V blocks through tensor
     descriptors, both issued at the top of the key loop (measured beside the same kernel with pointer
-    loads; what did not pay is listed under "Pointers and descriptors").
+    loads; what did not pay is listed under "Pointers and descriptors");
+  - FlashAttention-3's schedule in Gluon, for the forward at D=128 on Hopper: asynchronous wgmma with
+    the waits placed by hand, so the softmax runs while a matmul does, and warp specialisation (a
+    producer warp for TMA, two consumer warpgroups that never wait for each other).
 
 Builds on: 02_attention.py (the maths, GQA and the bottom-right mask of a query chunk at the end of a
 longer key sequence, all written densely); harness.py (checks, timing, results).
@@ -30,9 +33,10 @@ Does not handle:
   - dropout, attention bias/ALiBi, sliding windows, softcapping, a KV cache with paged blocks;
   - causal attention with Nq != Nk in the dense API (use the varlen API, which aligns the diagonal
     bottom-right);
-  - warp specialisation and the ping-pong scheduling of FlashAttention-3; TMA tensor descriptors
-    carry only the forward's whole K and V blocks (see "Pointers and descriptors" below and the gap
-    analysis in notes/06_flash.md).
+  - FlashAttention-3's schedule outside the D=128 forward on sm_90 (the backward, other head dims and
+    GPUs take the tl kernels), and its explicit ping-pong barriers between warpgroups; TMA descriptors
+    in the tl kernels carry only the forward's whole K and V blocks (see "Pointers and descriptors"
+    below and the gap analysis in notes/06_flash.md).
 
 References: Dao et al., "FlashAttention" (2022); Dao, "FlashAttention-2" (2023); Shah et al.,
 "FlashAttention-3" (2024). Reference implementation: the Triton tutorial 06-fused-attention.py.
@@ -72,6 +76,18 @@ try:  # host-side tensor descriptors (Triton >= 3.4); without them the forward l
     from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 except ImportError:
     TensorDescriptor = None
+# Gluon, Triton's lower-level language, for the Hopper forward (in the Tritons this file runs on: 3.6 on
+# the H200, 3.9 on the CPU, where it is defined but never launched)
+from triton.experimental import gluon  # noqa: E402
+from triton.experimental.gluon import language as gl  # noqa: E402
+from triton.experimental.gluon.language.nvidia.hopper import (  # noqa: E402
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor  # noqa: E402
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)); exp2 is the native MUFU instruction
 HEAD_DIMS = (16, 32, 64, 128)
@@ -283,6 +299,218 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, K_DESC, V_DESC,
         )
         lse_ptrs = LSE + bl * stride_lb + hl * stride_lh + q_row0 + offs_m
         tl.store(lse_ptrs, m_i + tl.math.log2(l_i), mask=offs_m < seq_q)
+
+
+# %% Gluon forward (Hopper): FlashAttention-3's schedule
+# The tl kernel above tops out at 0.79-0.91x cuDNN at D=128 on the H200: tl.dot waits for each matmul
+# where its result is first used and one program's warps move together, so a warpgroup's softmax never
+# runs while the tensor cores work (sessions 3-9 of notes/06_flash.md). Gluon, Triton's lower-level
+# language (triton.experimental.gluon), says what tl cannot:
+#   - warpgroup_mma(is_async=True) and warpgroup_mma_wait(n): issue block j's S = Q K^T, then block
+#     j-1's O += P V, run block j's softmax, and only then wait for P V (FlashAttention-3's overlap
+#     within a warpgroup);
+#   - gl.warp_specialize: one producer warp issues every TMA copy into rings of K and V slots, and two
+#     consumer warpgroups of 64 query rows each run the loop, handing a slot back by arriving on its
+#     "empty" mbarrier. No barrier spans both warpgroups, so one's softmax runs while the other's
+#     matmuls do (what FlashAttention-3 enforces with its ping-pong; here the warp schedulers do it).
+# Measured in its first form (notes/probes/flash_fwd_gluon.py: the same loop for dense inputs only, on
+# the H200): 0.95-1.13x cuDNN and 1.10-1.21x the tl kernel at D=128 over MHA, GQA and MQA, causal and
+# not, N 4k-16k. At D=64 it was no faster than the tl kernel (the softmax outweighs the matmuls there),
+# so D=64 and every other case stays on the tl kernel: head dims other than 128, strided inputs, GPUs
+# other than sm_90, and the CPU interpreter (Gluon has none; tests/test_flash.py checks the dispatch).
+# Two details ptxas needed (found by compiling for sm_90a offline, notes/06_flash.md, session 10):
+#   - it hoists a wgmma wait to the top of the basic block that holds it, so the wait for P V has to
+#     start a block of its own: the whole softmax step sits in both arms of its mask branch;
+#   - P is converted to bf16 at the top of the next block, where no matmul reads P's registers; converted
+#     after the softmax, its conversions were interleaved with the exponentials and forced the wait early.
+# Tails: TMA reads whole tiles. Rows past a sequence's last query are computed and not stored; keys past
+# its last key get a score of -inf, so P = 0 for them and whatever V rows the tile read past the end (the
+# next head's or sequence's, or TMA's zeros at the tensor's end) add nothing.
+
+
+@gluon.jit
+def _g_softmax_step(s, m_i, l_i, qk_scale):
+    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    p = gl.exp2(s * qk_scale - m_new[:, None])
+    alpha = gl.exp2(m_i - m_new)
+    return p, m_new, alpha, l_i * alpha + gl.sum(p, 1)
+
+
+@gluon.jit
+def _g_softmax(s, m_i, l_i, start_n, unmasked, offs_m, seq_k, diag, qk_scale, BLOCK_N: gl.constexpr,
+               CAUSAL: gl.constexpr):  # fmt: skip
+    """One online-softmax step on raw scores s, the masks only where the block needs them; the whole
+    step in both arms of the branch (the block comment above says why)."""
+    if start_n >= unmasked:
+        cols = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s.type.layout))
+        keep = cols[None, :] < seq_k
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= offs_m[:, None] + diag)
+        p, m_new, alpha, l_new = _g_softmax_step(gl.where(keep, s, float("-inf")), m_i, l_i, qk_scale)
+    else:
+        p, m_new, alpha, l_new = _g_softmax_step(s, m_i, l_i, qk_scale)
+    return p, m_new, alpha, l_new
+
+
+@gluon.jit
+def _g_load(desc, row, col, bars, smem, slot):
+    mbarrier.expect(bars.index(slot), desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(desc, [row, col], bars.index(slot), smem.index(slot))
+
+
+@gluon.jit
+def _g_producer(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    """One warp: both warpgroups' Q tiles, then K_j and V_j into ring slots as both warpgroups free them
+    (a fresh mbarrier counts the phase before its first as complete, hence the ^ 1)."""
+    q_desc, k_desc, v_desc = descs
+    q_smem, k_smem, v_smem = smem
+    q_bars, k_ready, v_ready, k_empty, v_empty = bars
+    q_row, q_col, kv_row, kv_col, start_m, seq_q, seq_k, n_blocks = geom
+    STAGES: gl.constexpr = k_smem.type.shape[0]
+    HALF: gl.constexpr = q_smem.type.shape[1]
+    for w in gl.static_range(2):
+        _g_load(q_desc, q_row + start_m + w * HALF, q_col, q_bars, q_smem, w)
+    for j in range(n_blocks):
+        slot = j % STAGES
+        free = (j // STAGES & 1) ^ 1
+        mbarrier.wait(k_empty.index(slot), free)
+        _g_load(k_desc, kv_row + j * BLOCK_N, kv_col, k_ready, k_smem, slot)
+        mbarrier.wait(v_empty.index(slot), free)
+        _g_load(v_desc, kv_row + j * BLOCK_N, kv_col, v_ready, v_smem, slot)
+
+
+@gluon.jit
+def _g_consumer(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+                WG: gl.constexpr):  # fmt: skip
+    """One warpgroup's 64 query rows (WG 0 or 1 of the program's 128)."""
+    q_smem, k_smem, v_smem = smem
+    q_bars, k_ready, v_ready, k_empty, v_empty = bars
+    q_row, q_col, kv_row, kv_col, start_m, seq_q, seq_k, n_blocks = geom
+    O, LSE, lse_off, o_stride = out
+    dtype: gl.constexpr = q_smem.dtype
+    STAGES: gl.constexpr = k_smem.type.shape[0]
+    HALF: gl.constexpr = q_smem.type.shape[1]
+    HEAD_DIM: gl.constexpr = q_smem.type.shape[2]
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])  # fmt: skip
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])  # fmt: skip
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    row0 = start_m + WG * HALF  # this warpgroup's first query row in its sequence
+    diag = seq_k - seq_q
+    if CAUSAL:  # key blocks from here on cross the diagonal of some row
+        unmasked = (row0 + diag + 1) // BLOCK_N * BLOCK_N
+    else:
+        unmasked = seq_k // BLOCK_N * BLOCK_N
+    q_tile = q_smem.index(WG)
+    offs_m = row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, s_layout))
+    m_i = gl.full([HALF], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([HALF], gl.float32, gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([HALF, HEAD_DIM], gl.float32, o_layout)
+
+    mbarrier.wait(q_bars.index(WG), 0)
+    mbarrier.wait(k_ready.index(0), 0)
+    s = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
+    s = warpgroup_mma(q_tile, k_smem.index(0).permute((1, 0)), s, use_acc=False)
+    mbarrier.arrive(k_empty.index(0), count=1)
+    p, m_i, alpha, l_i = _g_softmax(s, m_i, l_i, 0, unmasked, offs_m, seq_k, diag, qk_scale, BLOCK_N, CAUSAL)
+    for j in range(1, n_blocks):
+        slot = j % STAGES
+        prev = (j - 1) % STAGES
+        p_op = gl.convert_layout(p.to(dtype), p_layout)  # block j-1's P: no matmul reads P's registers now
+        mbarrier.wait(k_ready.index(slot), j // STAGES & 1)
+        s_tok = warpgroup_mma(q_tile, k_smem.index(slot).permute((1, 0)), s, use_acc=False, is_async=True)
+        acc = acc * gl.convert_layout(alpha, rows_o)[:, None]  # block j-1's rescale, while S_j runs
+        mbarrier.wait(v_ready.index(prev), (j - 1) // STAGES & 1)
+        o_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+        s = warpgroup_mma_wait(1, deps=[s_tok])  # S_j done; P_j-1 V_j-1 may still run
+        mbarrier.arrive(k_empty.index(slot), count=1)
+        p, m_i, alpha, l_i = _g_softmax(s, m_i, l_i, j * BLOCK_N, unmasked, offs_m, seq_k, diag, qk_scale,
+                                        BLOCK_N, CAUSAL)  # fmt: skip
+        acc, p_op = warpgroup_mma_wait(0, deps=[o_tok, p_op])
+        mbarrier.arrive(v_empty.index(prev), count=1)
+    last = (n_blocks - 1) % STAGES
+    acc = acc * gl.convert_layout(alpha, rows_o)[:, None]
+    mbarrier.wait(v_ready.index(last), (n_blocks - 1) // STAGES & 1)
+    acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(last), acc)
+    mbarrier.arrive(v_empty.index(last), count=1)
+
+    o = acc / gl.convert_layout(l_i, rows_o)[:, None]
+    offs_mo = row0 + gl.arange(0, HALF, layout=rows_o)
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    o_rows = (q_row + offs_mo).to(gl.int64) * o_stride + q_col  # O has q's layout
+    gl.store(O + o_rows[:, None] + offs_d[None, :], o.to(dtype), mask=(offs_mo < seq_q)[:, None])
+    gl.store(LSE + lse_off + offs_m, m_i + gl.log2(l_i), mask=offs_m < seq_q)
+
+
+@gluon.jit
+def _g_consumer1(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    _g_consumer(descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL, 1)
+
+
+@gluon.jit
+def _fwd_kernel_gluon(q_desc, k_desc, v_desc, O, LSE, CU_Q, CU_K, n_q, n_k, H, GROUP, stride_lb, stride_lh,
+                      qk_scale, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                      STAGES: gl.constexpr, CAUSAL: gl.constexpr, IS_VARLEN: gl.constexpr):  # fmt: skip
+    """Launched with 4 warps (warpgroup 0) plus the workers' 4 (warpgroup 1) and 1 (producer). The row
+    descriptors are _row_descs' views: (B*H*N, D) dense, (T, H*D) packed."""
+    pid_m = gl.program_id(0)
+    if CAUSAL:  # heaviest query blocks first, as in the tl kernel
+        pid_m = gl.num_programs(0) - 1 - pid_m
+    start_m = pid_m * BLOCK_M
+    pid_bh = gl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    h_kv = h // GROUP
+    if IS_VARLEN:
+        q_start = gl.load(CU_Q + b)
+        k_start = gl.load(CU_K + b)
+        seq_q = gl.load(CU_Q + b + 1) - q_start
+        seq_k = gl.load(CU_K + b + 1) - k_start
+        q_row, q_col, kv_row, kv_col = q_start, h * HEAD_DIM, k_start, h_kv * HEAD_DIM
+        o_stride = H * HEAD_DIM
+    else:
+        q_start = 0
+        seq_q = n_q
+        seq_k = n_k
+        q_row, q_col, kv_row, kv_col = pid_bh * n_q, 0, (b * (H // GROUP) + h_kv) * n_k, 0
+        o_stride = HEAD_DIM
+    if start_m < seq_q:  # varlen launches max_seqlen_q rows; shorter sequences stop here
+        if CAUSAL:
+            hi = gl.minimum(seq_k, start_m + BLOCK_M + seq_k - seq_q)
+        else:
+            hi = seq_k
+        n_blocks = gl.cdiv(hi, BLOCK_N)
+        lse_off = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + q_start
+        dtype: gl.constexpr = q_desc.dtype
+        q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M // 2, HEAD_DIM], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+        q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(q_bars.index(i), count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=2)  # one arrival from each consumer warpgroup
+            mbarrier.init(v_empty.index(i), count=2)
+        fence_async_shared()
+        descs = (q_desc, k_desc, v_desc)
+        smem = (q_smem, k_smem, v_smem)
+        bars = (q_bars, k_ready, v_ready, k_empty, v_empty)
+        geom = (q_row, q_col, kv_row, kv_col, start_m, seq_q, seq_k, n_blocks)
+        out = (O, LSE, lse_off, o_stride)
+        # the constexprs are written into each call: held in a tuple variable they became tensors
+        gl.warp_specialize([
+            (_g_consumer, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL, 0)),
+            (_g_consumer1, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL)),
+            (_g_producer, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL)),
+        ], [4, 1], [240, 24])  # fmt: skip
 
 
 # %% Triton kernels: backward
@@ -579,7 +807,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LD, DQ, CU_Q, CU_K,
 # What the H200 measured (notes/06_flash.md; probes in notes/probes/):
 #   - K and V through descriptors at the loop's top (this file): 1.03-1.16x the same forward with
 #     pointer loads at D=128 MHA and N >= 1k (1.01-1.08x at 512), 0.99-1.06x at D=64, GQA/MQA 1.03-1.16x
-#     (the benchmark's fwd/pointers column); varlen 1.10-1.17x at mean length 4k, 1.03x at 1k
+#     (the benchmark's fwd/pointers column until session 10); varlen 1.10-1.17x at mean length 4k, 1.03x at 1k
 #     (0.97-0.98x at 1k when those rows were timed eagerly with the offset checks in the window);
 #   - pointer loads in that same order: no gain in one reading each, so the copy engine, not the order
 #     alone, is the likely cause;
@@ -621,7 +849,7 @@ def _bucket(n: int) -> int:
 # The checks launch one fixed config per kernel instead of autotuning (fixed_configs below): autotuning
 # compiles every config for every new key, and the checks' tiny grids would fill the autotune cache the
 # benchmark then reuses. Module state, but only ever set inside the `with` of fixed_configs.
-_FIXED = {"index": None, "splits": None, "pointers": False}
+_FIXED = {"index": None, "splits": None, "pointers": False, "tl_forward": False}
 
 
 @contextlib.contextmanager
@@ -646,9 +874,34 @@ def fixed_dkdv_splits(splits: int):
 
 
 @contextlib.contextmanager
+def tl_forward():
+    """Every forward takes the tl kernel, even where the Gluon one would: the checks prove the tl kernel
+    at D=128 too, and the benchmark times it beside the default."""
+    before, _FIXED["tl_forward"] = _FIXED["tl_forward"], True
+    try:
+        yield
+    finally:
+        _FIXED["tl_forward"] = before
+
+
+def gluon_forward_ok(q, k, v, varlen: bool) -> bool:
+    """Whether the forward takes the Gluon kernel (the Gluon section says why these cases): an sm_90 GPU
+    (Hopper's wgmma and TMA), not the interpreter, D = 128, fp16 or bf16, q, k, v contiguous (their
+    rows go through TMA descriptors, which also need 16-byte aligned bases) with fewer than 2^31 rows,
+    and no context forcing the tl kernel (tl_forward, pointer_loads)."""
+    if harness.INTERPRET or _FIXED["tl_forward"] or _FIXED["pointers"] or q.device.type != "cuda":
+        return False
+    if torch.cuda.get_device_capability(q.device) != (9, 0) or q.shape[-1] != 128:
+        return False
+    if any(not t.is_contiguous() or t.data_ptr() % 16 for t in (q, k, v)):
+        return False
+    return max(t.shape[0] if varlen else t.numel() // t.shape[-1] for t in (q, k, v)) < 2**31
+
+
+@contextlib.contextmanager
 def pointer_loads():
-    """The forward loads every tile through pointers even where row descriptors (TMA) would do: the
-    checks prove that path too, and the benchmark times it beside the descriptor path."""
+    """The forward takes the tl kernel and loads every tile through pointers even where row descriptors
+    (TMA) would do: the checks prove that path too."""
     before, _FIXED["pointers"] = _FIXED["pointers"], True
     try:
         yield
@@ -705,6 +958,9 @@ def _fwd(q, k, v, cu, B, n_q, n_k, causal, sm_scale, poison):
     lse = _empty((H, q.shape[0]) if varlen else (B, H, n_q), q, torch.float32, poison)
     lse_bh = (0, lse.stride(0)) if varlen else lse.stride()[:2]
     cu_q, cu_k = cu if varlen else (q, q)  # the cu_seqlens slots are unused in dense mode
+    if gluon_forward_ok(q, k, v, varlen):
+        _fwd_gluon(q, k, v, o, lse, cu_q, cu_k, lse_bh, B, n_q, n_k, causal, sm_scale, varlen)
+        return o, lse
     grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), B * H)  # noqa: E731
     k_desc, v_desc = _row_descs(varlen, k, v)
     _launch(_fwd_kernel, "fwd", grid, q, k, v, o, lse, cu_q, cu_k, k_desc, v_desc,
@@ -712,6 +968,31 @@ def _fwd(q, k, v, cu, B, n_q, n_k, causal, sm_scale, poison):
             n_q, n_k, H, H // k.shape[1], sm_scale * LOG2E, _bucket(max(n_q, n_k)), _bucket(B * H),
             HEAD_DIM=D, CAUSAL=causal, IS_VARLEN=varlen, USE_TMA=k_desc is not None)  # fmt: skip
     return o, lse
+
+
+# The Gluon forward's one launch shape: 128 query rows a program (two consumer warpgroups of 64), 128-key
+# blocks, K and V rings of two slots (three measured 0.93-1.17x cuDNN against two's 0.95-1.13x; 128-key
+# blocks beat 64-key ones by 8-24%: notes/06_flash.md, session 10).
+GLUON_FWD = {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 2}
+
+
+def _fwd_gluon(q, k, v, o, lse, cu_q, cu_k, lse_bh, B, n_q, n_k, causal, sm_scale, varlen):
+    """The Gluon kernel on _row_descs' views of q, k, v: (B*H*N, D) dense, (T, H*D) packed. Launched
+    with 4 warps plus its workers' 5 (padded to 12) and a 168-register cap, which the warp
+    specialisation redistributes as 240 for each consumer warpgroup and 24 for the producer's."""
+    H, D = q.shape[1], q.shape[-1]
+    bm, bn = GLUON_FWD["BLOCK_M"], GLUON_FWD["BLOCK_N"]
+    dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    views = [t.view(t.shape[0], -1) if varlen else t.view(-1, D) for t in (q, k, v)]
+    tiles = ([bm // 2, D], [bn, D], [bn, D])
+    descs = [
+        GluonDescriptor.from_tensor(t, tile, gl.NVMMASharedLayout.get_default_for(tile, dtype))
+        for t, tile in zip(views, tiles, strict=True)
+    ]
+    grid = (triton.cdiv(n_q, bm), B * H)
+    _fwd_kernel_gluon[grid](*descs, o, lse, cu_q, cu_k, n_q, n_k, H, H // k.shape[1], *lse_bh,
+                            sm_scale * LOG2E, D, bm, bn, GLUON_FWD["STAGES"], causal, varlen, num_warps=4,
+                            maxnreg=168)  # fmt: skip
 
 
 def _bwd(do, q, k, v, o, lse, cu, B, n_q, n_k, causal, sm_scale, poison, deterministic=True):
@@ -1060,6 +1341,14 @@ def run_checks(checks, device, quick):
             mode = "causal" if s[6] else "full"
             name = f"fwd+bwd B{s[0]} H{s[1]}/{s[2]} Nq{s[3]} Nk{s[4]} D{s[5]} {mode}, pointer loads"
             checks(f"{name} {str(dtype)[6:]}", check_dense, *s, dtype, device)
+    # On an H200 the Gluon kernel takes the forward of every contiguous D=128 check above (and of the
+    # varlen ones below); the tl kernel's D=128 forward is proved here (and after the varlen checks).
+    if on_gpu and not quick:
+        for i, s in enumerate([(2, 4, 4, 1000, 1000, 128, True), (2, 4, 1, 300, 1111, 128, False)]):
+            with fixed_configs(i), tl_forward():
+                mode = "causal" if s[6] else "full"
+                name = f"fwd+bwd B{s[0]} H{s[1]}/{s[2]} Nq{s[3]} Nk{s[4]} D{s[5]} {mode}, tl forward"
+                checks(f"{name} {str(dtype)[6:]}", check_dense, *s, dtype, device)
     with fixed_configs(0):
         checks("saved log-sum-exp (base 2)", check_lse, device)
     # varlen, forward and backward: a zero-length prompt, a one-token prompt, cached prefixes
@@ -1076,6 +1365,10 @@ def run_checks(checks, device, quick):
     with fixed_configs(n := n + 1):
         checks(f"varlen fwd+bwd causal, dQ by atomic adds {str(both[-1])[6:]}", check_varlen, lens_q,
                lens_k, 4, 2, 64, True, both[-1], device, True, False)  # fmt: skip
+    if on_gpu and not quick:
+        with fixed_configs(n := n + 1), tl_forward():
+            name = f"varlen fwd+bwd lens_q {lens_q} lens_k {lens_k} D128 H4/2 causal, tl forward bfloat16"
+            checks(name, check_varlen, lens_q, lens_k, 4, 2, 128, True, b16[0], device, True)
 
 
 # %% Benchmark
@@ -1115,8 +1408,8 @@ def _impls(causal):
         "ours": (lambda q, k, v: flash_attention(q, k, v, causal), None),
         # the same forward; the backward adds dQ with atomics (5 matmuls a block pair instead of 7)
         "ours_atomic": (lambda q, k, v: flash_attention(q, k, v, causal, deterministic=False), None),
-        # the forward with every tile through pointers: what the descriptor (TMA) loads buy (forward only)
-        "ours_pointers": (lambda q, k, v: flash_attention(q, k, v, causal), pointer_loads),
+        # the forward by the tl kernel: what the Gluon kernel buys where it runs (D=128; forward only)
+        "ours_tl": (lambda q, k, v: flash_attention(q, k, v, causal), tl_forward),
     }
     for name, backend in SDPA_BACKENDS.items():
         impls[name] = (_sdpa(causal, False), lambda b=backend: sdpa_kernel(getattr(SDPBackend, b)))
@@ -1153,7 +1446,7 @@ def bench_case(D, H, H_KV, N, causal, cfg, device, dtype, skipped):
     for name, (fn, ctx) in _impls(causal).items():
         try:
             try:
-                fwd_ms, bwd_ms, outs[name] = _time(fn, ctx, q, k, v, do, device, name != "ours_pointers")
+                fwd_ms, bwd_ms, outs[name] = _time(fn, ctx, q, k, v, do, device, name != "ours_tl")
                 gqa_mode[name] = "enable_gqa"
             except RuntimeError:
                 if H == H_KV or name.startswith("ours"):
@@ -1173,8 +1466,8 @@ def bench_case(D, H, H_KV, N, causal, cfg, device, dtype, skipped):
             ratios[f"bwd/{ref}"] = tflops["ours_bwd"] / tflops[f"{ref}_bwd"]
             if "ours_atomic_bwd" in tflops:
                 ratios[f"bwd_atomic/{ref}"] = tflops["ours_atomic_bwd"] / tflops[f"{ref}_bwd"]
-    if "ours_pointers_fwd" in tflops:
-        ratios["fwd/pointers"] = tflops["ours_fwd"] / tflops["ours_pointers_fwd"]
+    if "ours_tl_fwd" in tflops:
+        ratios["fwd/tl"] = tflops["ours_fwd"] / tflops["ours_tl_fwd"]
     row = head | ratios | tflops
     if H != H_KV:
         row["sdpa_gqa"] = ",".join(f"{n}:{m}" for n, m in gqa_mode.items() if not n.startswith("ours"))
@@ -1219,18 +1512,17 @@ def varlen_case(D, H, H_KV, mean, causal, tokens, device, dtype) -> dict:
 
     varlen(True)  # the offsets checked once, untimed
     var_ms = harness.bench(varlen, device, graph=True)
-    with pointer_loads():  # what the descriptor loads buy on packed sequences
-        pointers_ms = harness.bench(varlen, device, graph=True)
+    with tl_forward():  # what the Gluon kernel buys on packed sequences (D=128 on an H200)
+        tl_ms = harness.bench(varlen, device, graph=True)
     dense_ms = harness.bench(lambda: flash_attention(qd, kd, vd, causal), device, graph=True)
     half = 0.5 if causal else 1.0
     flops = sum(4 * H * n * n * D * half for n in lens)
-    var_tf, pointers_tf = flops / var_ms / 1e9, flops / pointers_ms / 1e9
+    var_tf, tl_tf = flops / var_ms / 1e9, flops / tl_ms / 1e9
     dense_tf = 4 * B * H * mean * mean * D * half / dense_ms / 1e9
     return {
         "D": D, "H": H, "H_KV": H_KV, "causal": causal, "mean_len": mean, "sequences": len(lens),
         "min_len": min(lens), "max_len": max(lens), "varlen_fwd": var_tf, "dense_fwd": dense_tf,
-        "varlen/dense": var_tf / dense_tf, "varlen_pointers_fwd": pointers_tf,
-        "varlen/pointers": var_tf / pointers_tf,
+        "varlen/dense": var_tf / dense_tf, "varlen_tl_fwd": tl_tf, "varlen/tl": var_tf / tl_tf,
     }  # fmt: skip
 
 
@@ -1242,7 +1534,7 @@ def bench_varlen(cfg, device, dtype):
             rows.append(r)
             print(f"  varlen D{D} H{H}/{H_KV} {'causal' if causal else 'full  '} {r['sequences']} sequences, "
                   f"mean {mean}: {r['varlen_fwd']:.0f} TFLOP/s, dense {r['dense_fwd']:.0f}, "
-                  f"{r['varlen/dense']:.2f}x; pointer loads {r['varlen_pointers_fwd']:.0f}",
+                  f"{r['varlen/dense']:.2f}x; tl kernel {r['varlen_tl_fwd']:.0f}",
                   flush=True)  # fmt: skip
     return rows
 
@@ -1260,7 +1552,7 @@ def bench_all(cfg, device, dtype):
                 print(f"  D{D} H{H}/{H_KV} N{N} causal={causal}: FAILED {type(e).__name__}: {e}", flush=True)
                 continue
             r = rows[-1]
-            shown = ("fwd/cudnn", "bwd/cudnn", "bwd_atomic/cudnn", "fwd/fa2", "bwd/fa2", "fwd/pointers")
+            shown = ("fwd/cudnn", "bwd/cudnn", "bwd_atomic/cudnn", "fwd/fa2", "bwd/fa2", "fwd/tl")
             vs = " ".join(f"{key} {r[key]:.2f}" for key in shown if key in r)
             print(f"  D{D} H{H}/{H_KV} {'causal' if causal else 'full  '} N{N}: ours fwd {r['ours_fwd']:.0f} "
                   f"bwd {r['ours_bwd']:.0f} TFLOP/s  {vs}", flush=True)  # fmt: skip

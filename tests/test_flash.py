@@ -243,12 +243,12 @@ def test_varlen_benchmark_row_counts_each_sequences_own_flops(monkeypatch):
         row = mod.varlen_case(32, 2, 1, 64, True, 256, DEVICE, F16)
     assert row["sequences"] > 1 and row["min_len"] < row["max_len"]
     assert row["varlen/dense"] == pytest.approx(row["varlen_fwd"] / row["dense_fwd"])
-    assert row["varlen/pointers"] == pytest.approx(row["varlen_fwd"] / row["varlen_pointers_fwd"])
+    assert row["varlen/tl"] == pytest.approx(row["varlen_fwd"] / row["varlen_tl_fwd"])
 
-    def bench(fn, device, graph):  # every call "takes" 2 ms, 4 ms with pointer loads; all graph-replayed
+    def bench(fn, device, graph):  # every call "takes" 2 ms, 4 ms by the tl kernel; all graph-replayed
         assert graph
         fn()
-        return 4.0 if mod._FIXED["pointers"] else 2.0
+        return 4.0 if mod._FIXED["tl_forward"] else 2.0
 
     checked = []  # check_offsets of every varlen call: checked once untimed, then never (no host sync)
     real = mod._validate_varlen
@@ -260,7 +260,7 @@ def test_varlen_benchmark_row_counts_each_sequences_own_flops(monkeypatch):
     lens = mod.mixed_lengths(256, 64)
     assert row["varlen_fwd"] == pytest.approx(sum(4 * 2 * n * n * 32 * 0.5 for n in lens) / 2.0 / 1e9)
     assert row["dense_fwd"] == pytest.approx(4 * 4 * 2 * 64 * 64 * 32 * 0.5 / 2.0 / 1e9)  # B = 256 / 64
-    assert row["varlen_pointers_fwd"] == pytest.approx(row["varlen_fwd"] / 2) and row["varlen/pointers"] == 2
+    assert row["varlen_tl_fwd"] == pytest.approx(row["varlen_fwd"] / 2) and row["varlen/tl"] == 2
 
 
 @pytest.mark.parametrize(
@@ -288,3 +288,38 @@ def test_atomic_dq_varlen_and_the_default_is_bitwise_repeatable(monkeypatch):
     atomic = torch.autograd.grad(mod.flash_attention(q, k, v, True, deterministic=False), (q, k, v), do)
     for a, b in zip(runs[0], atomic, strict=True):
         harness.assert_close(b, a, F16, "atomic vs two-kernel")
+
+
+def test_gluon_forward_is_not_taken_in_the_interpreter():
+    """Gluon has no interpreter: on the CPU every forward takes the tl kernel (the rest of this file);
+    the Gluon kernel is proved by 06's own checks on an H200 (run_checks), beside the tl kernel."""
+    q, k, v = (torch.randn(1, 2, 40, 128, dtype=F16) for _ in range(3))
+    assert not mod.gluon_forward_ok(q, k, v, False)
+    with mod.tl_forward():
+        assert not mod.gluon_forward_ok(q, k, v, False)
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_forward_hands_the_gluon_kernel_its_outputs(monkeypatch, varlen):
+    """Where gluon_forward_ok says yes, _fwd gives the Gluon wrapper o and lse (lse's batch and head
+    strides per layout) and returns them, and no tl kernel is launched."""
+    calls = []
+
+    def fake(q, k, v, o, lse, cu_q, cu_k, lse_bh, B, n_q, n_k, causal, sm_scale, is_varlen):
+        calls.append((tuple(lse.shape), lse_bh, B, n_q, n_k, causal, is_varlen))
+        o.fill_(1.0)
+        lse.fill_(2.0)
+
+    monkeypatch.setattr(mod, "gluon_forward_ok", lambda *a: True)
+    monkeypatch.setattr(mod, "_fwd_gluon", fake)
+    monkeypatch.setattr(mod, "_launch", lambda *a, **kw: pytest.fail("the tl kernel was launched"))
+    if varlen:
+        cu = torch.tensor([0, 37, 40, 73], dtype=torch.int32)
+        q, k, v = (torch.randn(73, 4, 128, dtype=F16) for _ in range(3))
+        o, lse = mod._fwd(q, k, v, (cu, cu), 3, 37, 37, True, 0.1, False)
+        assert calls == [((4, 73), (0, 73), 3, 37, 37, True, True)]
+    else:
+        q, k, v = (torch.randn(2, 4, 45, 128, dtype=F16) for _ in range(3))
+        o, lse = mod._fwd(q, k, v, None, 2, 45, 45, False, 0.1, False)
+        assert calls == [((2, 4, 45), (180, 45), 2, 45, 45, False, False)]
+    assert o.shape == q.shape and bool((o == 1).all()) and bool((lse == 2).all())
