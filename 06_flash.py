@@ -972,7 +972,7 @@ def _fwd(q, k, v, cu, B, n_q, n_k, causal, sm_scale, poison):
 
 # The Gluon forward's one launch shape: 128 query rows a program (two consumer warpgroups of 64), 128-key
 # blocks, K and V rings of two slots (three measured 0.93-1.17x cuDNN against two's 0.95-1.13x; 128-key
-# blocks beat 64-key ones by 8-24%: notes/06_flash.md, session 10).
+# blocks beat 64-key ones by 11-21% (warp-specialised): notes/06_flash.md, session 10).
 GLUON_FWD = {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 2}
 
 
