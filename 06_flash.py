@@ -325,7 +325,10 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, K_DESC, V_DESC,
 #     after the softmax, its conversions were interleaved with the exponentials and forced the wait early.
 # Tails: TMA reads whole tiles. Rows past a sequence's last query are computed and not stored; keys past
 # its last key get a score of -inf, so P = 0 for them and whatever V rows the tile read past the end (the
-# next head's or sequence's, or TMA's zeros at the tensor's end) add nothing.
+# next head's or sequence's, or TMA's zeros at the tensor's end) add nothing, as long as they are finite:
+# an inf or NaN in those rows would reach this sequence's output as NaN (0 * inf), where the tl kernel's
+# masked loads read zeros. Only a non-finite input can cause it; per-head 3-D descriptors (dense) would
+# zero-fill instead, which is not done yet.
 
 
 @gluon.jit
