@@ -315,7 +315,10 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, K_DESC, V_DESC,
 #     matmuls do (what FlashAttention-3 enforces with its ping-pong; here the warp schedulers do it).
 # Measured in its first form (notes/probes/flash_fwd_gluon.py: the same loop for dense inputs only, on
 # the H200): 0.95-1.13x cuDNN and 1.10-1.21x the tl kernel at D=128 over MHA, GQA and MQA, causal and
-# not, N 4k-16k. At D=64 it was no faster than the tl kernel (the softmax outweighs the matmuls there),
+# not, N 4k-16k. In this file, by the benchmark (results/06_flash.json, 8090cd9): 0.92-1.09x cuDNN at
+# D=128 MHA with N >= 4k, 0.90-1.06x GQA 32/8 and MQA, 1.04-1.21x the tl kernel (cuDNN itself
+# moved between runs by up to 10% on one shape: GQA full 8k 602 TFLOP/s in 1e677be's run, 667 in this
+# one). At D=64 it was no faster than the tl kernel (the softmax outweighs the matmuls there),
 # so D=64 and every other case stays on the tl kernel: head dims other than 128, strided inputs, GPUs
 # other than sm_90, and the CPU interpreter (Gluon has none; tests/test_flash.py checks the dispatch).
 # Two details ptxas needed (found by compiling for sm_90a offline, notes/06_flash.md, session 10):
@@ -528,7 +531,7 @@ def _fwd_kernel_gluon(q_desc, k_desc, v_desc, O, LSE, CU_Q, CU_K, n_q, n_k, H, G
 # last bits vary from run to run. On the H200 it is the slower road: at D=128, causal, N=4k the
 # dK/dV kernel grows from 1.10 to 1.98 ms (one matmul is ~0.28 ms of that; the rest is the ~2 GB of
 # fp32 atomic adds), more than the 0.69 ms dQ kernel it replaces. Over the benchmark it runs at
-# 0.78-0.94x the two-kernel backward (0.62-0.88x cuDNN against 0.75-1.07x; results/06_flash.json,
+# 0.80-0.95x the two-kernel backward (0.63-0.87x cuDNN against 0.77-1.06x; results/06_flash.json,
 # notes/06_flash.md), so the bitwise repeatable two-kernel path is the default. A TMA bulk reduce-add
 # of whole dQ tiles (desc.atomic_add, commit ce166b9) measured slower than these pointer atomics.
 # The dK/dV kernel walks a key block's query blocks in two loops: first, with masks, those crossing the
