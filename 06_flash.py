@@ -20,9 +20,9 @@ You will learn:
   - where Hopper's copy engine (TMA) pays: the forward's whole K and V blocks through tensor
     descriptors, both issued at the top of the key loop (measured beside the same kernel with pointer
     loads; what did not pay is listed under "Pointers and descriptors");
-  - FlashAttention-3's schedule in Gluon, for the forward at D=128 on Hopper: asynchronous wgmma with
-    the waits placed by hand, so the softmax runs while a matmul does, and warp specialisation (a
-    producer warp for TMA, two consumer warpgroups that never wait for each other).
+  - FlashAttention-3's schedule in Gluon, for the forward and both backward kernels at D=128 on Hopper:
+    asynchronous wgmma with the waits placed by hand, so the softmax runs while a matmul does, and warp
+    specialisation (a producer warp for TMA, two consumer warpgroups that never wait for each other).
 
 Builds on: 02_attention.py (the maths, GQA and the bottom-right mask of a query chunk at the end of a
 longer key sequence, all written densely); harness.py (checks, timing, results).
@@ -33,10 +33,11 @@ Does not handle:
   - dropout, attention bias/ALiBi, sliding windows, softcapping, a KV cache with paged blocks;
   - causal attention with Nq != Nk in the dense API (use the varlen API, which aligns the diagonal
     bottom-right);
-  - FlashAttention-3's schedule outside the D=128 forward on sm_90 (the backward, other head dims and
-    GPUs take the tl kernels), and its explicit ping-pong barriers between warpgroups; TMA descriptors
-    in the tl kernels carry only the forward's whole K and V blocks (see "Pointers and descriptors"
-    below and the gap analysis in notes/06_flash.md).
+  - FlashAttention-3's schedule outside D=128 on sm_90 (other head dims and GPUs take the tl kernels,
+    and so do the varlen backward, a GQA dK/dV whose group is split across programs, and the atomic-dQ
+    backward), and its explicit ping-pong barriers between warpgroups; TMA descriptors in the tl
+    kernels carry only the forward's whole K and V blocks (see "Pointers and descriptors" below and the
+    gap analysis in notes/06_flash.md).
 
 References: Dao et al., "FlashAttention" (2022); Dao, "FlashAttention-2" (2023); Shah et al.,
 "FlashAttention-3" (2024). Reference implementation: the Triton tutorial 06-fused-attention.py.
@@ -804,6 +805,322 @@ def _bwd_dq_kernel(Q, K, V, DO, LD, DQ, CU_Q, CU_K,
         tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=rows[:, None])
 
 
+# %% Gluon backward (Hopper): the same recipe for dK/dV and dQ
+# Each tl backward kernel waits for every matmul before its next step and moves its warps together,
+# as the tl forward did: 276 us a matmul for dK/dV and 231 for dQ at D=128 causal 4k on the H200,
+# against cuDNN's whole backward at 254 (notes/06_flash.md, session 9). The Gluon forward's recipe,
+# applied to each (notes/probes/flash_bwd_gluon.py, where they were first written and measured):
+#   - dK/dV: a program owns 128 keys of a kv head as two consumer warpgroups of 64; one producer warp
+#     loads K and V once, then streams the query side through a ring of slots: Q and dO tiles of 64
+#     rows by TMA, and the tiles' (lse, delta) pairs, which it writes to shared memory before the
+#     slot's arrival publishes them. A warpgroup's step issues S^T = K Q^T and dP^T = V dO^T together,
+#     computes P^T while dP^T runs, issues dV += P^T dO, computes dS^T while dV runs, then dK += dS^T Q.
+#     The loop runs over the group's heads and their query blocks as one sequence of steps (GQA).
+#   - dQ mirrors it: 128 query rows as two warpgroups (Q, dO, lse and delta loaded once), K and V
+#     tiles of 64 keys streamed; S and dP issued together, P computed while dP runs, then dQ += dS K.
+# Compiled for sm_90a offline (notes/probes/flash_ptxas.py's way): dK/dV's loop has 284 instructions
+# for 24 wgmma against 374-382 in the tl kernel, with no spills under a 168-register cap (each row's
+# lse and delta read from shared memory where used; loaded at the top they spilled). On the H200, each
+# kernel alone ran 1.04-1.14x (dK/dV) and 1.12-1.22x (dQ) the tl one, and the whole backward with both
+# went from 0.77-0.82x to 0.86-0.89x cuDNN over D=128 MHA 4k-16k and GQA 32/8 8k, causal and not
+# (flash_bwd_gluon.py, session 11, the variants interleaved over three rounds). Rings: 2 slots for
+# dK/dV, 3 for dQ (how both were timed together; alone, either count won on some shapes by 1-10%).
+# Where they run: dense inputs under gluon_ok's rules, and for dK/dV only where one program walks the
+# whole query group (dkdv_splits == 1: MQA's split partials stay with the tl kernel), and not with
+# deterministic=False (its dQ atomics live in the tl dK/dV kernel). Varlen takes the tl kernels.
+# Tails, as in the forward: a query row past the end has lse = +inf, so its P is 0; a key row past the
+# end is masked to P = 0 in dQ and its dK, dV rows are not stored; the tiles past the end are read
+# (another head's rows, or zeros at the tensor's end), harmless unless they hold inf or NaN.
+
+
+@gluon.constexpr_function
+def _g_mma_layout(n):
+    """One warpgroup's wgmma result layout for a 64 x n tile (scores, or an accumulator with n = D)."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
+
+
+@gluon.jit
+def _gb_pt(s, lse, k_rows, q_rows, diag, qk_scale, masked):
+    """P^T of one block, masked (key k sees query i iff k <= i + diag) only where the block needs it;
+    the whole step in both arms, so ptxas keeps the wgmma waits where they are written."""
+    if masked:
+        keep = k_rows[:, None] <= q_rows[None, :] + diag
+        p = gl.where(keep, gl.exp2(s * qk_scale - lse[None, :]), 0.0)
+    else:
+        p = gl.exp2(s * qk_scale - lse[None, :])
+    return p
+
+
+@gluon.jit
+def _gb_dkdv_producer(descs, smem, bars, geom):
+    """One warp: K and V once, then per step the Q and dO tiles (TMA) and the rows' (lse, delta) pairs
+    (loaded here, stored to shared memory, published by the slot's arrival)."""
+    q_desc, k_desc, v_desc, do_desc = descs
+    k_smem, v_smem, q_smem, do_smem, lse_smem, dl_smem = smem
+    kv_bar, ready, empty = bars
+    LD, q_row0, kv_row, n_q, lo, n_steps, steps_per_head, DK, DV, n_k, start_n, sm_scale = geom
+    STAGES: gl.constexpr = q_smem.type.shape[0]
+    BLOCK_M: gl.constexpr = q_smem.type.shape[1]
+    HALF: gl.constexpr = k_smem.type.shape[1]
+    mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes)
+    for w in gl.static_range(2):
+        tma.async_copy_global_to_shared(k_desc, [kv_row + w * HALF, 0], kv_bar, k_smem.index(w))
+        tma.async_copy_global_to_shared(v_desc, [kv_row + w * HALF, 0], kv_bar, v_smem.index(w))
+    rows_layout: gl.constexpr = gl.BlockedLayout([BLOCK_M // 32], [32], [1], [0])
+    for i in range(n_steps):
+        slot = i % STAGES
+        mbarrier.wait(empty.index(slot), (i // STAGES & 1) ^ 1)  # a fresh barrier's phase -1 is complete
+        start_m = lo + (i % steps_per_head) * BLOCK_M
+        row = q_row0 + i // steps_per_head * n_q + start_m  # step i: head i // steps_per_head's block
+        rows = start_m + gl.arange(0, BLOCK_M, layout=rows_layout)
+        pairs = LD + (row - start_m + rows).to(gl.int64) * 2  # (lse, delta) of row r at 2r, 2r + 1
+        lse_smem.index(slot).store(gl.load(pairs, mask=rows < n_q, other=float("inf")))  # missing: P = 0
+        dl_smem.index(slot).store(gl.load(pairs + 1, mask=rows < n_q, other=0.0))
+        bar = ready.index(slot)
+        mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)  # releases the stores
+        tma.async_copy_global_to_shared(q_desc, [row, 0], bar, q_smem.index(slot))
+        tma.async_copy_global_to_shared(do_desc, [row, 0], bar, do_smem.index(slot))
+
+
+@gluon.jit
+def _gb_dkdv_consumer(descs, smem, bars, geom, qk_scale, CAUSAL: gl.constexpr, WG: gl.constexpr):
+    """One warpgroup's 64 keys (WG 0 or 1 of the program's 128): dK and dV over every step, then stored
+    (dK scaled once at the end)."""
+    k_smem, v_smem, q_smem, do_smem, lse_smem, dl_smem = smem
+    kv_bar, ready, empty = bars
+    LD, q_row0, kv_row, n_q, lo, n_steps, steps_per_head, DK, DV, n_k, start_n, sm_scale = geom
+    dtype: gl.constexpr = q_smem.dtype
+    STAGES: gl.constexpr = q_smem.type.shape[0]
+    BLOCK_M: gl.constexpr = q_smem.type.shape[1]
+    HEAD_DIM: gl.constexpr = q_smem.type.shape[2]
+    HALF: gl.constexpr = k_smem.type.shape[1]
+    s_layout: gl.constexpr = _g_mma_layout(BLOCK_M)
+    acc_layout: gl.constexpr = _g_mma_layout(HEAD_DIM)
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    cols_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
+    k0 = start_n + WG * HALF  # this warpgroup's first key
+    k_rows = k0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, s_layout))
+    diag = n_k - n_q
+    k_tile = k_smem.index(WG)
+    v_tile = v_smem.index(WG)
+    dk = gl.zeros([HALF, HEAD_DIM], gl.float32, acc_layout)
+    dv = gl.zeros([HALF, HEAD_DIM], gl.float32, acc_layout)
+    s = gl.zeros([HALF, BLOCK_M], gl.float32, s_layout)
+    dp = gl.zeros([HALF, BLOCK_M], gl.float32, s_layout)
+    mbarrier.wait(kv_bar, 0)
+    for i in range(n_steps):
+        slot = i % STAGES
+        start_m = lo + (i % steps_per_head) * BLOCK_M
+        mbarrier.wait(ready.index(slot), i // STAGES & 1)
+        q_t = q_smem.index(slot)
+        do_t = do_smem.index(slot)
+        s_tok = warpgroup_mma(k_tile, q_t.permute((1, 0)), s, use_acc=False, is_async=True)
+        dp_tok = warpgroup_mma(v_tile, do_t.permute((1, 0)), dp, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(1, deps=[s_tok])
+        lse = lse_smem.index(slot).load(cols_layout)  # read where used: fewer live registers
+        q_rows = start_m + gl.arange(0, BLOCK_M, layout=cols_layout)
+        if CAUSAL:  # masked where some key of this block is past some query row's limit
+            p = _gb_pt(s, lse, k_rows, q_rows, diag, qk_scale, start_m + diag < k0 + HALF - 1)
+        else:
+            p = gl.exp2(s * qk_scale - lse[None, :])
+        p_op = gl.convert_layout(p.to(dtype), op_layout)
+        dv_tok = warpgroup_mma(p_op, do_t, dv, is_async=True)
+        dp = warpgroup_mma_wait(1, deps=[dp_tok])  # dP^T done; dV may still run
+        dl = dl_smem.index(slot).load(cols_layout)
+        ds = p * (dp - dl[None, :])
+        ds_op = gl.convert_layout(ds.to(dtype), op_layout)
+        dk_tok = warpgroup_mma(ds_op, q_t, dk, is_async=True)
+        dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, p_op, ds_op])
+        mbarrier.arrive(empty.index(slot), count=1)
+    offs_k = k0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, acc_layout))
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
+    rows = (kv_row - start_n + offs_k).to(gl.int64) * HEAD_DIM  # dk, dv: contiguous, k's layout
+    ok = (offs_k < n_k)[:, None]
+    gl.store(DK + rows[:, None] + offs_d[None, :], (dk * sm_scale).to(dtype), mask=ok)
+    gl.store(DV + rows[:, None] + offs_d[None, :], dv.to(dtype), mask=ok)
+
+
+@gluon.jit
+def _gb_dkdv_consumer1(descs, smem, bars, geom, qk_scale, CAUSAL: gl.constexpr):
+    _gb_dkdv_consumer(descs, smem, bars, geom, qk_scale, CAUSAL, 1)
+
+
+@gluon.jit
+def _bwd_dkdv_gluon(q_desc, k_desc, v_desc, do_desc, LD, DK, DV, n_q, n_k, H, GROUP, qk_scale, sm_scale,
+                    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                    STAGES: gl.constexpr, CAUSAL: gl.constexpr):  # fmt: skip
+    """Dense contiguous inputs through (rows, D) descriptors with 64-row tiles; one program per
+    (128-key block, batch * kv head), walking the whole query group."""
+    start_n = gl.program_id(0) * BLOCK_N
+    pid = gl.program_id(1)  # batch * H_KV + kv head
+    b = pid // (H // GROUP)
+    h_kv = pid % (H // GROUP)
+    kv_row = pid * n_k + start_n
+    q_row0 = (b * H + h_kv * GROUP) * n_q  # the group's first head; head g of the group is g * n_q further
+    if CAUSAL:  # query blocks before lo see none of these keys
+        lo = gl.maximum(start_n - (n_k - n_q), 0) // BLOCK_M * BLOCK_M
+    else:
+        lo = start_n * 0
+    steps_per_head = gl.cdiv(n_q - lo, BLOCK_M)
+    n_steps = GROUP * steps_per_head
+    dtype: gl.constexpr = q_desc.dtype
+    HALF: gl.constexpr = BLOCK_N // 2
+    k_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], v_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
+    row_smem: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+    lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], row_smem)
+    dl_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], row_smem)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)  # one arrival from each consumer warpgroup
+    fence_async_shared()
+    descs = (q_desc, k_desc, v_desc, do_desc)
+    smem = (k_smem, v_smem, q_smem, do_smem, lse_smem, dl_smem)
+    bars = (kv_bar, ready, empty)
+    geom = (LD, q_row0, kv_row, n_q, lo, n_steps, steps_per_head, DK, DV, n_k, start_n, sm_scale)
+    gl.warp_specialize([
+        (_gb_dkdv_consumer, (descs, smem, bars, geom, qk_scale, CAUSAL, 0)),
+        (_gb_dkdv_consumer1, (descs, smem, bars, geom, qk_scale, CAUSAL)),
+        (_gb_dkdv_producer, (descs, smem, bars, geom)),
+    ], [4, 1], [240, 24])  # fmt: skip
+
+
+@gluon.jit
+def _gb_dq_producer(descs, smem, bars, geom):
+    """One warp: both warpgroups' Q and dO tiles, then K and V tiles into the ring as they empty."""
+    q_desc, k_desc, v_desc, do_desc = descs
+    q_smem, do_smem, k_smem, v_smem = smem
+    qd_bar, ready, empty = bars
+    q_row, kv_row, n_q, n_k, start_m, n_steps, LD, DQ, sm_scale = geom
+    STAGES: gl.constexpr = k_smem.type.shape[0]
+    BLOCK_N: gl.constexpr = k_smem.type.shape[1]
+    HALF: gl.constexpr = q_smem.type.shape[1]
+    mbarrier.expect(qd_bar, 2 * q_desc.block_type.nbytes + 2 * do_desc.block_type.nbytes)
+    for w in gl.static_range(2):
+        tma.async_copy_global_to_shared(q_desc, [q_row + start_m + w * HALF, 0], qd_bar, q_smem.index(w))
+        tma.async_copy_global_to_shared(do_desc, [q_row + start_m + w * HALF, 0], qd_bar, do_smem.index(w))
+    for i in range(n_steps):
+        slot = i % STAGES
+        mbarrier.wait(empty.index(slot), (i // STAGES & 1) ^ 1)
+        bar = ready.index(slot)
+        mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [kv_row + i * BLOCK_N, 0], bar, k_smem.index(slot))
+        tma.async_copy_global_to_shared(v_desc, [kv_row + i * BLOCK_N, 0], bar, v_smem.index(slot))
+
+
+@gluon.jit
+def _gb_dq_consumer(descs, smem, bars, geom, qk_scale, CAUSAL: gl.constexpr, WG: gl.constexpr):
+    """One warpgroup's 64 query rows: dQ over every key block, scaled and stored at the end."""
+    q_smem, do_smem, k_smem, v_smem = smem
+    qd_bar, ready, empty = bars
+    q_row, kv_row, n_q, n_k, start_m, n_steps, LD, DQ, sm_scale = geom
+    dtype: gl.constexpr = q_smem.dtype
+    STAGES: gl.constexpr = k_smem.type.shape[0]
+    BLOCK_N: gl.constexpr = k_smem.type.shape[1]
+    HALF: gl.constexpr = q_smem.type.shape[1]
+    HEAD_DIM: gl.constexpr = q_smem.type.shape[2]
+    s_layout: gl.constexpr = _g_mma_layout(BLOCK_N)
+    acc_layout: gl.constexpr = _g_mma_layout(HEAD_DIM)
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    rows_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row0 = start_m + WG * HALF
+    diag = n_k - n_q
+    q_rows = row0 + gl.arange(0, HALF, layout=rows_layout)
+    pairs = LD + (q_row + q_rows).to(gl.int64) * 2  # (lse, delta) of this warpgroup's rows
+    lse = gl.load(pairs, mask=q_rows < n_q, other=float("inf"))
+    dl = gl.load(pairs + 1, mask=q_rows < n_q, other=0.0)
+    if CAUSAL:  # key blocks from here on cross the diagonal of some row
+        unmasked = (row0 + diag + 1) // BLOCK_N * BLOCK_N
+    else:
+        unmasked = n_k // BLOCK_N * BLOCK_N
+    q_t = q_smem.index(WG)
+    do_t = do_smem.index(WG)
+    dq = gl.zeros([HALF, HEAD_DIM], gl.float32, acc_layout)
+    s = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
+    dp = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
+    mbarrier.wait(qd_bar, 0)
+    for i in range(n_steps):
+        slot = i % STAGES
+        mbarrier.wait(ready.index(slot), i // STAGES & 1)
+        k_t = k_smem.index(slot)
+        s_tok = warpgroup_mma(q_t, k_t.permute((1, 0)), s, use_acc=False, is_async=True)
+        dp_tok = warpgroup_mma(do_t, v_smem.index(slot).permute((1, 0)), dp, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(1, deps=[s_tok])
+        start_n = i * BLOCK_N
+        cols = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        if start_n >= unmasked:  # a missing key, or one past the row's causal limit: P = 0
+            keep = cols[None, :] < n_k
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= q_rows[:, None] + diag)
+            p = gl.where(keep, gl.exp2(s * qk_scale - lse[:, None]), 0.0)
+        else:
+            p = gl.exp2(s * qk_scale - lse[:, None])
+        dp = warpgroup_mma_wait(0, deps=[dp_tok])
+        ds = p * (dp - dl[:, None])
+        ds_op = gl.convert_layout(ds.to(dtype), op_layout)
+        dq_tok = warpgroup_mma(ds_op, k_t, dq, is_async=True)
+        dq, ds_op = warpgroup_mma_wait(0, deps=[dq_tok, ds_op])
+        mbarrier.arrive(empty.index(slot), count=1)
+    offs_m = row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, acc_layout))
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
+    rows = (q_row + offs_m).to(gl.int64) * HEAD_DIM  # dq: contiguous, q's layout
+    gl.store(DQ + rows[:, None] + offs_d[None, :], (dq * sm_scale).to(dtype), mask=(offs_m < n_q)[:, None])
+
+
+@gluon.jit
+def _gb_dq_consumer1(descs, smem, bars, geom, qk_scale, CAUSAL: gl.constexpr):
+    _gb_dq_consumer(descs, smem, bars, geom, qk_scale, CAUSAL, 1)
+
+
+@gluon.jit
+def _bwd_dq_gluon(q_desc, k_desc, v_desc, do_desc, LD, DQ, n_q, n_k, H, GROUP, qk_scale, sm_scale,
+                  HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                  CAUSAL: gl.constexpr):  # fmt: skip
+    """Dense contiguous inputs as in _bwd_dkdv_gluon; one program per (128-row query block, batch *
+    head)."""
+    pid_m = gl.program_id(0)
+    if CAUSAL:  # heaviest query blocks first
+        pid_m = gl.num_programs(0) - 1 - pid_m
+    start_m = pid_m * BLOCK_M
+    pid_bh = gl.program_id(1)
+    q_row = pid_bh * n_q  # this head's first row; its rows' (lse, delta) pairs are indexed the same way
+    kv_row = (pid_bh // H * (H // GROUP) + pid_bh % H // GROUP) * n_k
+    if CAUSAL:
+        hi = gl.minimum(n_k, start_m + BLOCK_M + n_k - n_q)
+    else:
+        hi = n_k
+    n_steps = gl.cdiv(hi, BLOCK_N)
+    dtype: gl.constexpr = q_desc.dtype
+    HALF: gl.constexpr = BLOCK_M // 2
+    q_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], do_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    qd_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(qd_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)
+    fence_async_shared()
+    descs = (q_desc, k_desc, v_desc, do_desc)
+    smem = (q_smem, do_smem, k_smem, v_smem)
+    bars = (qd_bar, ready, empty)
+    geom = (q_row, kv_row, n_q, n_k, start_m, n_steps, LD, DQ, sm_scale)
+    gl.warp_specialize([
+        (_gb_dq_consumer, (descs, smem, bars, geom, qk_scale, CAUSAL, 0)),
+        (_gb_dq_consumer1, (descs, smem, bars, geom, qk_scale, CAUSAL)),
+        (_gb_dq_producer, (descs, smem, bars, geom)),
+    ], [4, 1], [240, 24])  # fmt: skip
+
+
 # %% Python wrappers
 # Pointers and descriptors. A TMA tensor descriptor over the flattened (B*H*N, D) tensor reads and,
 # worse, *writes* across the boundary into the next head or (for varlen) the next sequence, so only
@@ -855,7 +1172,7 @@ def _bucket(n: int) -> int:
 # The checks launch one fixed config per kernel instead of autotuning (fixed_configs below): autotuning
 # compiles every config for every new key, and the checks' tiny grids would fill the autotune cache the
 # benchmark then reuses. Module state, but only ever set inside the `with` of fixed_configs.
-_FIXED = {"index": None, "splits": None, "pointers": False, "tl_forward": False}
+_FIXED = {"index": None, "splits": None, "pointers": False, "tl": False}
 
 
 @contextlib.contextmanager
@@ -880,28 +1197,30 @@ def fixed_dkdv_splits(splits: int):
 
 
 @contextlib.contextmanager
-def tl_forward():
-    """Every forward takes the tl kernel, even where the Gluon one would: the checks prove the tl kernel
-    at D=128 too, and the benchmark times it beside the default."""
-    before, _FIXED["tl_forward"] = _FIXED["tl_forward"], True
+def tl_kernels():
+    """Every kernel is a tl one, even where a Gluon one would run: the checks prove the tl kernels at
+    D=128 too, and the benchmark times them beside the default."""
+    before, _FIXED["tl"] = _FIXED["tl"], True
     try:
         yield
     finally:
-        _FIXED["tl_forward"] = before
+        _FIXED["tl"] = before
 
 
-def gluon_forward_ok(q, k, v, varlen: bool) -> bool:
-    """Whether the forward takes the Gluon kernel (the Gluon section says why these cases): an sm_90 GPU
-    (Hopper's wgmma and TMA), not the interpreter, D = 128, fp16 or bf16, q, k, v contiguous (their
-    rows go through TMA descriptors, which also need 16-byte aligned bases) with fewer than 2^31 rows,
-    and no context forcing the tl kernel (tl_forward, pointer_loads)."""
-    if harness.INTERPRET or _FIXED["tl_forward"] or _FIXED["pointers"] or q.device.type != "cuda":
+def gluon_ok(ts, varlen: bool) -> bool:
+    """Whether the Gluon kernels may take these tensors (q, k, v, and dO for the backward; the Gluon
+    sections say why these cases): an sm_90 GPU (Hopper's wgmma and TMA), not the interpreter, D = 128,
+    fp16 or bf16, every tensor contiguous (its rows go through TMA descriptors, which also need 16-byte
+    aligned bases) with fewer than 2^31 rows, and no context forcing the tl kernels (tl_kernels,
+    pointer_loads)."""
+    q = ts[0]
+    if harness.INTERPRET or _FIXED["tl"] or _FIXED["pointers"] or q.device.type != "cuda":
         return False
     if torch.cuda.get_device_capability(q.device) != (9, 0) or q.shape[-1] != 128:
         return False
-    if any(not t.is_contiguous() or t.data_ptr() % 16 for t in (q, k, v)):
+    if any(not t.is_contiguous() or t.data_ptr() % 16 for t in ts):
         return False
-    return max(t.shape[0] if varlen else t.numel() // t.shape[-1] for t in (q, k, v)) < 2**31
+    return max(t.shape[0] if varlen else t.numel() // t.shape[-1] for t in ts) < 2**31
 
 
 @contextlib.contextmanager
@@ -964,7 +1283,7 @@ def _fwd(q, k, v, cu, B, n_q, n_k, causal, sm_scale, poison):
     lse = _empty((H, q.shape[0]) if varlen else (B, H, n_q), q, torch.float32, poison)
     lse_bh = (0, lse.stride(0)) if varlen else lse.stride()[:2]
     cu_q, cu_k = cu if varlen else (q, q)  # the cu_seqlens slots are unused in dense mode
-    if gluon_forward_ok(q, k, v, varlen):
+    if gluon_ok((q, k, v), varlen):
         _fwd_gluon(q, k, v, o, lse, cu_q, cu_k, lse_bh, B, n_q, n_k, causal, sm_scale, varlen)
         return o, lse
     grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), B * H)  # noqa: E731
@@ -1031,24 +1350,68 @@ def _bwd(do, q, k, v, o, lse, cu, B, n_q, n_k, causal, sm_scale, poison, determi
         dk, dv = (_empty((splits, *t.shape), t, torch.float32, poison) for t in (k, v))
     cu_q, cu_k = cu if varlen else (q, q)
     common = dict(HEAD_DIM=D, CAUSAL=causal, IS_VARLEN=varlen)
-    dq_bhn = _bhn(dq, varlen) if atomic else (0, 0, 0)
-    grid_kv = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), B * h_kv * splits)  # noqa: E731
-    dk_b, dv_b = (t if splits == 1 else t[0] for t in (dk, dv))  # strides of one split's (B, H_KV, N, D)
-    _launch(_bwd_dkdv_kernel, "dkdv", grid_kv, q, k, v, do, ld, dk, dv, dq, cu_q, cu_k,
-            *_bhn(q, varlen), *_bhn(k, varlen), *_bhn(v, varlen), *_bhn(do, varlen),
-            *_bhn(dk_b, varlen), *_bhn(dv_b, varlen), dk.stride(0) if splits > 1 else 0, *dq_bhn, *ld_bh,
-            n_q, n_k, h_kv, H // h_kv, splits, sm_scale * LOG2E, sm_scale, _bucket(max(n_q, n_k)),
-            _bucket(B * h_kv * splits), ATOMIC_DQ=atomic, **common)  # fmt: skip
+    gluon = not atomic and not varlen and gluon_ok((q, k, v, do), False)
+    descs = _gluon_bwd_descs(q, k, v, do) if gluon else None
+    if gluon and splits == 1:
+        _dkdv_gluon(descs, ld, dk, dv, q, k, causal, sm_scale)
+    else:
+        dq_bhn = _bhn(dq, varlen) if atomic else (0, 0, 0)
+        grid_kv = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), B * h_kv * splits)  # noqa: E731
+        dk_b, dv_b = (t if splits == 1 else t[0] for t in (dk, dv))  # strides of a split's (B, H_KV, N, D)
+        _launch(_bwd_dkdv_kernel, "dkdv", grid_kv, q, k, v, do, ld, dk, dv, dq, cu_q, cu_k,
+                *_bhn(q, varlen), *_bhn(k, varlen), *_bhn(v, varlen), *_bhn(do, varlen),
+                *_bhn(dk_b, varlen), *_bhn(dv_b, varlen), dk.stride(0) if splits > 1 else 0, *dq_bhn,
+                *ld_bh, n_q, n_k, h_kv, H // h_kv, splits, sm_scale * LOG2E, sm_scale,
+                _bucket(max(n_q, n_k)), _bucket(B * h_kv * splits), ATOMIC_DQ=atomic, **common)  # fmt: skip
     if splits > 1:
         dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)  # summed in fp32, rounded once
     if atomic:
         return dq.to(q.dtype), dk, dv
+    if gluon:
+        _dq_gluon(descs, ld, dq, q, k, causal, sm_scale)
+        return dq, dk, dv
     grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), B * H)  # noqa: E731
     _launch(_bwd_dq_kernel, "dq", grid_q, q, k, v, do, ld, dq, cu_q, cu_k,
             *_bhn(q, varlen), *_bhn(k, varlen), *_bhn(v, varlen), *_bhn(do, varlen), *_bhn(dq, varlen),
             *ld_bh, n_q, n_k, H, H // h_kv, sm_scale * LOG2E, sm_scale, _bucket(max(n_q, n_k)),
             _bucket(B * H), **common)  # fmt: skip
     return dq, dk, dv
+
+
+# The Gluon backward's launch shapes: 128 keys (dK/dV) or 128 query rows (dQ) a program as two consumer
+# warpgroups of 64, every tile 64 rows; rings of 2 slots for dK/dV's Q and dO, 3 for dQ's K and V (the
+# Gluon backward section above says what was measured).
+GLUON_BWD = {"BLOCK": 128, "TILE": 64, "DKDV_STAGES": 2, "DQ_STAGES": 3}
+
+
+def _gluon_bwd_descs(q, k, v, do):
+    """Descriptors over the rows of dense contiguous q, k, v, dO, (B*H*N, D), in 64-row tiles."""
+    D = q.shape[-1]
+    tile = [GLUON_BWD["TILE"], D]
+    dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    layout = gl.NVMMASharedLayout.get_default_for(tile, dtype)
+    return [GluonDescriptor.from_tensor(t.view(-1, D), tile, layout) for t in (q, k, v, do)]
+
+
+def _dkdv_gluon(descs, ld, dk, dv, q, k, causal, sm_scale):
+    """The Gluon dK/dV kernel into contiguous dk, dv, one program walking each kv head's whole group;
+    launched like the forward (4 warps + the workers' 5, 168-register cap redistributed 240 / 24)."""
+    B, H, n_q, D = q.shape
+    h_kv, n_k = k.shape[1], k.shape[2]
+    bn = GLUON_BWD["BLOCK"]
+    _bwd_dkdv_gluon[(triton.cdiv(n_k, bn), B * h_kv)](
+        *descs, ld, dk, dv, n_q, n_k, H, H // h_kv, sm_scale * LOG2E, sm_scale, D, GLUON_BWD["TILE"], bn,
+        GLUON_BWD["DKDV_STAGES"], causal, num_warps=4, maxnreg=168)  # fmt: skip
+
+
+def _dq_gluon(descs, ld, dq, q, k, causal, sm_scale):
+    """The Gluon dQ kernel into contiguous dq."""
+    B, H, n_q, D = q.shape
+    h_kv, n_k = k.shape[1], k.shape[2]
+    bm = GLUON_BWD["BLOCK"]
+    _bwd_dq_gluon[(triton.cdiv(n_q, bm), B * H)](
+        *descs, ld, dq, n_q, n_k, H, H // h_kv, sm_scale * LOG2E, sm_scale, D, bm, GLUON_BWD["TILE"],
+        GLUON_BWD["DQ_STAGES"], causal, num_warps=4, maxnreg=168)  # fmt: skip
 
 
 class FlashAttention(torch.autograd.Function):
@@ -1347,13 +1710,21 @@ def run_checks(checks, device, quick):
             mode = "causal" if s[6] else "full"
             name = f"fwd+bwd B{s[0]} H{s[1]}/{s[2]} Nq{s[3]} Nk{s[4]} D{s[5]} {mode}, pointer loads"
             checks(f"{name} {str(dtype)[6:]}", check_dense, *s, dtype, device)
-    # On an H200 the Gluon kernel takes the forward of every contiguous D=128 check above (and of the
-    # varlen ones below); the tl kernel's D=128 forward is proved here (and after the varlen checks).
+    # On an H200 the Gluon kernels take every contiguous D=128 check above: the forward (and the varlen
+    # forwards below), dQ, and dK/dV where one program walks a kv head's whole query group: always for
+    # MHA, for GQA on these small grids only when forced (dkdv_splits splits them), as here (groups of
+    # 4, then 2). The tl kernels' D=128 forward and backward are proved after them (and after the
+    # varlen checks).
     if on_gpu and not quick:
-        for i, s in enumerate([(2, 4, 4, 1000, 1000, 128, True), (2, 4, 1, 300, 1111, 128, False)]):
-            with fixed_configs(i), tl_forward():
+        for s in [(2, 8, 2, 1000, 1000, 128, True), (1, 4, 2, 300, 1111, 128, False)]:
+            with fixed_configs(n := n + 1), fixed_dkdv_splits(1):
                 mode = "causal" if s[6] else "full"
-                name = f"fwd+bwd B{s[0]} H{s[1]}/{s[2]} Nq{s[3]} Nk{s[4]} D{s[5]} {mode}, tl forward"
+                name = f"fwd+bwd B{s[0]} H{s[1]}/{s[2]} Nq{s[3]} Nk{s[4]} D{s[5]} {mode}, dK/dV group whole"
+                checks(f"{name} {str(dtype)[6:]}", check_dense, *s, dtype, device)
+        for i, s in enumerate([(2, 4, 4, 1000, 1000, 128, True), (2, 4, 1, 300, 1111, 128, False)]):
+            with fixed_configs(i), tl_kernels():
+                mode = "causal" if s[6] else "full"
+                name = f"fwd+bwd B{s[0]} H{s[1]}/{s[2]} Nq{s[3]} Nk{s[4]} D{s[5]} {mode}, tl kernels"
                 checks(f"{name} {str(dtype)[6:]}", check_dense, *s, dtype, device)
     with fixed_configs(0):
         checks("saved log-sum-exp (base 2)", check_lse, device)
@@ -1372,8 +1743,8 @@ def run_checks(checks, device, quick):
         checks(f"varlen fwd+bwd causal, dQ by atomic adds {str(both[-1])[6:]}", check_varlen, lens_q,
                lens_k, 4, 2, 64, True, both[-1], device, True, False)  # fmt: skip
     if on_gpu and not quick:
-        with fixed_configs(n := n + 1), tl_forward():
-            name = f"varlen fwd+bwd lens_q {lens_q} lens_k {lens_k} D128 H4/2 causal, tl forward bfloat16"
+        with fixed_configs(n := n + 1), tl_kernels():
+            name = f"varlen fwd+bwd lens_q {lens_q} lens_k {lens_k} D128 H4/2 causal, tl kernels bfloat16"
             checks(name, check_varlen, lens_q, lens_k, 4, 2, 128, True, b16[0], device, True)
 
 
@@ -1414,8 +1785,8 @@ def _impls(causal):
         "ours": (lambda q, k, v: flash_attention(q, k, v, causal), None),
         # the same forward; the backward adds dQ with atomics (5 matmuls a block pair instead of 7)
         "ours_atomic": (lambda q, k, v: flash_attention(q, k, v, causal, deterministic=False), None),
-        # the forward by the tl kernel: what the Gluon kernel buys where it runs (D=128; forward only)
-        "ours_tl": (lambda q, k, v: flash_attention(q, k, v, causal), tl_forward),
+        # every kernel a tl one: what the Gluon kernels buy where they run (D=128)
+        "ours_tl": (lambda q, k, v: flash_attention(q, k, v, causal), tl_kernels),
     }
     for name, backend in SDPA_BACKENDS.items():
         impls[name] = (_sdpa(causal, False), lambda b=backend: sdpa_kernel(getattr(SDPBackend, b)))
@@ -1452,7 +1823,7 @@ def bench_case(D, H, H_KV, N, causal, cfg, device, dtype, skipped):
     for name, (fn, ctx) in _impls(causal).items():
         try:
             try:
-                fwd_ms, bwd_ms, outs[name] = _time(fn, ctx, q, k, v, do, device, name != "ours_tl")
+                fwd_ms, bwd_ms, outs[name] = _time(fn, ctx, q, k, v, do, device)
                 gqa_mode[name] = "enable_gqa"
             except RuntimeError:
                 if H == H_KV or name.startswith("ours"):
@@ -1474,6 +1845,7 @@ def bench_case(D, H, H_KV, N, causal, cfg, device, dtype, skipped):
                 ratios[f"bwd_atomic/{ref}"] = tflops["ours_atomic_bwd"] / tflops[f"{ref}_bwd"]
     if "ours_tl_fwd" in tflops:
         ratios["fwd/tl"] = tflops["ours_fwd"] / tflops["ours_tl_fwd"]
+        ratios["bwd/tl"] = tflops["ours_bwd"] / tflops["ours_tl_bwd"]
     row = head | ratios | tflops
     if H != H_KV:
         row["sdpa_gqa"] = ",".join(f"{n}:{m}" for n, m in gqa_mode.items() if not n.startswith("ours"))
@@ -1518,7 +1890,7 @@ def varlen_case(D, H, H_KV, mean, causal, tokens, device, dtype) -> dict:
 
     varlen(True)  # the offsets checked once, untimed
     var_ms = harness.bench(varlen, device, graph=True)
-    with tl_forward():  # what the Gluon kernel buys on packed sequences (D=128 on an H200)
+    with tl_kernels():  # what the Gluon kernel buys on packed sequences (D=128 on an H200)
         tl_ms = harness.bench(varlen, device, graph=True)
     dense_ms = harness.bench(lambda: flash_attention(qd, kd, vd, causal), device, graph=True)
     half = 0.5 if causal else 1.0
@@ -1558,7 +1930,7 @@ def bench_all(cfg, device, dtype):
                 print(f"  D{D} H{H}/{H_KV} N{N} causal={causal}: FAILED {type(e).__name__}: {e}", flush=True)
                 continue
             r = rows[-1]
-            shown = ("fwd/cudnn", "bwd/cudnn", "bwd_atomic/cudnn", "fwd/fa2", "bwd/fa2", "fwd/tl")
+            shown = ("fwd/cudnn", "bwd/cudnn", "bwd_atomic/cudnn", "fwd/fa2", "bwd/fa2", "fwd/tl", "bwd/tl")
             vs = " ".join(f"{key} {r[key]:.2f}" for key in shown if key in r)
             print(f"  D{D} H{H}/{H_KV} {'causal' if causal else 'full  '} N{N}: ours fwd {r['ours_fwd']:.0f} "
                   f"bwd {r['ours_bwd']:.0f} TFLOP/s  {vs}", flush=True)  # fmt: skip
@@ -1594,8 +1966,9 @@ def plot(rows, path, dtype_name):
 
 
 def profile(cfg, device, dtype, out):
-    """torch.profiler traces of ours (both dQ paths) and cuDNN on one configuration; returns per-kernel
-    device times. The atomic-dQ path is traced on its own: its kernels have the same names."""
+    """torch.profiler traces of ours (both dQ paths, and the tl kernels alone) and cuDNN on one
+    configuration; returns per-kernel device times. The atomic-dQ path and the tl kernels are traced on
+    their own: their launches share names (the delta kernel, the autograd functions) with the default."""
     D, causal, N = cfg.profile_case
     H, B = dict(cfg.heads_for_dim)[D], cfg.tokens // N
     q, k, v = (torch.randn(B, H, N, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
@@ -1603,7 +1976,12 @@ def profile(cfg, device, dtype, out):
     impls = _impls(causal)
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     result = {"case": {"D": D, "causal": causal, "N": N, "B": B, "H": H}}
-    for label, names in (("kernels", ("ours", "cudnn")), ("kernels_atomic_dq", ("ours_atomic",))):
+    traced = (
+        ("kernels", ("ours", "cudnn")),
+        ("kernels_atomic_dq", ("ours_atomic",)),
+        ("kernels_tl", ("ours_tl",)),
+    )
+    for label, names in traced:
         with torch.profiler.profile(activities=acts) as prof:
             for name in names:
                 fn, ctx = impls[name]

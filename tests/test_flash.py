@@ -248,7 +248,7 @@ def test_varlen_benchmark_row_counts_each_sequences_own_flops(monkeypatch):
     def bench(fn, device, graph):  # every call "takes" 2 ms, 4 ms by the tl kernel; all graph-replayed
         assert graph
         fn()
-        return 4.0 if mod._FIXED["tl_forward"] else 2.0
+        return 4.0 if mod._FIXED["tl"] else 2.0
 
     checked = []  # check_offsets of every varlen call: checked once untimed, then never (no host sync)
     real = mod._validate_varlen
@@ -290,18 +290,18 @@ def test_atomic_dq_varlen_and_the_default_is_bitwise_repeatable(monkeypatch):
         harness.assert_close(b, a, F16, "atomic vs two-kernel")
 
 
-def test_gluon_forward_is_not_taken_in_the_interpreter():
-    """Gluon has no interpreter: on the CPU every forward takes the tl kernel (the rest of this file);
-    the Gluon kernel is proved by 06's own checks on an H200 (run_checks), beside the tl kernel."""
+def test_gluon_kernels_are_not_taken_in_the_interpreter():
+    """Gluon has no interpreter: on the CPU every kernel is a tl one (the rest of this file); the Gluon
+    kernels are proved by 06's own checks on an H200 (run_checks), beside the tl kernels."""
     q, k, v = (torch.randn(1, 2, 40, 128, dtype=F16) for _ in range(3))
-    assert not mod.gluon_forward_ok(q, k, v, False)
-    with mod.tl_forward():
-        assert not mod.gluon_forward_ok(q, k, v, False)
+    assert not mod.gluon_ok((q, k, v), False)
+    with mod.tl_kernels():
+        assert not mod.gluon_ok((q, k, v), False)
 
 
 @pytest.mark.parametrize("varlen", [False, True])
 def test_forward_hands_the_gluon_kernel_its_outputs(monkeypatch, varlen):
-    """Where gluon_forward_ok says yes, _fwd gives the Gluon wrapper o and lse (lse's batch and head
+    """Where gluon_ok says yes, _fwd gives the Gluon wrapper o and lse (lse's batch and head
     strides per layout) and returns them, and no tl kernel is launched."""
     calls = []
 
@@ -310,7 +310,7 @@ def test_forward_hands_the_gluon_kernel_its_outputs(monkeypatch, varlen):
         o.fill_(1.0)
         lse.fill_(2.0)
 
-    monkeypatch.setattr(mod, "gluon_forward_ok", lambda *a: True)
+    monkeypatch.setattr(mod, "gluon_ok", lambda *a: True)
     monkeypatch.setattr(mod, "_fwd_gluon", fake)
     monkeypatch.setattr(mod, "_launch", lambda *a, **kw: pytest.fail("the tl kernel was launched"))
     if varlen:
@@ -323,3 +323,48 @@ def test_forward_hands_the_gluon_kernel_its_outputs(monkeypatch, varlen):
         o, lse = mod._fwd(q, k, v, None, 2, 45, 45, False, 0.1, False)
         assert calls == [((2, 4, 45), (180, 45), 2, 45, 45, False, False)]
     assert o.shape == q.shape and bool((o == 1).all()) and bool((lse == 2).all())
+
+
+@pytest.mark.parametrize("case", ["mha", "gqa_split", "atomic", "varlen"])
+def test_backward_hands_the_gluon_kernels_their_outputs(monkeypatch, case):
+    """Where gluon_ok says yes, _bwd gives dQ to the Gluon dQ kernel, and dK, dV to the Gluon dK/dV kernel
+    where one program walks a kv head's whole group (MHA; GQA unsplit); a split group, the atomic dQ
+    path and varlen take the tl kernels."""
+    varlen = case == "varlen"
+    h_kv = 4 if case == "mha" else 2
+    cu = torch.tensor([0, 20, 33], dtype=torch.int32)
+    shape_q, shape_kv = ((33, 4, 32), (33, h_kv, 32)) if varlen else ((1, 4, 40, 32), (1, h_kv, 40, 32))
+    q, do = (torch.randn(shape_q, dtype=F16) for _ in range(2))
+    k, v = (torch.randn(shape_kv, dtype=F16) for _ in range(2))
+    geom = ((cu, cu), 2, 20, 20) if varlen else (None, 1, 40, 40)
+    with mod.fixed_configs(0):
+        o, lse = mod._fwd(q, k, v, *geom, True, 0.2, False)  # the tl forward, before anything is patched
+    launched = []
+
+    def fake_dkdv(descs, ld, dk, dv, q, k, causal, sm_scale):
+        launched.append("gluon dkdv")
+        dk.fill_(1.0)
+        dv.fill_(2.0)
+
+    def fake_dq(descs, ld, dq, q, k, causal, sm_scale):
+        launched.append("gluon dq")
+        dq.fill_(3.0)
+
+    real_launch = mod._launch
+    monkeypatch.setattr(mod, "gluon_ok", lambda *a: True)
+    monkeypatch.setattr(mod, "_gluon_bwd_descs", lambda *ts: None)  # descriptors need a GPU
+    monkeypatch.setattr(mod, "_dkdv_gluon", fake_dkdv)
+    monkeypatch.setattr(mod, "_dq_gluon", fake_dq)
+    monkeypatch.setattr(mod, "_launch", lambda kernel, kind, *a, **kw: launched.append(f"tl {kind}")
+                        or real_launch(kernel, kind, *a, **kw))  # fmt: skip
+    with mod.fixed_configs(0), mod.fixed_dkdv_splits(2 if case == "gqa_split" else 1):
+        dq, dk, dv = mod._bwd(do, q, k, v, o, lse, *geom, True, 0.2, False, deterministic=case != "atomic")
+    expected = {
+        "mha": ["gluon dkdv", "gluon dq"],
+        "gqa_split": ["tl dkdv", "gluon dq"],
+        "atomic": ["tl dkdv"],
+        "varlen": ["tl dkdv", "tl dq"],
+    }[case]
+    assert launched == expected
+    assert bool((dq == 3).all()) == ("gluon dq" in expected)
+    assert bool((dk == 1).all() and (dv == 2).all()) == ("gluon dkdv" in expected)
