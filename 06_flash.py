@@ -316,12 +316,13 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, K_DESC, V_DESC,
 #     matmuls do (what FlashAttention-3 enforces with its ping-pong; here the warp schedulers do it).
 # Measured in its first form (notes/probes/flash_fwd_gluon.py: the same loop for dense inputs only, on
 # the H200): 0.95-1.13x cuDNN and 1.10-1.21x the tl kernel at D=128 over MHA, GQA and MQA, causal and
-# not, N 4k-16k. In this file, by the benchmark (results/06_flash.json, 8090cd9): 0.92-1.09x cuDNN at
-# D=128 MHA with N >= 4k, 0.90-1.06x GQA 32/8 and MQA, 1.04-1.21x the tl kernel (cuDNN itself
-# moved between runs by up to 10% on one shape: GQA full 8k 602 TFLOP/s in 1e677be's run, 667 in this
-# one). At D=64 it was no faster than the tl kernel (the softmax outweighs the matmuls there),
-# so D=64 and every other case stays on the tl kernel: head dims other than 128, strided inputs, GPUs
-# other than sm_90, and the CPU interpreter (Gluon has none; tests/test_flash.py checks the dispatch).
+# not, N 4k-16k. In this file, by the benchmark: 0.95-1.18x cuDNN at D=128 MHA with N >= 4k, 0.84-1.09x
+# GQA 32/8 and MQA, 1.04-1.24x the tl kernel (results/06_flash.json, 09a5714); 0.92-1.09x, 0.90-1.06x and
+# 1.04-1.21x in the run before (8090cd9, the same kernel). cuDNN itself moves between runs by up to 10%
+# on one shape (GQA full 8k: 602 TFLOP/s at 1e677be, 667 at 8090cd9, 683 at 09a5714). At D=64 it was
+# no faster than the tl kernel (the softmax outweighs the matmuls there), so D=64 and every other case
+# stays on the tl kernel: head dims other than 128, strided inputs, GPUs other than sm_90, and the CPU
+# interpreter (Gluon has none; tests/test_flash.py checks the dispatch).
 # Two details ptxas needed (found by compiling for sm_90a offline, notes/06_flash.md, session 10):
 #   - it hoists a wgmma wait to the top of the basic block that holds it, so the wait for P V has to
 #     start a block of its own: the whole softmax step sits in both arms of its mask branch;
@@ -532,7 +533,7 @@ def _fwd_kernel_gluon(q_desc, k_desc, v_desc, O, LSE, CU_Q, CU_K, n_q, n_k, H, G
 # last bits vary from run to run. On the H200 it is the slower road: at D=128, causal, N=4k the
 # dK/dV kernel grows from 1.10 to 1.98 ms (one matmul is ~0.28 ms of that; the rest is the ~2 GB of
 # fp32 atomic adds), more than the 0.69 ms dQ kernel it replaces. Over the benchmark it runs at
-# 0.80-0.95x the two-kernel backward (0.63-0.87x cuDNN against 0.77-1.06x; results/06_flash.json,
+# 0.64-0.90x the two-kernel backward (0.60-0.87x cuDNN against 0.80-1.06x; results/06_flash.json,
 # notes/06_flash.md), so the bitwise repeatable two-kernel path is the default. A TMA bulk reduce-add
 # of whole dQ tiles (desc.atomic_add, commit ce166b9) measured slower than these pointer atomics.
 # The dK/dV kernel walks a key block's query blocks in two loops: first, with masks, those crossing the
@@ -823,7 +824,10 @@ def _bwd_dq_kernel(Q, K, V, DO, LD, DQ, CU_Q, CU_K,
 # lse and delta read from shared memory where used; loaded at the top they spilled). On the H200, each
 # kernel alone ran 1.04-1.14x (dK/dV) and 1.12-1.22x (dQ) the tl one, and the whole backward with both
 # went from 0.77-0.82x to 0.86-0.89x cuDNN over D=128 MHA 4k-16k and GQA 32/8 8k, causal and not
-# (flash_bwd_gluon.py, session 11, the variants interleaved over three rounds). Rings: 2 slots for
+# (flash_bwd_gluon.py, session 11, the variants interleaved over three rounds). In this file, by the
+# benchmark (results/06_flash.json, 09a5714): 0.86-0.89x cuDNN at D=128 MHA with N >= 4k, 0.86-0.94x
+# GQA 32/8, 1.01-1.23x the tl kernels; at D=128 causal 4k the profile has dK/dV 946 us (tl 1,095) and
+# dQ 621 (tl 687), the backward 1,602 against cuDNN's 1,403. Rings: 2 slots for
 # dK/dV, 3 for dQ (how both were timed together; alone, either count won on some shapes by 1-10%).
 # Where they run: dense inputs under gluon_ok's rules, and for dK/dV only where one program walks the
 # whole query group (dkdv_splits == 1: MQA's split partials stay with the tl kernel), and not with
