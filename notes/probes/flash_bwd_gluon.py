@@ -1,6 +1,7 @@
-"""H200 probe (issue 19, session 10; written and compiled offline, not yet run): the backward's dK/dV and dQ
-kernels in Gluon, with the forward's recipe (flash_fwd_gluon.py), against 06's tl kernels on the same
-inputs.
+"""H200 probe (issue 19, sessions 10-11): the backward's dK/dV and dQ kernels in Gluon, with the forward's
+recipe (flash_fwd_gluon.py), against 06's tl kernels on the same inputs. Written in session 10, run in
+session 11 (notes/logs/flash_bwd_gluon_s11*_h200.log); 06 has carried the same kernels since 09a5714, and
+the whole-backward timing's "06 default" variant times them there, beside this probe's copies.
 
 06's dK/dV kernel is the backward's slow part: 276 us a matmul against 231 for its dQ kernel and 254 for
 cuDNN's whole backward (D=128 causal 4k, notes/06_flash.md session 9). Here one program owns 128 keys of
@@ -410,17 +411,20 @@ def _gluon_launch(kinds, real, kernel, kind, grid, *args, **meta):
     return real(kernel, kind, grid, *args, **meta)
 
 
+@contextlib.contextmanager
 def gluon_in_06(kinds=("dkdv",)):
-    """06's backward with its dK/dV (and, with "dq" in kinds, its dQ) launch taken by the Gluon kernels
-    where they apply (dense, D = 128, contiguous, one dK/dV program per kv head's whole group, no atomic
-    dQ): the whole backward timed the way 06's benchmark times it, against cuDNN's."""
-    return hooked_launch(functools.partial(_gluon_launch, kinds))
+    """06's tl backward with its dK/dV (and, with "dq" in kinds, its dQ) launch taken by this probe's
+    Gluon kernels where they apply (dense, D = 128, contiguous, one dK/dV program per kv head's whole
+    group, no atomic dQ): the whole backward timed the way 06's benchmark times it, against cuDNN's."""
+    with fa.tl_kernels(), hooked_launch(functools.partial(_gluon_launch, kinds)):
+        yield
 
 
 def inputs(B, H, H_KV, N, D, causal, device, seed=0):
-    """(q, k, v, dO, the (lse, delta) pairs), then (dk, dv, dq) from one run of 06's own backward, which
-    also records its dK/dV and dQ launches: kind -> a call that launches that kernel alone again, on
-    the same arguments (with one dK/dV split, as the timed shapes get, the whole dK/dV)."""
+    """(q, k, v, dO, the (lse, delta) pairs), then (dk, dv, dq) from one run of 06's own tl backward
+    (tl_kernels: since 09a5714 06 takes its Gluon kernels at D=128), which also records its dK/dV and dQ
+    launches: kind -> a call that launches that kernel alone again, on the same arguments (with one
+    dK/dV split, as the timed shapes get, the whole dK/dV)."""
     g = torch.Generator(device).manual_seed(seed)
     q = torch.randn(B, H, N, D, device=device, dtype=torch.bfloat16, generator=g)
     k, v = (torch.randn(B, H_KV, N, D, device=device, dtype=torch.bfloat16, generator=g) for _ in range(2))
@@ -432,7 +436,7 @@ def inputs(B, H, H_KV, N, D, causal, device, seed=0):
         launches[kind] = functools.partial(real, kernel, kind, grid, *args, **meta)
         return real(kernel, kind, grid, *args, **meta)
 
-    with hooked_launch(record):
+    with fa.tl_kernels(), hooked_launch(record):
         dq, dk, dv = fa._bwd(do, q, k, v, o, lse, None, B, N, N, causal, D**-0.5, False)
     ld = launches["dkdv"].args[7]  # after _launch's kernel, kind, grid: q, k, v, dO, then the pairs
     return (q, k, v, do, ld), (dk, dv, dq), launches
@@ -482,9 +486,11 @@ def main():
         impls = fa._impls(causal)
         bwd_flops = 5 * matmul
         times = {}
-        variants = [("cudnn", impls["cudnn"][1]), ("06", None), ("06 + gluon dK/dV", gluon_in_06),
-                    ("06 + gluon dQ", lambda: gluon_in_06(("dq",))),
-                    ("06 + gluon dK/dV, dQ", lambda: gluon_in_06(("dkdv", "dq")))]  # fmt: skip
+        variants = [("cudnn", impls["cudnn"][1]), ("06 tl", fa.tl_kernels),
+                    ("06 tl + gluon dK/dV", gluon_in_06),
+                    ("06 tl + gluon dQ", lambda: gluon_in_06(("dq",))),
+                    ("06 tl + gluon dK/dV, dQ", lambda: gluon_in_06(("dkdv", "dq"))),
+                    ("06 default", None)]  # fmt: skip
         for r in range(ROUNDS):
             for name, ctx in variants:
                 fn = impls["cudnn" if name == "cudnn" else "ours"][0]
