@@ -822,13 +822,13 @@ def _bwd_dq_kernel(Q, K, V, DO, LD, DQ, CU_Q, CU_K,
 # Compiled for sm_90a offline (notes/probes/flash_ptxas.py's way): dK/dV's loop has 284 instructions
 # for 24 wgmma against 374-382 in the tl kernel, with no spills under a 168-register cap (each row's
 # lse and delta read from shared memory where used; loaded at the top they spilled). On the H200, each
-# kernel alone ran 1.04-1.14x (dK/dV) and 1.12-1.22x (dQ) the tl one, and the whole backward with both
-# went from 0.77-0.82x to 0.86-0.89x cuDNN over D=128 MHA 4k-16k and GQA 32/8 8k, causal and not
-# (flash_bwd_gluon.py, session 11, the variants interleaved over three rounds). In this file, by the
-# benchmark (results/06_flash.json, 09a5714): 0.86-0.89x cuDNN at D=128 MHA with N >= 4k, 0.86-0.94x
-# GQA 32/8, 1.01-1.23x the tl kernels; at D=128 causal 4k the profile has dK/dV 946 us (tl 1,095) and
-# dQ 621 (tl 687), the backward 1,602 against cuDNN's 1,403. Rings: 2 slots for
-# dK/dV, 3 for dQ (how both were timed together; alone, either count won on some shapes by 1-10%).
+# kernel alone ran 1.04-1.14x (dK/dV, 2 slots) and 1.01-1.22x (dQ, 3 slots) the tl one, and the whole
+# backward with both went from 0.77-0.82x to 0.86-0.89x cuDNN over D=128 MHA 4k-16k and GQA 32/8 8k,
+# causal and not (flash_bwd_gluon.py, session 11, the variants interleaved over three rounds). In this
+# file, by the benchmark (results/06_flash.json, 09a5714): 0.86-0.89x cuDNN at D=128 MHA with N >= 4k,
+# 0.86-0.94x GQA 32/8, 1.01-1.23x the tl kernels; at D=128 causal 4k the profile has dK/dV 946 us (tl
+# 1,095) and dQ 621 (tl 687), the backward 1,602 against cuDNN's 1,403. Rings: 2 slots for dK/dV, 3 for
+# dQ; in the whole backward (3, 3) and (2, 2) came within 1-2% of it (one round, two shapes).
 # Where they run: dense inputs under gluon_ok's rules, and for dK/dV only where one program walks the
 # whole query group (dkdv_splits == 1: MQA's split partials stay with the tl kernel), and not with
 # deterministic=False (its dQ atomics live in the tl dK/dV kernel). Varlen takes the tl kernels.
