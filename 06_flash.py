@@ -77,7 +77,7 @@ try:  # host-side tensor descriptors (Triton >= 3.4); without them the forward l
     from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 except ImportError:
     TensorDescriptor = None
-# Gluon, Triton's lower-level language, for the Hopper forward (in the Tritons this file runs on: 3.6 on
+# Gluon, Triton's lower-level language, for the Hopper kernels (in the Tritons this file runs on: 3.6 on
 # the H200, 3.9 on the CPU, where it is defined but never launched)
 from triton.experimental import gluon  # noqa: E402
 from triton.experimental.gluon import language as gl  # noqa: E402
