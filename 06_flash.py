@@ -1677,14 +1677,18 @@ def run_checks(checks, device, quick):
         ((1, 2, 2, 45, 45, 16, False), f16), ((1, 3, 1, 70, 70, 32, True), f16),
     ]  # fmt: skip
     shapes = [(s, both) for s in cpu_shapes] if (quick or not on_gpu) else gpu_shapes
+
     # Each check launches one fixed config per kernel, rotating through the lists so every config the
     # benchmark may pick is proved somewhere, and never autotunes (see fixed_configs).
+    def dense_name(s, dtype, what=""):
+        mode = "causal" if s[6] else "full"
+        return f"fwd+bwd B{s[0]} H{s[1]}/{s[2]} Nq{s[3]} Nk{s[4]} D{s[5]} {mode}{what} {str(dtype)[6:]}"
+
     n = 0
     for s, dtypes in shapes:
         for dtype in dtypes:
-            name = f"fwd+bwd B{s[0]} H{s[1]}/{s[2]} Nq{s[3]} Nk{s[4]} D{s[5]} {'causal' if s[6] else 'full'}"
             with fixed_configs(n := n + 1):
-                checks(f"{name} {str(dtype)[6:]}", check_dense, *s, dtype, device)
+                checks(dense_name(s, dtype), check_dense, *s, dtype, device)
     # The dK/dV group split, forced: the checks' small grids make dkdv_splits split every group into
     # single heads, so a program walking the whole group (what GQA 32/8 gets at 8k) and one walking half
     # of it (what MQA gets) are proved here.
@@ -1711,9 +1715,7 @@ def run_checks(checks, device, quick):
         pointer = [(1, 2, 2, 45, 45, 64, True), (1, 4, 1, 29, 53, 32, False)]
     for i, s in enumerate(pointer):
         with fixed_configs(i), pointer_loads():
-            mode = "causal" if s[6] else "full"
-            name = f"fwd+bwd B{s[0]} H{s[1]}/{s[2]} Nq{s[3]} Nk{s[4]} D{s[5]} {mode}, pointer loads"
-            checks(f"{name} {str(dtype)[6:]}", check_dense, *s, dtype, device)
+            checks(dense_name(s, dtype, ", pointer loads"), check_dense, *s, dtype, device)
     # On an H200 the Gluon kernels take every contiguous D=128 check above: the forward (and the varlen
     # forwards below), dQ, and dK/dV where one program walks a kv head's whole query group: always for
     # MHA, for GQA on these small grids only when forced (dkdv_splits splits them), as here (groups of
@@ -1722,14 +1724,10 @@ def run_checks(checks, device, quick):
     if on_gpu and not quick:
         for s in [(2, 8, 2, 1000, 1000, 128, True), (1, 4, 2, 300, 1111, 128, False)]:
             with fixed_configs(n := n + 1), fixed_dkdv_splits(1):
-                mode = "causal" if s[6] else "full"
-                name = f"fwd+bwd B{s[0]} H{s[1]}/{s[2]} Nq{s[3]} Nk{s[4]} D{s[5]} {mode}, dK/dV group whole"
-                checks(f"{name} {str(dtype)[6:]}", check_dense, *s, dtype, device)
+                checks(dense_name(s, dtype, ", dK/dV group whole"), check_dense, *s, dtype, device)
         for i, s in enumerate([(2, 4, 4, 1000, 1000, 128, True), (2, 4, 1, 300, 1111, 128, False)]):
             with fixed_configs(i), tl_kernels():
-                mode = "causal" if s[6] else "full"
-                name = f"fwd+bwd B{s[0]} H{s[1]}/{s[2]} Nq{s[3]} Nk{s[4]} D{s[5]} {mode}, tl kernels"
-                checks(f"{name} {str(dtype)[6:]}", check_dense, *s, dtype, device)
+                checks(dense_name(s, dtype, ", tl kernels"), check_dense, *s, dtype, device)
     with fixed_configs(0):
         checks("saved log-sum-exp (base 2)", check_lse, device)
     # varlen, forward and backward: a zero-length prompt, a one-token prompt, cached prefixes
