@@ -20,7 +20,11 @@ query rows at 8 warps (two warpgroups of 64 rows). Dense contiguous (B, H, N, D)
 causal (square) or not, any N (a tail block is masked; K and V rows past a head's end come from the
 next head, or TMA's zero fill at the tensor's end, and get P = 0). Checked against SDPA in float64,
 and its log-sum-exp against 06's; timed beside 06 and cuDNN (harness.bench, CUDA-graph replay, L2
-flushed), best of the listed configs. GPU only:  python notes/probes/flash_fwd_gluon.py"""
+flushed), best of the listed configs. The "ws" configs (warp-specialised: a producer warp, two consumer
+warpgroups) had their own kernel here when session 10 measured them (logs
+notes/logs/flash_fwd_gluon_s10_call*_h200.log, at 0ca3728); that kernel went into 06 (_fwd_kernel_gluon,
+since 8090cd9), so they now launch 06's with each config's tiles and ring depth (compiled for sm_90a
+offline for every config, not re-run since). GPU only:  python notes/probes/flash_fwd_gluon.py"""
 
 import faulthandler
 import functools
@@ -46,7 +50,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (  # noqa: E402
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: E402
 
-LOG2E = 1.4426950408889634
+fa = harness.load_build("06_flash")
+LOG2E = fa.LOG2E
 
 
 @gluon.jit
@@ -188,133 +193,7 @@ def _gluon_fwd(q_desc, k_desc, v_desc, O, LSE, n, H, GROUP, qk_scale, HEAD_DIM: 
     _store(acc, l_i, m_i, offs_m, start_m, pid_bh, n, O, LSE)
 
 
-@gluon.jit
-def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty,
-                 q_row, kv_row, n_blocks, n, unmasked, qk_scale, O, LSE, BLOCK_N: gl.constexpr,
-                 CAUSAL: gl.constexpr):  # fmt: skip
-    """One warp: both warpgroups' Q halves, then K_j and V_j into their ring slots as the slots empty
-    (each slot's empty barrier completes when both warpgroups have arrived)."""
-    STAGES: gl.constexpr = k_smem.type.shape[0]
-    HALF: gl.constexpr = q_smem.type.shape[1]
-    for w in gl.static_range(2):
-        mbarrier.expect(q_bars.index(w), q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [q_row + w * HALF, 0], q_bars.index(w), q_smem.index(w))
-    for j in range(n_blocks):
-        slot = j % STAGES
-        free = (j // STAGES & 1) ^ 1  # a fresh barrier counts its phase before 0 as complete
-        mbarrier.wait(k_empty.index(slot), free)
-        _load_kv(k_desc, kv_row + j * BLOCK_N, k_ready, k_smem, slot, True)
-        mbarrier.wait(v_empty.index(slot), free)
-        _load_kv(v_desc, kv_row + j * BLOCK_N, v_ready, v_smem, slot, True)
-
-
-@gluon.jit
-def _ws_consumer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty,
-                 q_row, kv_row, n_blocks, n, unmasked, qk_scale, O, LSE, BLOCK_N: gl.constexpr,
-                 CAUSAL: gl.constexpr, WG: gl.constexpr):  # fmt: skip
-    """One warpgroup's 64 query rows (WG 0 or 1 of the program's 128): the pipelined loop of _gluon_fwd,
-    with no barrier across warpgroups; a slot is handed back by arriving on its empty barrier."""
-    dtype: gl.constexpr = q_desc.dtype
-    STAGES: gl.constexpr = k_smem.type.shape[0]
-    HALF: gl.constexpr = q_smem.type.shape[1]
-    HEAD_DIM: gl.constexpr = q_smem.type.shape[2]
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])  # fmt: skip
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])  # fmt: skip
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    row0 = q_row % n + WG * HALF  # this warpgroup's first row within the head
-    if CAUSAL:
-        unmasked = (row0 + 1) // BLOCK_N * BLOCK_N
-    q_tile = q_smem.index(WG)
-    offs_m = row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, s_layout))
-    m_i = gl.full([HALF], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
-    l_i = gl.zeros([HALF], gl.float32, gl.SliceLayout(1, s_layout))
-    acc = gl.zeros([HALF, HEAD_DIM], gl.float32, o_layout)
-
-    mbarrier.wait(q_bars.index(WG), 0)
-    mbarrier.wait(k_ready.index(0), 0)
-    s = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
-    s = warpgroup_mma(q_tile, k_smem.index(0).permute((1, 0)), s, use_acc=False)
-    mbarrier.arrive(k_empty.index(0), count=1)
-    p, m_i, alpha, l_i = _softmax(s, m_i, l_i, 0, unmasked, offs_m, n, qk_scale, BLOCK_N, CAUSAL)
-    for j in range(1, n_blocks):
-        slot = j % STAGES
-        prev = (j - 1) % STAGES
-        # block j-1's P to bf16 here, where no matmul reads P's registers: converted after the softmax,
-        # ptxas interleaved the conversions with the exponentials and, to write the registers the
-        # in-flight P V reads, waited for it before the softmax (no overlap)
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
-        mbarrier.wait(k_ready.index(slot), j // STAGES & 1)
-        s_tok = warpgroup_mma(q_tile, k_smem.index(slot).permute((1, 0)), s, use_acc=False, is_async=True)
-        acc = acc * gl.convert_layout(alpha, rows_o)[:, None]  # block j-1's rescale, while S_j runs
-        mbarrier.wait(v_ready.index(prev), (j - 1) // STAGES & 1)
-        o_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-        s = warpgroup_mma_wait(1, deps=[s_tok])
-        mbarrier.arrive(k_empty.index(slot), count=1)
-        start_n = j * BLOCK_N
-        p, m_i, alpha, l_i = _softmax(s, m_i, l_i, start_n, unmasked, offs_m, n, qk_scale, BLOCK_N, CAUSAL)
-        acc, p_op = warpgroup_mma_wait(0, deps=[o_tok, p_op])
-        mbarrier.arrive(v_empty.index(prev), count=1)
-    p_op = gl.convert_layout(p.to(dtype), p_layout)
-    acc = acc * gl.convert_layout(alpha, rows_o)[:, None]
-    last = (n_blocks - 1) % STAGES
-    mbarrier.wait(v_ready.index(last), (n_blocks - 1) // STAGES & 1)
-    acc = warpgroup_mma(p_op, v_smem.index(last), acc)
-    mbarrier.arrive(v_empty.index(last), count=1)
-
-    _store(acc, l_i, m_i, offs_m, row0, q_row // n, n, O, LSE)
-
-
-@gluon.jit
-def _ws_consumer1(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty,
-                  q_row, kv_row, n_blocks, n, unmasked, qk_scale, O, LSE, BLOCK_N: gl.constexpr,
-                  CAUSAL: gl.constexpr):  # fmt: skip
-    _ws_consumer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty,
-                 q_row, kv_row, n_blocks, n, unmasked, qk_scale, O, LSE, BLOCK_N, CAUSAL, 1)  # fmt: skip
-
-
-@gluon.jit
-def _gluon_fwd_ws(q_desc, k_desc, v_desc, O, LSE, n, H, GROUP, qk_scale, HEAD_DIM: gl.constexpr,
-                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                  num_warps: gl.constexpr):  # fmt: skip
-    """Warp-specialised: one producer warp (TMA) and two consumer warpgroups of 64 rows each, which
-    share the K/V ring but never wait for each other, so one's softmax can run while the other's
-    matmuls do (FlashAttention-3's ping-pong, here left to the warp schedulers)."""
-    dtype: gl.constexpr = q_desc.dtype
-    HALF: gl.constexpr = BLOCK_M // 2
-    start_m, pid_bh, q_row, kv_row, n_blocks = _program(n, H, GROUP, BLOCK_M, BLOCK_N, CAUSAL)
-    unmasked = n // BLOCK_N * BLOCK_N
-
-    q_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], q_desc.layout)
-    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
-    q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(2):
-        mbarrier.init(q_bars.index(i), count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=2)
-        mbarrier.init(v_empty.index(i), count=2)
-    fence_async_shared()
-    # (the argument tuples are written out: a tuple held in a variable turned the constexprs into tensors)
-    gl.warp_specialize([
-        (_ws_consumer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty,
-                        v_empty, q_row, kv_row, n_blocks, n, unmasked, qk_scale, O, LSE, BLOCK_N, CAUSAL, 0)),
-        (_ws_consumer1, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty,
-                         v_empty, q_row, kv_row, n_blocks, n, unmasked, qk_scale, O, LSE, BLOCK_N, CAUSAL)),
-        (_ws_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty,
-                        v_empty, q_row, kv_row, n_blocks, n, unmasked, qk_scale, O, LSE, BLOCK_N, CAUSAL)),
-    ], [4, 1], [240, 24])  # fmt: skip
-
-
-# kind, BLOCK_M, BLOCK_N, STAGES: "pipe" _gluon_fwd (8 warps), "ws" _gluon_fwd_ws (4 + 4 + 1 warps)
+# kind, BLOCK_M, BLOCK_N, STAGES: "pipe" _gluon_fwd (8 warps), "ws" 06's _fwd_kernel_gluon (4 + 4 + 1 warps)
 CONFIGS = {
     128: [("pipe", 128, 128, 2), ("pipe", 128, 64, 3), ("ws", 128, 128, 2), ("ws", 128, 64, 3)],
     64: [("pipe", 128, 128, 3), ("pipe", 128, 64, 4), ("ws", 128, 128, 3), ("ws", 128, 64, 4)],
@@ -325,22 +204,26 @@ def gluon_attention(q, k, v, causal, cfg):
     """o and the base-2 lse of dense contiguous (B, H, N, D) q and (B, H_KV, N, D) k, v."""
     B, H, N, D = q.shape
     kind, block_m, block_n, stages = cfg
-    q_block = block_m if kind == "pipe" else block_m // 2
     o = torch.empty_like(q)
     lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
+    if kind == "ws":  # 06's kernel with this config's tiles and ring, past 06's own D = 128 rule
+        before = dict(fa.GLUON_FWD)
+        fa.GLUON_FWD.update(BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages)
+        try:
+            fa._fwd_gluon(q, k, v, o, lse, q, q, lse.stride()[:2], B, N, N, causal, D**-0.5, False)
+        finally:
+            fa.GLUON_FWD.update(before)
+        return o, lse
     gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    q_layout = gl.NVMMASharedLayout.get_default_for([q_block, D], gdt)
+    q_layout = gl.NVMMASharedLayout.get_default_for([block_m, D], gdt)
     kv_layout = gl.NVMMASharedLayout.get_default_for([block_n, D], gdt)
-    q_desc = TensorDescriptor.from_tensor(q.view(-1, D), [q_block, D], q_layout)
+    q_desc = TensorDescriptor.from_tensor(q.view(-1, D), [block_m, D], q_layout)
     k_desc = TensorDescriptor.from_tensor(k.view(-1, D), [block_n, D], kv_layout)
     v_desc = TensorDescriptor.from_tensor(v.view(-1, D), [block_n, D], kv_layout)
     grid = (triton.cdiv(N, block_m), B * H)
     scale = D**-0.5 * LOG2E
-    args = (q_desc, k_desc, v_desc, o, lse, N, H, H // k.shape[1], scale, D, block_m, block_n, stages, causal)
-    if kind == "pipe":
-        _gluon_fwd[grid](*args, num_warps=8)
-    else:
-        _gluon_fwd_ws[grid](*args, num_warps=4, maxnreg=168)
+    _gluon_fwd[grid](q_desc, k_desc, v_desc, o, lse, N, H, H // k.shape[1], scale, D, block_m, block_n,
+                     stages, causal, num_warps=8)  # fmt: skip
     return o, lse
 
 
@@ -411,7 +294,6 @@ def main():
     t0 = time.time()
     deadline = float(os.environ.get("PROBE_DEADLINE_S", "400"))
     device = torch.device("cuda")
-    fa = harness.load_build("06_flash")
     print(harness.env_line(device, torch.bfloat16), flush=True)
 
     def cudnn(q, k, v, causal):
