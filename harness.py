@@ -125,7 +125,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-bench", action="store_true", help="run the checks only")
     p.add_argument("--profile", action="store_true", help="write a torch.profiler trace to --out")
-    p.add_argument("--out", default=str(ROOT / "results"), help="folder for results JSON and plots")
+    out_help = ("folder for results JSON and plots (default: results/ for a full run on the build's own "
+                "device, results/local/ for a --quick run or a GPU build run on a CPU)")  # fmt: skip
+    p.add_argument("--out", default=None, help=out_help)
     return p
 
 
@@ -135,6 +137,9 @@ def start(parser: argparse.ArgumentParser, device: str | None = None):
     args = parser.parse_args()
     dev, dtype = pick_device(device or args.device), pick_dtype(args.dtype)
     print(env_line(dev, None if device else dtype), flush=True)
+    if args.out is None:  # results/ keeps the committed full runs; a reader's try-out must not replace them
+        full = not args.quick and (device is not None or dev.type == "cuda")
+        args.out = str(ROOT / "results" if full else ROOT / "results" / "local")
     seed_everything(args.seed)
     return args, dev, dtype
 

@@ -127,6 +127,26 @@ def test_write_results_records_commit_and_command(tmp_path, monkeypatch):
     assert record["commit"] is None and "command" in record
 
 
+@pytest.mark.parametrize(
+    "argv, forced, on_gpu, folder",
+    [
+        ([], None, True, "results"),  # a GPU build's full run on a GPU: the committed figures
+        (["--quick"], None, True, "results/local"),  # a quick run never replaces them
+        ([], None, False, "results/local"),  # nor a GPU build run on a CPU
+        ([], "cpu", False, "results"),  # a CPU build's full run is its real benchmark
+        (["--quick"], "cpu", False, "results/local"),
+        (["--out", "elsewhere"], None, False, "elsewhere"),  # an explicit --out always wins
+    ],
+)
+def test_default_out_keeps_committed_results(monkeypatch, argv, forced, on_gpu, folder):
+    monkeypatch.setattr(sys, "argv", ["06_flash.py", *argv])
+    monkeypatch.setattr(harness, "pick_device", lambda d=None: torch.device("cuda" if on_gpu else "cpu"))
+    monkeypatch.setattr(harness, "env_line", lambda *a: "")
+    args, _, _ = harness.start(harness.build_parser("demo"), device=forced)
+    want = folder if folder == "elsewhere" else str(harness.ROOT / folder)
+    assert args.out == want
+
+
 def test_matmul_flops_in_the_compared_dtype(monkeypatch):
     seen = []
     real_bench = harness.bench
