@@ -64,6 +64,7 @@ import dataclasses
 import inspect
 import math
 import time
+import warnings
 from pathlib import Path
 
 import harness  # first: sets TRITON_INTERPRET=1 when there is no GPU
@@ -328,12 +329,13 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, K_DESC, V_DESC,
 #     start a block of its own: the whole softmax step sits in both arms of its mask branch;
 #   - P is converted to bf16 at the top of the next block, where no matmul reads P's registers; converted
 #     after the softmax, its conversions were interleaved with the exponentials and forced the wait early.
-# Tails: TMA reads whole tiles. Rows past a sequence's last query are computed and not stored; keys past
-# its last key get a score of -inf, so P = 0 for them and whatever V rows the tile read past the end (the
-# next head's or sequence's, or TMA's zeros at the tensor's end) add nothing, as long as they are finite:
-# an inf or NaN in those rows would reach this sequence's output as NaN (0 * inf), where the tl kernel's
-# masked loads read zeros. Only a non-finite input can cause it; per-head 3-D descriptors (dense) would
-# zero-fill instead, which is not done yet.
+# Tails: TMA reads whole tiles, so a head's or sequence's last tile also holds rows past its end: the next
+# head's or sequence's (or TMA's zeros at the tensor's end). Rows past the last query are computed and not
+# stored, and keys past the last key get a score of -inf (a select, so even an inf or NaN key is dropped),
+# so P = 0 for them. But P V would still read those V rows, and 0 * inf is NaN: one non-finite value in
+# the next head's first rows would reach this head's output. So before the last block's P V, each
+# consumer zeroes the V rows past the end in shared memory (_g_zero_rows), as the tl kernel's masked
+# loads read zeros there; check_isolation puts inf and NaN in the next head's or sequence's first rows.
 
 
 @gluon.jit
@@ -364,6 +366,36 @@ def _g_softmax(s, m_i, l_i, start_n, unmasked, offs_m, seq_k, diag, qk_scale, BL
 def _g_load(desc, row, col, bars, smem, slot):
     mbarrier.expect(bars.index(slot), desc.block_type.nbytes)
     tma.async_copy_global_to_shared(desc, [row, col], bars.index(slot), smem.index(slot))
+
+
+# a warpgroup's own barrier: gl.thread_barrier in Triton 3.6 (the H200's), gl.barrier in later ones
+_g_sync = getattr(gl, "thread_barrier", None) or gl.barrier
+
+
+@gluon.constexpr_function
+def _g_slice_layout(d, warps):
+    """Registers for a 16 x d slice of a shared tile: 8 columns a thread, a row of d columns per d // 8
+    threads, the warps stacked down the rows."""
+    return gl.BlockedLayout([1, 8], [32 * 8 // d, d // 8], [warps, 1], [1, 0])
+
+
+@gluon.jit
+def _g_zero_rows(tile, keep):
+    """Zero the rows from keep on of a (rows, D) shared tile that TMA filled, before a wgmma reads it:
+    rows past a head's or sequence's end, which belong to the next one. Both consumer warpgroups may zero
+    one tile at once; they write the same zeros. The fence hands the stores to the async proxy (wgmma's
+    reads), the barrier waits for this warpgroup's every thread (in a warp_specialize partition it is
+    the partition's own, not the whole program's)."""
+    ROWS: gl.constexpr = tile.type.shape[0]
+    D: gl.constexpr = tile.type.shape[1]
+    layout: gl.constexpr = _g_slice_layout(D, gl.num_warps())
+    for r in gl.static_range(0, ROWS, 16):
+        part = tile.slice(r, 16)
+        rows = r + gl.arange(0, 16, layout=gl.SliceLayout(1, layout))
+        x = part.load(layout)
+        part.store(gl.where((rows < keep)[:, None], x, gl.zeros_like(x)))
+    fence_async_shared()
+    _g_sync()
 
 
 @gluon.jit
@@ -441,7 +473,10 @@ def _g_consumer(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, C
     last = (n_blocks - 1) % STAGES
     acc = acc * gl.convert_layout(alpha, rows_o)[:, None]
     mbarrier.wait(v_ready.index(last), (n_blocks - 1) // STAGES & 1)
-    acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(last), acc)
+    v_last = v_smem.index(last)
+    if n_blocks * BLOCK_N > seq_k:  # V rows past the last key: zeros, not the next head's values
+        _g_zero_rows(v_last, seq_k - (n_blocks - 1) * BLOCK_N)
+    acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_last, acc)
     mbarrier.arrive(v_empty.index(last), count=1)
 
     o = acc / gl.convert_layout(l_i, rows_o)[:, None]
@@ -833,8 +868,11 @@ def _bwd_dq_kernel(Q, K, V, DO, LD, DQ, CU_Q, CU_K,
 # whole query group (dkdv_splits == 1: MQA's split partials stay with the tl kernel), and not with
 # deterministic=False (its dQ atomics live in the tl dK/dV kernel). Varlen takes the tl kernels.
 # Tails, as in the forward: a query row past the end has lse = +inf, so its P is 0; a key row past the
-# end is masked to P = 0 in dQ and its dK, dV rows are not stored; the tiles past the end are read
-# (another head's rows, or zeros at the tensor's end), harmless unless they hold inf or NaN.
+# end is masked to P = 0 in dQ and its dK, dV rows are not stored. The rows past the end that a whole
+# tile reads (the next head's) are zeroed in shared memory before any matmul reads them (_g_zero_rows):
+# Q and dO in dK/dV's last query block of each head (an inf there would make S, and so P, NaN; a NaN in
+# dO would reach dV through 0 * NaN), K and V in dQ's last key block. The test sits in the loop; the
+# zeroing runs once per head.
 
 
 @gluon.constexpr_function
@@ -918,6 +956,9 @@ def _gb_dkdv_consumer(descs, smem, bars, geom, qk_scale, CAUSAL: gl.constexpr, W
         mbarrier.wait(ready.index(slot), i // STAGES & 1)
         q_t = q_smem.index(slot)
         do_t = do_smem.index(slot)
+        if start_m + BLOCK_M > n_q:  # the head's last block: Q and dO rows past it are the next head's
+            _g_zero_rows(q_t, n_q - start_m)
+            _g_zero_rows(do_t, n_q - start_m)
         s_tok = warpgroup_mma(k_tile, q_t.permute((1, 0)), s, use_acc=False, is_async=True)
         dp_tok = warpgroup_mma(v_tile, do_t.permute((1, 0)), dp, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(1, deps=[s_tok])
@@ -1053,8 +1094,12 @@ def _gb_dq_consumer(descs, smem, bars, geom, qk_scale, CAUSAL: gl.constexpr, WG:
         slot = i % STAGES
         mbarrier.wait(ready.index(slot), i // STAGES & 1)
         k_t = k_smem.index(slot)
+        v_t = v_smem.index(slot)
+        if (i + 1) * BLOCK_N > n_k:  # the last key block: K and V rows past it are the next head's
+            _g_zero_rows(k_t, n_k - i * BLOCK_N)
+            _g_zero_rows(v_t, n_k - i * BLOCK_N)
         s_tok = warpgroup_mma(q_t, k_t.permute((1, 0)), s, use_acc=False, is_async=True)
-        dp_tok = warpgroup_mma(do_t, v_smem.index(slot).permute((1, 0)), dp, use_acc=False, is_async=True)
+        dp_tok = warpgroup_mma(do_t, v_t.permute((1, 0)), dp, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(1, deps=[s_tok])
         start_n = i * BLOCK_N
         cols = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
@@ -1658,6 +1703,40 @@ def check_varlen(lens_q, lens_k, H, H_KV, D, causal, dtype, device, grad=False, 
     return note
 
 
+def check_isolation(varlen, causal, D, dtype, device):
+    """inf and NaN in the first rows of head 1 (dense) or sequence 1 (varlen), in q, k, v and dO, leave
+    head or sequence 0 exact: its output and gradients against the float64 reference. Its length is off
+    every tile size, so its last tiles end inside those rows (what the Gluon kernels read through TMA and
+    must zero, and the tl kernels mask)."""
+    n, m = (200, 136) if device.type == "cuda" else (45, 30)
+    shape = (sum((n, m)), 2, D) if varlen else (1, 2, n, D)
+    q, k, v, do = (torch.randn(shape, device=device, dtype=dtype) for _ in range(4))
+    bad = (slice(n, n + 16),) if varlen else (slice(None), 1, slice(0, 16))  # the next one's first rows
+    for t, x in zip((q, k, v, do), ("inf", "-inf", "nan", "nan"), strict=True):
+        t[bad] = float(x)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    with warnings.catch_warnings():  # the interpreter's numpy warns about the poisoned head's own math
+        warnings.simplefilter("ignore", RuntimeWarning)
+        if varlen:
+            cu = cu_seqlens([n, m], device)
+            out = flash_attention_varlen(q, k, v, cu, cu, n, n, causal, poison=True)
+        else:
+            out = flash_attention(q, k, v, causal, poison=True)
+        grads = _grads(out, (q, k, v), do)
+    first = (slice(0, n),) if varlen else (slice(None), 0)
+
+    def head0(t):  # sequence or head 0 as (1, heads, n, D)
+        return t[first].transpose(0, 1)[None] if varlen else t[first][:, None]
+
+    ref_in = [head0(t).detach().double().requires_grad_() for t in (q, k, v)]
+    ref = attention_reference(*ref_in, causal=causal)
+    ref_grads = _grads(ref, ref_in, head0(do).double())
+    errs = [harness.assert_close(head0(out), ref, dtype, "out beside inf/NaN rows")]
+    for name, f, r in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True):
+        errs.append(harness.assert_close(head0(f), r, dtype, f"{name} beside inf/NaN rows"))
+    return "vs f64 o/dq/dk/dv " + " ".join(f"{e:.1e}" for e in errs)
+
+
 def run_checks(checks, device, quick):
     # (B, H, H_KV, Nq, Nk, D, causal): tails off the blocks, GQA/MQA, Nq != Nk, every head dim
     cpu_shapes = [
@@ -1728,6 +1807,15 @@ def run_checks(checks, device, quick):
         for i, s in enumerate([(2, 4, 4, 1000, 1000, 128, True), (2, 4, 1, 300, 1111, 128, False)]):
             with fixed_configs(i), tl_kernels():
                 checks(dense_name(s, dtype, ", tl kernels"), check_dense, *s, dtype, device)
+    # A non-finite value in the next head's or sequence's first rows stays there (check_isolation); at
+    # D=128 on the H200 through the Gluon kernels, on the CPU through the tl ones.
+    iso_d, iso_dtype = (128, b16[0]) if on_gpu and not quick else (32, f16[0])
+    for varlen in (False, True):
+        for causal in (False, True):
+            name = f"{'varlen' if varlen else 'dense'} fwd+bwd D{iso_d} {'causal' if causal else 'full'}"
+            with fixed_configs(n := n + 1):
+                checks(f"{name}, inf/NaN in the next one's rows {str(iso_dtype)[6:]}", check_isolation,
+                       varlen, causal, iso_d, iso_dtype, device)  # fmt: skip
     with fixed_configs(0):
         checks("saved log-sum-exp (base 2)", check_lse, device)
     # varlen, forward and backward: a zero-length prompt, a one-token prompt, cached prefixes

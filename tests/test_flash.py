@@ -210,6 +210,28 @@ def test_autotune_keys_include_the_grid_and_checks_do_not_tune():
             k.run = run
 
 
+@pytest.mark.parametrize("varlen", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_non_finite_head_or_sequence_stays_there(varlen, causal):
+    note = mod.check_isolation(varlen, causal, 32, F16, DEVICE)  # raises if head / sequence 0 is off
+    assert "vs f64" in note
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_the_isolation_check_catches_a_leak(monkeypatch, varlen):
+    # a stand-in that does what a whole TMA tile would without the zeroing: adds the next head's (or
+    # sequence's) first V row times a zero probability to every output
+    real = mod.flash_attention_varlen if varlen else mod.flash_attention
+
+    def leaky(q, k, v, *args, **kwargs):
+        out = real(q, k, v, *args, **kwargs)
+        return out + 0 * (v[45:46] if varlen else v[:, 1:2, :1])  # 45: sequence 0's length on the CPU
+
+    monkeypatch.setattr(mod, "flash_attention_varlen" if varlen else "flash_attention", leaky)
+    with pytest.raises(AssertionError, match="beside inf/NaN rows"):
+        mod.check_isolation(varlen, False, 32, F16, DEVICE)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_varlen_backward_matches_autograd_through_the_reference(causal):
     """Packed sequences train: dq, dk, dv of the varlen kernel equal autograd through the float64

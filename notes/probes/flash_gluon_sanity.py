@@ -1,6 +1,7 @@
 """H200 pre-flight (issue 19, session 11): 06's own dense checks on the shapes its Gluon kernels take (D=128,
 MHA / GQA / MQA, ragged Nq != Nk, causal and not, bf16 and fp16, dK/dV groups whole and split), each under
-a 60 s watchdog, before a full `06_flash.py` run that would otherwise wait out a hung kernel. GPU only:
+a 60 s watchdog, then check_isolation (inf and NaN in the next head's or sequence's rows; session 12),
+before a full `06_flash.py` run that would otherwise wait out a hung kernel. GPU only:
 
     timeout -s ABRT 100 python -u notes/probes/flash_gluon_sanity.py"""
 
@@ -27,5 +28,13 @@ for s, splits in cases:
         with fa.fixed_configs(0), fa.fixed_dkdv_splits(splits):
             note = fa.check_dense(*s, dt, dev)  # raises past the dtype's tolerance
         print(s, splits, dt, note, f"({time.perf_counter() - t:.1f} s)", flush=True)
+for varlen in (False, True):
+    for causal in (False, True):
+        faulthandler.dump_traceback_later(60, exit=True)
+        t = time.perf_counter()
+        with fa.fixed_configs(0):
+            note = fa.check_isolation(varlen, causal, 128, torch.bfloat16, dev)
+        took = f"({time.perf_counter() - t:.1f} s)"
+        print("isolation", "varlen" if varlen else "dense", causal, note, took, flush=True)
 faulthandler.cancel_dump_traceback_later()
 print("all ok", flush=True)
