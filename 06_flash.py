@@ -317,10 +317,12 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, K_DESC, V_DESC,
 #     matmuls do (what FlashAttention-3 enforces with its ping-pong; here the warp schedulers do it).
 # Measured in its first form (notes/probes/flash_fwd_gluon.py: the same loop for dense inputs only, on
 # the H200): 0.95-1.13x cuDNN and 1.10-1.21x the tl kernel at D=128 over MHA, GQA and MQA, causal and
-# not, N 4k-16k. In this file, by the benchmark: 0.95-1.18x cuDNN at D=128 MHA with N >= 4k, 0.84-1.09x
-# GQA 32/8 and MQA, 1.04-1.24x the tl kernel (results/06_flash.json, 09a5714); 0.92-1.09x, 0.90-1.06x and
-# 1.04-1.21x in the run before (8090cd9, the same kernel). cuDNN itself moves between runs by up to 10%
-# on one shape (GQA full 8k: 602 TFLOP/s at 1e677be, 667 at 8090cd9, 683 at 09a5714). At D=64 it was
+# not, N 4k-16k. In this file, by the benchmark: 0.95-1.09x cuDNN at D=128 MHA with N >= 4k, 0.90-1.04x
+# GQA 32/8 and MQA, 1.03-1.21x the tl kernel (results/06_flash.json, 6a0226f, with the tails zeroed);
+# 0.95-1.18x, 0.84-1.09x and 1.04-1.24x at 09a5714, 0.92-1.09x, 0.90-1.06x and 1.04-1.21x at 8090cd9.
+# cuDNN itself moves between runs by up to 10% on one shape (GQA full 8k: 602 TFLOP/s at 1e677be, 667 at
+# 8090cd9, 683 at 09a5714, 644 at 6a0226f; its 8k rows read from 559 to 614 over three rounds of
+# notes/probes/flash_fwd_gqa_size.py, ours from 611 to 624). At D=64 it was
 # no faster than the tl kernel (the softmax outweighs the matmuls there), so D=64 and every other case
 # stays on the tl kernel: head dims other than 128, strided inputs, GPUs other than sm_90, and the CPU
 # interpreter (Gluon has none; tests/test_flash.py checks the dispatch).
@@ -336,6 +338,10 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, K_DESC, V_DESC,
 # the next head's first rows would reach this head's output. So before the last block's P V, each
 # consumer zeroes the V rows past the end in shared memory (_g_zero_rows), as the tl kernel's masked
 # loads read zeros there; check_isolation puts inf and NaN in the next head's or sequence's first rows.
+# What it costs where it runs (every program of a sequence that ends mid-tile; notes/probes/
+# flash_gluon_tails.py on the H200, against a copy of this file without it, 6 rounds): the forward 1-5%
+# at D=128 (dense N=1000 full 0.955x, causal 0.979x; N=4000 causal 0.993x; varlen at mean length 1k
+# 0.962-0.977x). Sequences that end on a tile boundary skip it.
 
 
 @gluon.jit
@@ -862,8 +868,10 @@ def _bwd_dq_kernel(Q, K, V, DO, LD, DQ, CU_Q, CU_K,
 # causal and not (flash_bwd_gluon.py, session 11, the variants interleaved over three rounds). In this
 # file, by the benchmark (results/06_flash.json, 09a5714): 0.86-0.89x cuDNN at D=128 MHA with N >= 4k,
 # 0.86-0.94x GQA 32/8, 1.01-1.23x the tl kernels; at D=128 causal 4k the profile has dK/dV 946 us (tl
-# 1,095) and dQ 621 (tl 687), the backward 1,602 against cuDNN's 1,403. Rings: 2 slots for dK/dV, 3 for
-# dQ; in the whole backward (3, 3) and (2, 2) came within 1-2% of it (one round, two shapes).
+# 1,095) and dQ 621 (tl 687), the backward 1,602 against cuDNN's 1,403. At 6a0226f (the tails zeroed,
+# below): 0.79-0.87x and 0.85-0.92x, 1.02-1.18x the tl kernels, with our backward within 4% of 09a5714's
+# on every D=128 row and cuDNN's up to 9% faster; profile dK/dV 995 us, dQ 617. Rings: 2 slots for
+# dK/dV, 3 for dQ; in the whole backward (3, 3) and (2, 2) came within 1-2% of it (one round, two shapes).
 # Where they run: dense inputs under gluon_ok's rules, and for dK/dV only where one program walks the
 # whole query group (dkdv_splits == 1: MQA's split partials stay with the tl kernel), and not with
 # deterministic=False (its dQ atomics live in the tl dK/dV kernel). Varlen takes the tl kernels.
@@ -871,8 +879,11 @@ def _bwd_dq_kernel(Q, K, V, DO, LD, DQ, CU_Q, CU_K,
 # end is masked to P = 0 in dQ and its dK, dV rows are not stored. The rows past the end that a whole
 # tile reads (the next head's) are zeroed in shared memory before any matmul reads them (_g_zero_rows):
 # Q and dO in dK/dV's last query block of each head (an inf there would make S, and so P, NaN; a NaN in
-# dO would reach dV through 0 * NaN), K and V in dQ's last key block. The test sits in the loop; the
-# zeroing runs once per head.
+# dO would reach dV through 0 * NaN), K and V in dQ's last key block. The test sits in the loop (ptxas
+# branches over the zeroing, but the loop's path grows from 432 to 458 SASS instructions in the causal
+# dK/dV kernel, 284 to 290 without a mask, 440 to 465 in dQ); the zeroing runs once per head. Measured
+# as the forward's: the backward 0.956-0.981x at N=1000 and 4000, where it runs, and within the
+# benchmark's noise where N is a multiple of the tiles (results/06_flash.json, 6a0226f, against 09a5714).
 
 
 @gluon.constexpr_function
