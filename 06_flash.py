@@ -331,17 +331,18 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, K_DESC, V_DESC,
 #     start a block of its own: the whole softmax step sits in both arms of its mask branch;
 #   - P is converted to bf16 at the top of the next block, where no matmul reads P's registers; converted
 #     after the softmax, its conversions were interleaved with the exponentials and forced the wait early.
-# Tails: TMA reads whole tiles, so a head's or sequence's last tile also holds rows past its end: the next
-# head's or sequence's (or TMA's zeros at the tensor's end). Rows past the last query are computed and not
-# stored, and keys past the last key get a score of -inf (a select, so even an inf or NaN key is dropped),
-# so P = 0 for them. But P V would still read those V rows, and 0 * inf is NaN: one non-finite value in
-# the next head's first rows would reach this head's output. So before the last block's P V, each
-# consumer zeroes the V rows past the end in shared memory (_g_zero_rows), as the tl kernel's masked
-# loads read zeros there; check_isolation puts inf and NaN in the next head's or sequence's first rows.
-# What it costs where it runs (every program of a sequence that ends mid-tile; notes/probes/
-# flash_gluon_tails.py on the H200, against a copy of this file without it, 6 rounds): the forward 1-5%
-# at D=128 (dense N=1000 full 0.955x, causal 0.979x; N=4000 causal 0.993x; varlen at mean length 1k
-# 0.962-0.977x). Sequences that end on a tile boundary skip it.
+# Tails: TMA reads whole tiles. Rows past the last query are computed and not stored, and keys past the
+# last key get a score of -inf (a select, so even an inf or NaN key is dropped), so P = 0 for them. But
+# P V still reads those V rows, and 0 * inf is NaN: a non-finite value there would reach this head's
+# output, where the tl kernel's masked loads read zeros. Dense inputs go through per-head descriptors,
+# (B*H, N, D) in tiles of (1, rows, D), so TMA itself fills the rows past a head's end with zeros. Packed
+# varlen sequences share one (T, H*D) descriptor, so a sequence's last tile holds the next sequence's
+# first rows: before the last block's P V, each consumer zeroes the V rows past the end in shared memory
+# (_g_zero_rows). check_isolation puts inf and NaN in the next head's or sequence's first rows.
+# Measured on the H200 (notes/probes/flash_gluon_tails.py, 6 rounds, against a copy of this file whose
+# _g_zero_rows does nothing): zeroing in every program cost the forward 1-5% (varlen at mean length 1k
+# 0.962-0.977x; dense N=1000 0.955-0.979x when dense inputs were zeroed this way too, at 4f60a26, before
+# the per-head descriptors; those descriptors' loops compile to the same SASS as the 2-D ones').
 
 
 @gluon.jit
@@ -368,10 +369,24 @@ def _g_softmax(s, m_i, l_i, start_n, unmasked, offs_m, seq_k, diag, qk_scale, BL
     return p, m_new, alpha, l_new
 
 
+@gluon.constexpr_function
+def _g_tile_layout(desc_layout):
+    """The shared layout of a (rows, D) tile that a wgmma reads, from its descriptor's: the same swizzle
+    (a dense descriptor's tiles are (1, rows, D))."""
+    return gl.NVMMASharedLayout(desc_layout.swizzle_byte_width, desc_layout.element_bitwidth, 2)
+
+
 @gluon.jit
-def _g_load(desc, row, col, bars, smem, slot):
-    mbarrier.expect(bars.index(slot), desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(desc, [row, col], bars.index(slot), smem.index(slot))
+def _g_load(desc, row, at, bar, tile):
+    """TMA copy of rows [row, row + rows) into a (rows, D) shared tile. A dense (B*H, N, D) descriptor
+    (3-D): of head `at`, and rows past the head's end arrive as zeros (TMA's fill). A packed (T, H*D)
+    one: from column `at` (the head's first), and rows past the sequence's end are the next sequence's."""
+    if len(desc.block_type.shape) == 3:
+        rows: gl.constexpr = tile.type.shape[0]
+        D: gl.constexpr = tile.type.shape[1]
+        tma.async_copy_global_to_shared(desc, [at, row, 0], bar, tile.reshape([1, rows, D]))
+    else:
+        tma.async_copy_global_to_shared(desc, [row, at], bar, tile)
 
 
 # a warpgroup's own barrier: gl.thread_barrier in Triton 3.6 (the H200's), gl.barrier in later ones
@@ -388,7 +403,7 @@ def _g_slice_layout(d, warps):
 @gluon.jit
 def _g_zero_rows(tile, keep):
     """Zero the rows from keep on of a (rows, D) shared tile that TMA filled, before a wgmma reads it:
-    rows past a head's or sequence's end, which belong to the next one. Both consumer warpgroups may zero
+    rows past a packed sequence's end, which belong to the next one. Both consumer warpgroups may zero
     one tile at once; they write the same zeros. The fence hands the stores to the async proxy (wgmma's
     reads), the barrier waits for this warpgroup's every thread (in a warp_specialize partition it is
     the partition's own, not the whole program's)."""
@@ -411,18 +426,21 @@ def _g_producer(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, C
     q_desc, k_desc, v_desc = descs
     q_smem, k_smem, v_smem = smem
     q_bars, k_ready, v_ready, k_empty, v_empty = bars
-    q_row, q_col, kv_row, kv_col, start_m, seq_q, seq_k, n_blocks = geom
+    q_row, q_at, kv_row, kv_at, start_m, seq_q, seq_k, n_blocks = geom
     STAGES: gl.constexpr = k_smem.type.shape[0]
     HALF: gl.constexpr = q_smem.type.shape[1]
     for w in gl.static_range(2):
-        _g_load(q_desc, q_row + start_m + w * HALF, q_col, q_bars, q_smem, w)
+        mbarrier.expect(q_bars.index(w), q_desc.block_type.nbytes)
+        _g_load(q_desc, q_row + start_m + w * HALF, q_at, q_bars.index(w), q_smem.index(w))
     for j in range(n_blocks):
         slot = j % STAGES
         free = (j // STAGES & 1) ^ 1
         mbarrier.wait(k_empty.index(slot), free)
-        _g_load(k_desc, kv_row + j * BLOCK_N, kv_col, k_ready, k_smem, slot)
+        mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
+        _g_load(k_desc, kv_row + j * BLOCK_N, kv_at, k_ready.index(slot), k_smem.index(slot))
         mbarrier.wait(v_empty.index(slot), free)
-        _g_load(v_desc, kv_row + j * BLOCK_N, kv_col, v_ready, v_smem, slot)
+        mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
+        _g_load(v_desc, kv_row + j * BLOCK_N, kv_at, v_ready.index(slot), v_smem.index(slot))
 
 
 @gluon.jit
@@ -431,8 +449,8 @@ def _g_consumer(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, C
     """One warpgroup's 64 query rows (WG 0 or 1 of the program's 128)."""
     q_smem, k_smem, v_smem = smem
     q_bars, k_ready, v_ready, k_empty, v_empty = bars
-    q_row, q_col, kv_row, kv_col, start_m, seq_q, seq_k, n_blocks = geom
-    O, LSE, lse_off, o_stride = out
+    q_row, q_at, kv_row, kv_at, start_m, seq_q, seq_k, n_blocks = geom
+    O, LSE, lse_off, o_row, o_col, o_stride = out
     dtype: gl.constexpr = q_smem.dtype
     STAGES: gl.constexpr = k_smem.type.shape[0]
     HALF: gl.constexpr = q_smem.type.shape[1]
@@ -480,7 +498,8 @@ def _g_consumer(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, C
     acc = acc * gl.convert_layout(alpha, rows_o)[:, None]
     mbarrier.wait(v_ready.index(last), (n_blocks - 1) // STAGES & 1)
     v_last = v_smem.index(last)
-    if n_blocks * BLOCK_N > seq_k:  # V rows past the last key: zeros, not the next head's values
+    PACKED: gl.constexpr = len(descs[2].block_type.shape) == 2
+    if PACKED and n_blocks * BLOCK_N > seq_k:  # V rows past the last key: zeros, not the next sequence's
         _g_zero_rows(v_last, seq_k - (n_blocks - 1) * BLOCK_N)
     acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_last, acc)
     mbarrier.arrive(v_empty.index(last), count=1)
@@ -488,7 +507,7 @@ def _g_consumer(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, C
     o = acc / gl.convert_layout(l_i, rows_o)[:, None]
     offs_mo = row0 + gl.arange(0, HALF, layout=rows_o)
     offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-    o_rows = (q_row + offs_mo).to(gl.int64) * o_stride + q_col  # O has q's layout
+    o_rows = (o_row + offs_mo).to(gl.int64) * o_stride + o_col  # O has q's layout
     gl.store(O + o_rows[:, None] + offs_d[None, :], o.to(dtype), mask=(offs_mo < seq_q)[:, None])
     gl.store(LSE + lse_off + offs_m, m_i + gl.log2(l_i), mask=offs_m < seq_q)
 
@@ -502,8 +521,8 @@ def _g_consumer1(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, 
 def _fwd_kernel_gluon(q_desc, k_desc, v_desc, O, LSE, CU_Q, CU_K, n_q, n_k, H, GROUP, stride_lb, stride_lh,
                       qk_scale, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                       STAGES: gl.constexpr, CAUSAL: gl.constexpr, IS_VARLEN: gl.constexpr):  # fmt: skip
-    """Launched with 4 warps (warpgroup 0) plus the workers' 4 (warpgroup 1) and 1 (producer). The row
-    descriptors are _row_descs' views: (B*H*N, D) dense, (T, H*D) packed."""
+    """Launched with 4 warps (warpgroup 0) plus the workers' 4 (warpgroup 1) and 1 (producer). The
+    descriptors are _fwd_gluon's: (B*H, N, D) dense, (T, H*D) packed."""
     pid_m = gl.program_id(0)
     if CAUSAL:  # heaviest query blocks first, as in the tl kernel
         pid_m = gl.num_programs(0) - 1 - pid_m
@@ -517,14 +536,14 @@ def _fwd_kernel_gluon(q_desc, k_desc, v_desc, O, LSE, CU_Q, CU_K, n_q, n_k, H, G
         k_start = gl.load(CU_K + b)
         seq_q = gl.load(CU_Q + b + 1) - q_start
         seq_k = gl.load(CU_K + b + 1) - k_start
-        q_row, q_col, kv_row, kv_col = q_start, h * HEAD_DIM, k_start, h_kv * HEAD_DIM
-        o_stride = H * HEAD_DIM
+        q_row, q_at, kv_row, kv_at = q_start, h * HEAD_DIM, k_start, h_kv * HEAD_DIM  # packed rows
+        o_row, o_col, o_stride = q_start, h * HEAD_DIM, H * HEAD_DIM
     else:
         q_start = 0
         seq_q = n_q
         seq_k = n_k
-        q_row, q_col, kv_row, kv_col = pid_bh * n_q, 0, (b * (H // GROUP) + h_kv) * n_k, 0
-        o_stride = HEAD_DIM
+        q_row, q_at, kv_row, kv_at = 0, pid_bh, 0, b * (H // GROUP) + h_kv  # rows of one head
+        o_row, o_col, o_stride = pid_bh * n_q, 0, HEAD_DIM
     if start_m < seq_q:  # varlen launches max_seqlen_q rows; shorter sequences stop here
         if CAUSAL:
             hi = gl.minimum(seq_k, start_m + BLOCK_M + seq_k - seq_q)
@@ -533,9 +552,10 @@ def _fwd_kernel_gluon(q_desc, k_desc, v_desc, O, LSE, CU_Q, CU_K, n_q, n_k, H, G
         n_blocks = gl.cdiv(hi, BLOCK_N)
         lse_off = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + q_start
         dtype: gl.constexpr = q_desc.dtype
-        q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M // 2, HEAD_DIM], q_desc.layout)
-        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+        tile: gl.constexpr = _g_tile_layout(q_desc.layout)
+        q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M // 2, HEAD_DIM], tile)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], tile)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], tile)
         q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -552,8 +572,8 @@ def _fwd_kernel_gluon(q_desc, k_desc, v_desc, O, LSE, CU_Q, CU_K, n_q, n_k, H, G
         descs = (q_desc, k_desc, v_desc)
         smem = (q_smem, k_smem, v_smem)
         bars = (q_bars, k_ready, v_ready, k_empty, v_empty)
-        geom = (q_row, q_col, kv_row, kv_col, start_m, seq_q, seq_k, n_blocks)
-        out = (O, LSE, lse_off, o_stride)
+        geom = (q_row, q_at, kv_row, kv_at, start_m, seq_q, seq_k, n_blocks)
+        out = (O, LSE, lse_off, o_row, o_col, o_stride)
         # the constexprs are written into each call: held in a tuple variable they became tensors
         gl.warp_specialize([
             (_g_consumer, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL, 0)),
@@ -876,14 +896,13 @@ def _bwd_dq_kernel(Q, K, V, DO, LD, DQ, CU_Q, CU_K,
 # whole query group (dkdv_splits == 1: MQA's split partials stay with the tl kernel), and not with
 # deterministic=False (its dQ atomics live in the tl dK/dV kernel). Varlen takes the tl kernels.
 # Tails, as in the forward: a query row past the end has lse = +inf, so its P is 0; a key row past the
-# end is masked to P = 0 in dQ and its dK, dV rows are not stored. The rows past the end that a whole
-# tile reads (the next head's) are zeroed in shared memory before any matmul reads them (_g_zero_rows):
-# Q and dO in dK/dV's last query block of each head (an inf there would make S, and so P, NaN; a NaN in
-# dO would reach dV through 0 * NaN), K and V in dQ's last key block. The test sits in the loop (ptxas
-# branches over the zeroing, but the loop's path grows from 432 to 458 SASS instructions in the causal
-# dK/dV kernel, 284 to 290 without a mask, 440 to 465 in dQ); the zeroing runs once per head. Measured
-# as the forward's: the backward 0.956-0.981x at N=1000 and 4000, where it runs, and within the
-# benchmark's noise where N is a multiple of the tiles (results/06_flash.json, 6a0226f, against 09a5714).
+# end is masked to P = 0 in dQ and its dK, dV rows are not stored. Every tile comes through a per-head
+# descriptor (_gluon_bwd_descs), so the rows past a head's end arrive as TMA's zeros: an inf or NaN in the
+# next head's first rows never reaches a matmul (an inf in Q would make S, and so P, NaN; a NaN in dO
+# would reach dV through 0 * NaN). The first fix zeroed those rows in shared memory inside the loop
+# (6a0226f): 1.9-4.4% slower where it ran (N=1000, 4000; flash_gluon_tails.py), and a longer loop even
+# where it did not (432 to 458 SASS instructions in the causal dK/dV kernel); the per-head descriptors
+# cost nothing (432).
 
 
 @gluon.constexpr_function
@@ -911,28 +930,28 @@ def _gb_dkdv_producer(descs, smem, bars, geom):
     q_desc, k_desc, v_desc, do_desc = descs
     k_smem, v_smem, q_smem, do_smem, lse_smem, dl_smem = smem
     kv_bar, ready, empty = bars
-    LD, q_row0, kv_row, n_q, lo, n_steps, steps_per_head, DK, DV, n_k, start_n, sm_scale = geom
+    LD, q_head0, kv_head, n_q, lo, n_steps, steps_per_head, DK, DV, n_k, start_n, sm_scale = geom
     STAGES: gl.constexpr = q_smem.type.shape[0]
     BLOCK_M: gl.constexpr = q_smem.type.shape[1]
     HALF: gl.constexpr = k_smem.type.shape[1]
     mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes)
     for w in gl.static_range(2):
-        tma.async_copy_global_to_shared(k_desc, [kv_row + w * HALF, 0], kv_bar, k_smem.index(w))
-        tma.async_copy_global_to_shared(v_desc, [kv_row + w * HALF, 0], kv_bar, v_smem.index(w))
+        _g_load(k_desc, start_n + w * HALF, kv_head, kv_bar, k_smem.index(w))
+        _g_load(v_desc, start_n + w * HALF, kv_head, kv_bar, v_smem.index(w))
     rows_layout: gl.constexpr = gl.BlockedLayout([BLOCK_M // 32], [32], [1], [0])
     for i in range(n_steps):
         slot = i % STAGES
         mbarrier.wait(empty.index(slot), (i // STAGES & 1) ^ 1)  # a fresh barrier's phase -1 is complete
         start_m = lo + (i % steps_per_head) * BLOCK_M
-        row = q_row0 + i // steps_per_head * n_q + start_m  # step i: head i // steps_per_head's block
+        head = q_head0 + i // steps_per_head  # step i: the group's head i // steps_per_head
         rows = start_m + gl.arange(0, BLOCK_M, layout=rows_layout)
-        pairs = LD + (row - start_m + rows).to(gl.int64) * 2  # (lse, delta) of row r at 2r, 2r + 1
+        pairs = LD + (head * n_q + rows).to(gl.int64) * 2  # (lse, delta) of row r at 2r, 2r + 1
         lse_smem.index(slot).store(gl.load(pairs, mask=rows < n_q, other=float("inf")))  # missing: P = 0
         dl_smem.index(slot).store(gl.load(pairs + 1, mask=rows < n_q, other=0.0))
         bar = ready.index(slot)
         mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)  # releases the stores
-        tma.async_copy_global_to_shared(q_desc, [row, 0], bar, q_smem.index(slot))
-        tma.async_copy_global_to_shared(do_desc, [row, 0], bar, do_smem.index(slot))
+        _g_load(q_desc, start_m, head, bar, q_smem.index(slot))
+        _g_load(do_desc, start_m, head, bar, do_smem.index(slot))
 
 
 @gluon.jit
@@ -941,7 +960,7 @@ def _gb_dkdv_consumer(descs, smem, bars, geom, qk_scale, CAUSAL: gl.constexpr, W
     (dK scaled once at the end)."""
     k_smem, v_smem, q_smem, do_smem, lse_smem, dl_smem = smem
     kv_bar, ready, empty = bars
-    LD, q_row0, kv_row, n_q, lo, n_steps, steps_per_head, DK, DV, n_k, start_n, sm_scale = geom
+    LD, q_head0, kv_head, n_q, lo, n_steps, steps_per_head, DK, DV, n_k, start_n, sm_scale = geom
     dtype: gl.constexpr = q_smem.dtype
     STAGES: gl.constexpr = q_smem.type.shape[0]
     BLOCK_M: gl.constexpr = q_smem.type.shape[1]
@@ -967,9 +986,6 @@ def _gb_dkdv_consumer(descs, smem, bars, geom, qk_scale, CAUSAL: gl.constexpr, W
         mbarrier.wait(ready.index(slot), i // STAGES & 1)
         q_t = q_smem.index(slot)
         do_t = do_smem.index(slot)
-        if start_m + BLOCK_M > n_q:  # the head's last block: Q and dO rows past it are the next head's
-            _g_zero_rows(q_t, n_q - start_m)
-            _g_zero_rows(do_t, n_q - start_m)
         s_tok = warpgroup_mma(k_tile, q_t.permute((1, 0)), s, use_acc=False, is_async=True)
         dp_tok = warpgroup_mma(v_tile, do_t.permute((1, 0)), dp, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(1, deps=[s_tok])
@@ -990,7 +1006,7 @@ def _gb_dkdv_consumer(descs, smem, bars, geom, qk_scale, CAUSAL: gl.constexpr, W
         mbarrier.arrive(empty.index(slot), count=1)
     offs_k = k0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, acc_layout))
     offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
-    rows = (kv_row - start_n + offs_k).to(gl.int64) * HEAD_DIM  # dk, dv: contiguous, k's layout
+    rows = (kv_head * n_k + offs_k).to(gl.int64) * HEAD_DIM  # dk, dv: contiguous, k's layout
     ok = (offs_k < n_k)[:, None]
     gl.store(DK + rows[:, None] + offs_d[None, :], (dk * sm_scale).to(dtype), mask=ok)
     gl.store(DV + rows[:, None] + offs_d[None, :], dv.to(dtype), mask=ok)
@@ -1011,8 +1027,7 @@ def _bwd_dkdv_gluon(q_desc, k_desc, v_desc, do_desc, LD, DK, DV, n_q, n_k, H, GR
     pid = gl.program_id(1)  # batch * H_KV + kv head
     b = pid // (H // GROUP)
     h_kv = pid % (H // GROUP)
-    kv_row = pid * n_k + start_n
-    q_row0 = (b * H + h_kv * GROUP) * n_q  # the group's first head; head g of the group is g * n_q further
+    q_head0 = b * H + h_kv * GROUP  # the group's first query head
     if CAUSAL:  # query blocks before lo see none of these keys
         lo = gl.maximum(start_n - (n_k - n_q), 0) // BLOCK_M * BLOCK_M
     else:
@@ -1021,10 +1036,11 @@ def _bwd_dkdv_gluon(q_desc, k_desc, v_desc, do_desc, LD, DK, DV, n_q, n_k, H, GR
     n_steps = GROUP * steps_per_head
     dtype: gl.constexpr = q_desc.dtype
     HALF: gl.constexpr = BLOCK_N // 2
-    k_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], v_desc.layout)
-    q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
-    do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
+    tile: gl.constexpr = _g_tile_layout(q_desc.layout)  # every descriptor's tile is (1, 64, D)
+    k_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], tile)
+    v_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], tile)
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], tile)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], tile)
     row_smem: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
     lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], row_smem)
     dl_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], row_smem)
@@ -1039,7 +1055,7 @@ def _bwd_dkdv_gluon(q_desc, k_desc, v_desc, do_desc, LD, DK, DV, n_q, n_k, H, GR
     descs = (q_desc, k_desc, v_desc, do_desc)
     smem = (k_smem, v_smem, q_smem, do_smem, lse_smem, dl_smem)
     bars = (kv_bar, ready, empty)
-    geom = (LD, q_row0, kv_row, n_q, lo, n_steps, steps_per_head, DK, DV, n_k, start_n, sm_scale)
+    geom = (LD, q_head0, pid, n_q, lo, n_steps, steps_per_head, DK, DV, n_k, start_n, sm_scale)
     gl.warp_specialize([
         (_gb_dkdv_consumer, (descs, smem, bars, geom, qk_scale, CAUSAL, 0)),
         (_gb_dkdv_consumer1, (descs, smem, bars, geom, qk_scale, CAUSAL)),
@@ -1053,21 +1069,21 @@ def _gb_dq_producer(descs, smem, bars, geom):
     q_desc, k_desc, v_desc, do_desc = descs
     q_smem, do_smem, k_smem, v_smem = smem
     qd_bar, ready, empty = bars
-    q_row, kv_row, n_q, n_k, start_m, n_steps, LD, DQ, sm_scale = geom
+    q_head, kv_head, n_q, n_k, start_m, n_steps, LD, DQ, sm_scale = geom
     STAGES: gl.constexpr = k_smem.type.shape[0]
     BLOCK_N: gl.constexpr = k_smem.type.shape[1]
     HALF: gl.constexpr = q_smem.type.shape[1]
     mbarrier.expect(qd_bar, 2 * q_desc.block_type.nbytes + 2 * do_desc.block_type.nbytes)
     for w in gl.static_range(2):
-        tma.async_copy_global_to_shared(q_desc, [q_row + start_m + w * HALF, 0], qd_bar, q_smem.index(w))
-        tma.async_copy_global_to_shared(do_desc, [q_row + start_m + w * HALF, 0], qd_bar, do_smem.index(w))
+        _g_load(q_desc, start_m + w * HALF, q_head, qd_bar, q_smem.index(w))
+        _g_load(do_desc, start_m + w * HALF, q_head, qd_bar, do_smem.index(w))
     for i in range(n_steps):
         slot = i % STAGES
         mbarrier.wait(empty.index(slot), (i // STAGES & 1) ^ 1)
         bar = ready.index(slot)
         mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [kv_row + i * BLOCK_N, 0], bar, k_smem.index(slot))
-        tma.async_copy_global_to_shared(v_desc, [kv_row + i * BLOCK_N, 0], bar, v_smem.index(slot))
+        _g_load(k_desc, i * BLOCK_N, kv_head, bar, k_smem.index(slot))
+        _g_load(v_desc, i * BLOCK_N, kv_head, bar, v_smem.index(slot))
 
 
 @gluon.jit
@@ -1075,7 +1091,7 @@ def _gb_dq_consumer(descs, smem, bars, geom, qk_scale, CAUSAL: gl.constexpr, WG:
     """One warpgroup's 64 query rows: dQ over every key block, scaled and stored at the end."""
     q_smem, do_smem, k_smem, v_smem = smem
     qd_bar, ready, empty = bars
-    q_row, kv_row, n_q, n_k, start_m, n_steps, LD, DQ, sm_scale = geom
+    q_head, kv_head, n_q, n_k, start_m, n_steps, LD, DQ, sm_scale = geom
     dtype: gl.constexpr = q_smem.dtype
     STAGES: gl.constexpr = k_smem.type.shape[0]
     BLOCK_N: gl.constexpr = k_smem.type.shape[1]
@@ -1088,6 +1104,7 @@ def _gb_dq_consumer(descs, smem, bars, geom, qk_scale, CAUSAL: gl.constexpr, WG:
     row0 = start_m + WG * HALF
     diag = n_k - n_q
     q_rows = row0 + gl.arange(0, HALF, layout=rows_layout)
+    q_row = q_head * n_q  # the head's first row: its (lse, delta) pairs and dq rows are indexed from it
     pairs = LD + (q_row + q_rows).to(gl.int64) * 2  # (lse, delta) of this warpgroup's rows
     lse = gl.load(pairs, mask=q_rows < n_q, other=float("inf"))
     dl = gl.load(pairs + 1, mask=q_rows < n_q, other=0.0)
@@ -1106,9 +1123,6 @@ def _gb_dq_consumer(descs, smem, bars, geom, qk_scale, CAUSAL: gl.constexpr, WG:
         mbarrier.wait(ready.index(slot), i // STAGES & 1)
         k_t = k_smem.index(slot)
         v_t = v_smem.index(slot)
-        if (i + 1) * BLOCK_N > n_k:  # the last key block: K and V rows past it are the next head's
-            _g_zero_rows(k_t, n_k - i * BLOCK_N)
-            _g_zero_rows(v_t, n_k - i * BLOCK_N)
         s_tok = warpgroup_mma(q_t, k_t.permute((1, 0)), s, use_acc=False, is_async=True)
         dp_tok = warpgroup_mma(do_t, v_t.permute((1, 0)), dp, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(1, deps=[s_tok])
@@ -1148,9 +1162,8 @@ def _bwd_dq_gluon(q_desc, k_desc, v_desc, do_desc, LD, DQ, n_q, n_k, H, GROUP, q
     if CAUSAL:  # heaviest query blocks first
         pid_m = gl.num_programs(0) - 1 - pid_m
     start_m = pid_m * BLOCK_M
-    pid_bh = gl.program_id(1)
-    q_row = pid_bh * n_q  # this head's first row; its rows' (lse, delta) pairs are indexed the same way
-    kv_row = (pid_bh // H * (H // GROUP) + pid_bh % H // GROUP) * n_k
+    pid_bh = gl.program_id(1)  # batch * H + head
+    kv_head = pid_bh // H * (H // GROUP) + pid_bh % H // GROUP
     if CAUSAL:
         hi = gl.minimum(n_k, start_m + BLOCK_M + n_k - n_q)
     else:
@@ -1158,10 +1171,11 @@ def _bwd_dq_gluon(q_desc, k_desc, v_desc, do_desc, LD, DQ, n_q, n_k, H, GROUP, q
     n_steps = gl.cdiv(hi, BLOCK_N)
     dtype: gl.constexpr = q_desc.dtype
     HALF: gl.constexpr = BLOCK_M // 2
-    q_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], q_desc.layout)
-    do_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], do_desc.layout)
-    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    tile: gl.constexpr = _g_tile_layout(q_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], tile)
+    do_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_DIM], tile)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], tile)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], tile)
     qd_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -1173,7 +1187,7 @@ def _bwd_dq_gluon(q_desc, k_desc, v_desc, do_desc, LD, DQ, n_q, n_k, H, GROUP, q
     descs = (q_desc, k_desc, v_desc, do_desc)
     smem = (q_smem, do_smem, k_smem, v_smem)
     bars = (qd_bar, ready, empty)
-    geom = (q_row, kv_row, n_q, n_k, start_m, n_steps, LD, DQ, sm_scale)
+    geom = (pid_bh, kv_head, n_q, n_k, start_m, n_steps, LD, DQ, sm_scale)
     gl.warp_specialize([
         (_gb_dq_consumer, (descs, smem, bars, geom, qk_scale, CAUSAL, 0)),
         (_gb_dq_consumer1, (descs, smem, bars, geom, qk_scale, CAUSAL)),
@@ -1362,14 +1376,15 @@ GLUON_FWD = {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 2}
 
 
 def _fwd_gluon(q, k, v, o, lse, cu_q, cu_k, lse_bh, B, n_q, n_k, causal, sm_scale, varlen):
-    """The Gluon kernel on _row_descs' views of q, k, v: (B*H*N, D) dense, (T, H*D) packed. Launched
-    with 4 warps plus its workers' 5 (padded to 12) and a 168-register cap, which the warp
-    specialisation redistributes as 240 for each consumer warpgroup and 24 for the producer's."""
+    """The Gluon kernel on descriptors over q, k, v: dense as (B*H, N, D) in tiles of one head's rows
+    (1, rows, D), packed as (T, H*D) in (rows, D) tiles. Launched with 4 warps plus its workers' 5
+    (padded to 12) and a 168-register cap, which the warp specialisation redistributes as 240 for each
+    consumer warpgroup and 24 for the producer's."""
     H, D = q.shape[1], q.shape[-1]
     bm, bn = GLUON_FWD["BLOCK_M"], GLUON_FWD["BLOCK_N"]
     dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    views = [t.view(t.shape[0], -1) if varlen else t.view(-1, D) for t in (q, k, v)]
-    tiles = ([bm // 2, D], [bn, D], [bn, D])
+    views = [t.view(t.shape[0], -1) if varlen else t.view(-1, t.shape[2], D) for t in (q, k, v)]
+    tiles = [[rows, D] if varlen else [1, rows, D] for rows in (bm // 2, bn, bn)]
     descs = [
         GluonDescriptor.from_tensor(t, tile, gl.NVMMASharedLayout.get_default_for(tile, dtype))
         for t, tile in zip(views, tiles, strict=True)
@@ -1445,12 +1460,13 @@ GLUON_BWD = {"BLOCK": 128, "TILE": 64, "DKDV_STAGES": 2, "DQ_STAGES": 3}
 
 
 def _gluon_bwd_descs(q, k, v, do):
-    """Descriptors over the rows of dense contiguous q, k, v, dO, (B*H*N, D), in 64-row tiles."""
+    """Descriptors over dense contiguous q, k, v, dO as (B*H, N, D), in tiles of one head's 64 rows: a
+    tile that runs past its head's last row reads zeros there (TMA's fill), not the next head's rows."""
     D = q.shape[-1]
-    tile = [GLUON_BWD["TILE"], D]
+    tile = [1, GLUON_BWD["TILE"], D]
     dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
     layout = gl.NVMMASharedLayout.get_default_for(tile, dtype)
-    return [GluonDescriptor.from_tensor(t.view(-1, D), tile, layout) for t in (q, k, v, do)]
+    return [GluonDescriptor.from_tensor(t.view(-1, t.shape[-2], D), tile, layout) for t in (q, k, v, do)]
 
 
 def _dkdv_gluon(descs, ld, dk, dv, q, k, causal, sm_scale):
@@ -1717,8 +1733,8 @@ def check_varlen(lens_q, lens_k, H, H_KV, D, causal, dtype, device, grad=False, 
 def check_isolation(varlen, causal, D, dtype, device):
     """inf and NaN in the first rows of head 1 (dense) or sequence 1 (varlen), in q, k, v and dO, leave
     head or sequence 0 exact: its output and gradients against the float64 reference. Its length is off
-    every tile size, so its last tiles end inside those rows (what the Gluon kernels read through TMA and
-    must zero, and the tl kernels mask)."""
+    every tile size, so its last tiles end inside those rows (the Gluon kernels' TMA tiles: zero-filled
+    per head for dense inputs, zeroed in shared memory for packed ones; the tl kernels mask them)."""
     n, m = (200, 136) if device.type == "cuda" else (45, 30)
     shape = (sum((n, m)), 2, D) if varlen else (1, 2, n, D)
     q, k, v, do = (torch.randn(shape, device=device, dtype=dtype) for _ in range(4))

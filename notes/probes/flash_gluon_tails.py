@@ -4,7 +4,10 @@ ran before the zeroing), each module with its own compiled kernels; both timed b
 replay, L2 flushed), interleaved over ROUNDS rounds, on shapes whose every sequence ends mid-tile, so
 the zeroing runs: the forward's every program once, dK/dV once per head of a program's group walk, dQ
 once per program. The outputs of the two must agree bit for bit (finite inputs: the zeroed rows had
-P = 0). GPU only:  python -u notes/probes/flash_gluon_tails.py   (ROUNDS=3 by default)"""
+P = 0). Since the Gluon kernels read dense inputs through per-head descriptors (TMA's zero fill; after
+4f60a26), only the packed varlen forward calls _g_zero_rows: the dense rows then time one kernel
+twice, a control for the noise. GPU only:  python -u notes/probes/flash_gluon_tails.py   (ROUNDS=3 by
+default)"""
 
 import functools
 import importlib.util
