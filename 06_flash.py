@@ -317,12 +317,13 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, K_DESC, V_DESC,
 #     matmuls do (what FlashAttention-3 enforces with its ping-pong; here the warp schedulers do it).
 # Measured in its first form (notes/probes/flash_fwd_gluon.py: the same loop for dense inputs only, on
 # the H200): 0.95-1.13x cuDNN and 1.10-1.21x the tl kernel at D=128 over MHA, GQA and MQA, causal and
-# not, N 4k-16k. In this file, by the benchmark: 0.95-1.09x cuDNN at D=128 MHA with N >= 4k, 0.90-1.04x
-# GQA 32/8 and MQA, 1.03-1.21x the tl kernel (results/06_flash.json, 6a0226f, with the tails zeroed);
-# 0.95-1.18x, 0.84-1.09x and 1.04-1.24x at 09a5714, 0.92-1.09x, 0.90-1.06x and 1.04-1.21x at 8090cd9.
+# not, N 4k-16k. In this file, by the benchmark: 0.94-1.20x cuDNN at D=128 MHA with N >= 4k, 0.89-1.06x
+# GQA 32/8 and MQA, 1.04-1.24x the tl kernel (results/06_flash.json, e9b7646); 0.95-1.09x, 0.90-1.04x
+# and 1.03-1.21x at 6a0226f, 0.95-1.18x, 0.84-1.09x and 1.04-1.24x at 09a5714 (the same loop each time).
 # cuDNN itself moves between runs by up to 10% on one shape (GQA full 8k: 602 TFLOP/s at 1e677be, 667 at
 # 8090cd9, 683 at 09a5714, 644 at 6a0226f; its 8k rows read from 559 to 614 over three rounds of
-# notes/probes/flash_fwd_gqa_size.py, ours from 611 to 624). At D=64 it was
+# notes/probes/flash_fwd_gqa_size.py, ours from 611 to 624, where GQA 32/8 ran level with MHA 32/32 of
+# the same size: the GQA row's earlier 0.91x was cuDNN's good run, not a GQA cost). At D=64 it was
 # no faster than the tl kernel (the softmax outweighs the matmuls there), so D=64 and every other case
 # stays on the tl kernel: head dims other than 128, strided inputs, GPUs other than sm_90, and the CPU
 # interpreter (Gluon has none; tests/test_flash.py checks the dispatch).
@@ -340,9 +341,10 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, K_DESC, V_DESC,
 # first rows: before the last block's P V, each consumer zeroes the V rows past the end in shared memory
 # (_g_zero_rows). check_isolation puts inf and NaN in the next head's or sequence's first rows.
 # Measured on the H200 (notes/probes/flash_gluon_tails.py, 6 rounds, against a copy of this file whose
-# _g_zero_rows does nothing): zeroing in every program cost the forward 1-5% (varlen at mean length 1k
-# 0.962-0.977x; dense N=1000 0.955-0.979x when dense inputs were zeroed this way too, at 4f60a26, before
-# the per-head descriptors; those descriptors' loops compile to the same SASS as the 2-D ones').
+# _g_zero_rows does nothing): zeroing in every program costs the forward 1-6% (varlen at mean length 1k:
+# 0.96-0.98x in one run, 0.94-0.99x in another; dense N=1000 0.955-0.979x when dense inputs were zeroed
+# this way too, at 4f60a26). The per-head descriptors cost nothing: their loops compile to the same SASS
+# as the 2-D ones', and the probe's dense rows, one kernel timed twice since, read 0.99-1.04x.
 
 
 @gluon.jit
@@ -888,10 +890,11 @@ def _bwd_dq_kernel(Q, K, V, DO, LD, DQ, CU_Q, CU_K,
 # causal and not (flash_bwd_gluon.py, session 11, the variants interleaved over three rounds). In this
 # file, by the benchmark (results/06_flash.json, 09a5714): 0.86-0.89x cuDNN at D=128 MHA with N >= 4k,
 # 0.86-0.94x GQA 32/8, 1.01-1.23x the tl kernels; at D=128 causal 4k the profile has dK/dV 946 us (tl
-# 1,095) and dQ 621 (tl 687), the backward 1,602 against cuDNN's 1,403. At 6a0226f (the tails zeroed,
-# below): 0.79-0.87x and 0.85-0.92x, 1.02-1.18x the tl kernels, with our backward within 4% of 09a5714's
-# on every D=128 row and cuDNN's up to 9% faster; profile dK/dV 995 us, dQ 617. Rings: 2 slots for
-# dK/dV, 3 for dQ; in the whole backward (3, 3) and (2, 2) came within 1-2% of it (one round, two shapes).
+# 1,095) and dQ 621 (tl 687), the backward 1,602 against cuDNN's 1,403. At e9b7646 (per-head
+# descriptors, below): 0.81-0.89x and 0.85-0.95x, 0.98-1.18x the tl kernels, our backward 0.97-1.04x
+# 09a5714's on the D=128 rows; profile dK/dV 965 us, dQ 617, the backward 1,617 against 1,401.
+# Rings: 2 slots for dK/dV, 3 for dQ; in the whole backward (3, 3) and (2, 2) came within 1-2% of it (one
+# round, two shapes).
 # Where they run: dense inputs under gluon_ok's rules, and for dK/dV only where one program walks the
 # whole query group (dkdv_splits == 1: MQA's split partials stay with the tl kernel), and not with
 # deterministic=False (its dQ atomics live in the tl dK/dV kernel). Varlen takes the tl kernels.
