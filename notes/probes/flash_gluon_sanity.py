@@ -3,7 +3,7 @@ MHA / GQA / MQA, ragged Nq != Nk, causal and not, bf16 and fp16, dK/dV groups wh
 a 60 s watchdog, then check_isolation (inf and NaN in the next head's or sequence's rows; session 12),
 before a full `06_flash.py` run that would otherwise wait out a hung kernel. GPU only:
 
-    timeout -s ABRT 100 python -u notes/probes/flash_gluon_sanity.py"""
+    timeout -s ABRT 200 python -u notes/probes/flash_gluon_sanity.py   (the dense cases took 96 s)"""
 
 import faulthandler
 import sys
