@@ -1381,6 +1381,13 @@ def _fwd(q, k, v, cu, B, n_q, n_k, causal, sm_scale, poison):
 GLUON_FWD = {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 2}
 
 
+def _gluon_desc(t, tile):
+    """A Gluon TMA descriptor over view t in tiles of the given shape, with the default swizzled layout of
+    the tile's dtype (fp16 or bf16; gluon_ok admits no other)."""
+    dtype = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
+    return GluonDescriptor.from_tensor(t, tile, gl.NVMMASharedLayout.get_default_for(tile, dtype))
+
+
 def _fwd_gluon(q, k, v, o, lse, cu_q, cu_k, lse_bh, B, n_q, n_k, causal, sm_scale, varlen):
     """The Gluon kernel on descriptors over q, k, v: dense as (B*H, N, D) in tiles of one head's rows
     (1, rows, D), packed as (T, H*D) in (rows, D) tiles. Launched with 4 warps plus its workers' 5
@@ -1388,13 +1395,9 @@ def _fwd_gluon(q, k, v, o, lse, cu_q, cu_k, lse_bh, B, n_q, n_k, causal, sm_scal
     consumer warpgroup and 24 for the producer's."""
     H, D = q.shape[1], q.shape[-1]
     bm, bn = GLUON_FWD["BLOCK_M"], GLUON_FWD["BLOCK_N"]
-    dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
     views = [t.view(t.shape[0], -1) if varlen else t.view(-1, t.shape[2], D) for t in (q, k, v)]
     tiles = [[rows, D] if varlen else [1, rows, D] for rows in (bm // 2, bn, bn)]
-    descs = [
-        GluonDescriptor.from_tensor(t, tile, gl.NVMMASharedLayout.get_default_for(tile, dtype))
-        for t, tile in zip(views, tiles, strict=True)
-    ]
+    descs = [_gluon_desc(t, tile) for t, tile in zip(views, tiles, strict=True)]
     grid = (triton.cdiv(n_q, bm), B * H)
     _fwd_kernel_gluon[grid](*descs, o, lse, cu_q, cu_k, n_q, n_k, H, H // k.shape[1], *lse_bh,
                             sm_scale * LOG2E, D, bm, bn, GLUON_FWD["STAGES"], causal, varlen, num_warps=4,
@@ -1469,10 +1472,7 @@ def _gluon_bwd_descs(q, k, v, do):
     """Descriptors over dense contiguous q, k, v, dO as (B*H, N, D), in tiles of one head's 64 rows: a
     tile that runs past its head's last row reads zeros there (TMA's fill), not the next head's rows."""
     D = q.shape[-1]
-    tile = [1, GLUON_BWD["TILE"], D]
-    dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    layout = gl.NVMMASharedLayout.get_default_for(tile, dtype)
-    return [GluonDescriptor.from_tensor(t.view(-1, t.shape[-2], D), tile, layout) for t in (q, k, v, do)]
+    return [_gluon_desc(t.view(-1, t.shape[-2], D), [1, GLUON_BWD["TILE"], D]) for t in (q, k, v, do)]
 
 
 def _dkdv_gluon(descs, ld, dk, dv, q, k, causal, sm_scale):

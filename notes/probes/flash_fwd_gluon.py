@@ -55,14 +55,6 @@ LOG2E = fa.LOG2E
 
 
 @gluon.jit
-def _softmax_step(s, m_i, l_i, qk_scale):
-    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-    p = gl.exp2(s * qk_scale - m_new[:, None])
-    alpha = gl.exp2(m_i - m_new)
-    return p, m_new, alpha, l_i * alpha + gl.sum(p, 1)
-
-
-@gluon.jit
 def _softmax(s, m_i, l_i, start_n, unmasked, offs_m, n, qk_scale, BLOCK_N: gl.constexpr,
              CAUSAL: gl.constexpr):  # fmt: skip
     """One online-softmax step on a block of raw scores s, with the masks only where the block needs
@@ -73,9 +65,9 @@ def _softmax(s, m_i, l_i, start_n, unmasked, offs_m, n, qk_scale, BLOCK_N: gl.co
         keep = cols[None, :] < n
         if CAUSAL:
             keep = keep & (cols[None, :] <= offs_m[:, None])
-        p, m_new, alpha, l_new = _softmax_step(gl.where(keep, s, float("-inf")), m_i, l_i, qk_scale)
+        p, m_new, alpha, l_new = fa._g_softmax_step(gl.where(keep, s, float("-inf")), m_i, l_i, qk_scale)
     else:
-        p, m_new, alpha, l_new = _softmax_step(s, m_i, l_i, qk_scale)
+        p, m_new, alpha, l_new = fa._g_softmax_step(s, m_i, l_i, qk_scale)
     return p, m_new, alpha, l_new
 
 
