@@ -83,6 +83,7 @@ except ImportError:
     TensorDescriptor = None
 # Gluon, Triton's lower-level language, for the Hopper kernels (in the Tritons this file runs on: 3.6 on
 # the H200, 3.9 on the CPU, where it is defined but never launched)
+from triton._C.libtriton import ir  # noqa: E402  (the fused backward's TMA reduce-add, wrapped below)
 from triton.experimental import gluon  # noqa: E402
 from triton.experimental.gluon import language as gl  # noqa: E402
 from triton.experimental.gluon.language.nvidia.hopper import (  # noqa: E402
@@ -93,6 +94,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (  # noqa: E402
     warpgroup_mma_wait,
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor  # noqa: E402
+from triton.language.core import builtin  # noqa: E402
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)); exp2 is the native MUFU instruction
 HEAD_DIMS = (16, 32, 64, 128)
@@ -594,14 +596,16 @@ def _fwd_kernel_gluon(q_desc, k_desc, v_desc, O, LSE, CU_Q, CU_K, n_q, n_k, H, G
 # dK/dV for a key block needs every query row, dQ for a query block needs every key: two kernels,
 # each owning its outputs, so nothing is accumulated across programs and no atomics are needed. The
 # price: the dQ kernel recomputes P and dP, 7 matmuls per (query block, key block) pair instead of 5.
-# deterministic=False takes FlashAttention-2's other road: the dK/dV kernel also adds dS K into an fp32
-# dQ buffer with atomic adds (5 matmuls, no dQ kernel), in whatever order the programs run, so dQ's
-# last bits vary from run to run. On the H200 it is the slower road: at D=128, causal, N=4k the
-# dK/dV kernel grows from 1.10 to 1.98 ms (one matmul is ~0.28 ms of that; the rest is the ~2 GB of
-# fp32 atomic adds), more than the 0.69 ms dQ kernel it replaces. Over the benchmark it runs at
-# 0.64-0.90x the two-kernel backward (0.60-0.87x cuDNN against 0.80-1.06x; results/06_flash.json,
-# notes/06_flash.md), so the bitwise repeatable two-kernel path is the default. A TMA bulk reduce-add
-# of whole dQ tiles (desc.atomic_add, commit ce166b9) measured slower than these pointer atomics.
+# deterministic=False takes the other road: the dK/dV kernel also adds dS K into an fp32 dQ buffer (5
+# matmuls, no dQ kernel), in whatever order the programs run, so dQ's last bits vary from run to run.
+# In the tl kernel, by FlashAttention-2's fp32 atomic adds, it is the slower road on the H200: at D=128,
+# causal, N=4k the dK/dV kernel grows from 1.10 to 1.98 ms (one matmul is ~0.28 ms of that; the rest is
+# the ~2 GB of fp32 atomic adds), more than the 0.69 ms dQ kernel it replaces. Over the benchmark it
+# ran at 0.64-0.90x the two-kernel backward (0.60-0.87x cuDNN against 0.80-1.06x; notes/06_flash.md),
+# so the bitwise repeatable two-kernel path is the default. A TMA bulk reduce-add of whole dQ tiles
+# issued by the matmuls' own warps (desc.atomic_add, commit ce166b9) measured slower still. Where the
+# Gluon kernels run, deterministic=False takes the fused Gluon kernel instead (FlashAttention-3's way,
+# below), which is the faster road there.
 # The dK/dV kernel walks a key block's query blocks in two loops: first, with masks, those crossing the
 # diagonal and the ragged last block; then the whole blocks between, without any (the unmasked whole
 # blocks were measured on the H200 beside the kernel that masked every row of every block, in an older
@@ -898,9 +902,24 @@ def _bwd_dq_kernel(Q, K, V, DO, LD, DQ, CU_Q, CU_K,
 # 09a5714's on the D=128 rows; profile dK/dV 965 us, dQ 617, the backward 1,617 against 1,401.
 # Rings: 2 slots for dK/dV, 3 for dQ; in the whole backward (3, 3) and (2, 2) came within 1-2% of it (one
 # round, two shapes).
-# Where they run: dense inputs under gluon_ok's rules, and for dK/dV only where one program walks the
-# whole query group (dkdv_splits == 1: MQA's split partials stay with the tl kernel), and not with
-# deterministic=False (its dQ atomics live in the tl dK/dV kernel). Varlen takes the tl kernels.
+#   - fused (deterministic=False): the dK/dV program also makes dQ. Each step both warpgroups store their
+#     dS^T (64 keys x 64 rows) into one shared (128, 64) tile, double-buffered, and meet on an
+#     mbarrier; then each computes its half of D of the step's dQ rows over all 128 keys (two matmuls,
+#     one per half's K tile: a (64, D) tile is stored as swizzled (64, 64) column blocks, so the halves
+#     are not one (128, D) tile) and hands the 64 x 64 fp32 tile to a fourth partition through shared
+#     memory. That writer warp adds it into the fp32 buffer with one TMA bulk reduce-add
+#     (cp.reduce.async.bulk.tensor; Gluon 3.6 has no builtin for it, so _tma_reduce_add wraps the IR
+#     builder's op) and frees the slot once the copy engine has read it. The matmul warps never wait for
+#     the copy: with the reduce issued by the warpgroups themselves (the compiler stages the tile and
+#     waits until it is read), the whole backward ran level with the two-kernel one (0.99-1.04x), and
+#     with fp32 pointer atomics at 0.85-0.91x of it. With the writer warp: 1.11-1.14x the two-kernel backward,
+#     0.94-0.99x cuDNN, at D=128 MHA 4k full and causal and GQA 32/8 8k causal (medians of 3
+#     interleaved rounds, notes/probes/flash_bwd_fused_gluon.py, session 13). Compiled for sm_90a: 168
+#     registers, no spills, 198,080 bytes of shared memory, 32 wgmma in a loop of 402 instructions (559
+#     causal).
+# Where they run: dense inputs under gluon_ok's rules, and for dK/dV (and the fused kernel) only where
+# one program walks the whole query group (dkdv_splits == 1: MQA's split partials stay with the tl
+# kernel, which adds dQ by atomics for deterministic=False). Varlen takes the tl kernels.
 # Tails, as in the forward: a query row past the end has lse = +inf, so its P is 0; a key row past the
 # end is masked to P = 0 in dQ and its dK, dV rows are not stored. Every tile comes through a per-head
 # descriptor (_gluon_bwd_descs), so the rows past a head's end arrive as TMA's zeros: an inf or NaN in the
@@ -961,9 +980,11 @@ def _gb_dkdv_producer(descs, smem, bars, geom):
 
 
 @gluon.jit
-def _gb_dkdv_consumer(descs, smem, bars, geom, qk_scale, CAUSAL: gl.constexpr, WG: gl.constexpr):
+def _gb_dkdv_consumer(descs, smem, bars, geom, dq_io, qk_scale, CAUSAL: gl.constexpr, FUSED: gl.constexpr,
+                      WG: gl.constexpr):  # fmt: skip
     """One warpgroup's 64 keys (WG 0 or 1 of the program's 128): dK and dV over every step, then stored
-    (dK scaled once at the end)."""
+    (dK scaled once at the end). FUSED: each step also this warpgroup's half of D of the step's dQ rows
+    over all 128 keys (_gb_dq_step), handed to the writer warp through dq_io."""
     k_smem, v_smem, q_smem, do_smem, lse_smem, dl_smem = smem
     kv_bar, ready, empty = bars
     LD, q_head0, kv_head, n_q, lo, n_steps, steps_per_head, DK, DV, n_k, start_n, sm_scale = geom
@@ -985,6 +1006,8 @@ def _gb_dkdv_consumer(descs, smem, bars, geom, qk_scale, CAUSAL: gl.constexpr, W
     dv = gl.zeros([HALF, HEAD_DIM], gl.float32, acc_layout)
     s = gl.zeros([HALF, BLOCK_M], gl.float32, s_layout)
     dp = gl.zeros([HALF, BLOCK_M], gl.float32, s_layout)
+    if FUSED:
+        dq = gl.zeros([BLOCK_M, HEAD_DIM // 2], gl.float32, _g_mma_layout(HEAD_DIM // 2))
     mbarrier.wait(kv_bar, 0)
     for i in range(n_steps):
         slot = i % STAGES
@@ -1008,8 +1031,14 @@ def _gb_dkdv_consumer(descs, smem, bars, geom, qk_scale, CAUSAL: gl.constexpr, W
         ds = p * (dp - dl[None, :])
         ds_op = gl.convert_layout(ds.to(dtype), op_layout)
         dk_tok = warpgroup_mma(ds_op, q_t, dk, is_async=True)
-        dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, p_op, ds_op])
-        mbarrier.arrive(empty.index(slot), count=1)
+        if FUSED:
+            dq_tok = _gb_dq_step(ds.to(dtype), dq, k_smem, dq_io, i, WG)
+            dv, dk, dq, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, dq_tok, p_op, ds_op])
+            mbarrier.arrive(empty.index(slot), count=1)
+            _gb_dq_handoff(dq * sm_scale, dq_io, i, WG)
+        else:
+            dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, p_op, ds_op])
+            mbarrier.arrive(empty.index(slot), count=1)
     offs_k = k0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, acc_layout))
     offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
     rows = (kv_head * n_k + offs_k).to(gl.int64) * HEAD_DIM  # dk, dv: contiguous, k's layout
@@ -1019,16 +1048,76 @@ def _gb_dkdv_consumer(descs, smem, bars, geom, qk_scale, CAUSAL: gl.constexpr, W
 
 
 @gluon.jit
-def _gb_dkdv_consumer1(descs, smem, bars, geom, qk_scale, CAUSAL: gl.constexpr):
-    _gb_dkdv_consumer(descs, smem, bars, geom, qk_scale, CAUSAL, 1)
+def _gb_dkdv_consumer1(descs, smem, bars, geom, dq_io, qk_scale, CAUSAL: gl.constexpr, FUSED: gl.constexpr):
+    _gb_dkdv_consumer(descs, smem, bars, geom, dq_io, qk_scale, CAUSAL, FUSED, 1)
 
 
 @gluon.jit
-def _bwd_dkdv_gluon(q_desc, k_desc, v_desc, do_desc, LD, DK, DV, n_q, n_k, H, GROUP, qk_scale, sm_scale,
-                    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                    STAGES: gl.constexpr, CAUSAL: gl.constexpr):  # fmt: skip
+def _gb_dq_step(ds, dq, k_smem, dq_io, i, WG: gl.constexpr):
+    """Issue dQ[:, half WG of D] = dS K over the program's 128 keys for this step's 64 query rows: this
+    warpgroup's dS^T (64 keys x 64 rows) goes into its half of a shared (128, 64) tile (double-buffered
+    by step parity) and both warpgroups meet on that buffer's barrier; returns the matmul's token."""
+    ds_smem, ds_bar, dq_desc, dq_smem, dq_full, dq_empty = dq_io
+    HALF: gl.constexpr = k_smem.type.shape[1]
+    HALF_D: gl.constexpr = k_smem.type.shape[2] // 2
+    buf = i % 2
+    ds_tile = ds_smem.index(buf)
+    ds_tile.slice(WG * HALF, HALF).store(ds)
+    fence_async_shared()  # each thread's stores, before the matmul reads them through the async proxy
+    mbarrier.arrive(ds_bar.index(buf), count=1)  # Gluon syncs the warpgroup, then one thread arrives
+    mbarrier.wait(ds_bar.index(buf), i // 2 & 1)
+    # a (64, D) tile is stored as D / 64 swizzled (64, 64) column blocks one after another, so K's two
+    # halves are not one (128, D) tile: two matmuls, each over one half's 64 keys
+    k_lo = k_smem.index(0).slice(WG * HALF_D, HALF_D, dim=1)
+    k_hi = k_smem.index(1).slice(WG * HALF_D, HALF_D, dim=1)
+    tok = warpgroup_mma(ds_tile.slice(0, HALF).permute((1, 0)), k_lo, dq, use_acc=False, is_async=True)
+    return warpgroup_mma(ds_tile.slice(HALF, HALF).permute((1, 0)), k_hi, tok, is_async=True)
+
+
+@gluon.jit
+def _gb_dq_handoff(dq, dq_io, i, WG: gl.constexpr):
+    """This warpgroup's scaled dQ tile into its shared slot for the writer warp, once the writer's copy
+    of the step before has left it."""
+    ds_smem, ds_bar, dq_desc, dq_smem, dq_full, dq_empty = dq_io
+    mbarrier.wait(dq_empty.index(WG), (i & 1) ^ 1)  # a fresh barrier's phase -1 is complete
+    dq_smem.index(WG).store(dq)
+    fence_async_shared()
+    mbarrier.arrive(dq_full.index(WG), count=1)
+
+
+@builtin
+def _tma_reduce_add(desc, coord, src, _semantic=None):
+    """global[desc at coord] += shared tile src, by one TMA bulk reduce-add (cp.reduce.async.bulk.tensor);
+    Gluon 3.6's hopper.tma has copies both ways but not this, so the IR builder's op, wrapped. The caller
+    fences src's stores before it and waits (tma.store_wait) before writing src again."""
+    coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+    _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, desc.handle, coord, src.handle)
+
+
+@gluon.jit
+def _gb_dq_writer(descs, smem, bars, geom, dq_io):
+    """One warp: each step, each warpgroup's dQ tile from its shared slot into the fp32 dQ buffer by one
+    TMA reduce-add, then the slot back to the warpgroup once the copy engine has read it."""
+    LD, q_head0, kv_head, n_q, lo, n_steps, steps_per_head, DK, DV, n_k, start_n, sm_scale = geom
+    ds_smem, ds_bar, dq_desc, dq_smem, dq_full, dq_empty = dq_io
+    BLOCK_M: gl.constexpr = dq_smem.type.shape[1]
+    HALF_D: gl.constexpr = dq_smem.type.shape[2]
+    for i in range(n_steps):
+        row = (q_head0 + i // steps_per_head) * n_q + lo + (i % steps_per_head) * BLOCK_M
+        for w in gl.static_range(2):
+            mbarrier.wait(dq_full.index(w), i & 1)
+            _tma_reduce_add(dq_desc, [row, w * HALF_D], dq_smem.index(w))
+            tma.store_wait(0)  # until the copy engine has read the slot (the adds land later)
+            mbarrier.arrive(dq_empty.index(w), count=1)
+
+
+@gluon.jit
+def _bwd_dkdv_gluon(q_desc, k_desc, v_desc, do_desc, dq_desc, LD, DK, DV, n_q, n_k, H, GROUP, qk_scale,
+                    sm_scale, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                    STAGES: gl.constexpr, CAUSAL: gl.constexpr, FUSED: gl.constexpr):  # fmt: skip
     """Dense contiguous inputs through (rows, D) descriptors with 64-row tiles; one program per
-    (128-key block, batch * kv head), walking the whole query group."""
+    (128-key block, batch * kv head), walking the whole query group. FUSED: dQ too, added into the fp32
+    buffer under dq_desc ((B*H*N, D) rows in (64, D / 2) tiles) by a fourth partition, the writer warp."""
     start_n = gl.program_id(0) * BLOCK_N
     pid = gl.program_id(1)  # batch * H_KV + kv head
     b = pid // (H // GROUP)
@@ -1057,16 +1146,36 @@ def _bwd_dkdv_gluon(q_desc, k_desc, v_desc, do_desc, LD, DK, DV, n_q, n_k, H, GR
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=2)  # one arrival from each consumer warpgroup
-    fence_async_shared()
     descs = (q_desc, k_desc, v_desc, do_desc)
     smem = (k_smem, v_smem, q_smem, do_smem, lse_smem, dl_smem)
     bars = (kv_bar, ready, empty)
     geom = (LD, q_head0, pid, n_q, lo, n_steps, steps_per_head, DK, DV, n_k, start_n, sm_scale)
-    gl.warp_specialize([
-        (_gb_dkdv_consumer, (descs, smem, bars, geom, qk_scale, CAUSAL, 0)),
-        (_gb_dkdv_consumer1, (descs, smem, bars, geom, qk_scale, CAUSAL)),
-        (_gb_dkdv_producer, (descs, smem, bars, geom)),
-    ], [4, 1], [240, 24])  # fmt: skip
+    if FUSED:
+        ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype)
+        ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M], ds_layout)  # dS^T, 2 buffers
+        dq_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, HEAD_DIM // 2], dq_desc.layout)
+        ds_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        dq_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        dq_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(ds_bar.index(i), count=2)  # both warpgroups' halves of dS^T stored
+            mbarrier.init(dq_full.index(i), count=1)  # warpgroup i's dQ tile stored
+            mbarrier.init(dq_empty.index(i), count=1)  # and read by the copy engine
+        fence_async_shared()
+        dq_io = (ds_smem, ds_bar, dq_desc, dq_smem, dq_full, dq_empty)
+        gl.warp_specialize([
+            (_gb_dkdv_consumer, (descs, smem, bars, geom, dq_io, qk_scale, CAUSAL, FUSED, 0)),
+            (_gb_dkdv_consumer1, (descs, smem, bars, geom, dq_io, qk_scale, CAUSAL, FUSED)),
+            (_gb_dkdv_producer, (descs, smem, bars, geom)),
+            (_gb_dq_writer, (descs, smem, bars, geom, dq_io)),
+        ], [4, 1, 1], [240, 24, 24])  # fmt: skip
+    else:
+        fence_async_shared()
+        gl.warp_specialize([
+            (_gb_dkdv_consumer, (descs, smem, bars, geom, None, qk_scale, CAUSAL, FUSED, 0)),
+            (_gb_dkdv_consumer1, (descs, smem, bars, geom, None, qk_scale, CAUSAL, FUSED)),
+            (_gb_dkdv_producer, (descs, smem, bars, geom)),
+        ], [4, 1], [240, 24])  # fmt: skip
 
 
 @gluon.jit
@@ -1383,8 +1492,8 @@ GLUON_FWD = {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 2}
 
 def _gluon_desc(t, tile):
     """A Gluon TMA descriptor over view t in tiles of the given shape, with the default swizzled layout of
-    the tile's dtype (fp16 or bf16; gluon_ok admits no other)."""
-    dtype = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
+    the tile's dtype (fp16 or bf16, which gluon_ok admits, or the fused backward's fp32 dQ buffer)."""
+    dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}[t.dtype]
     return GluonDescriptor.from_tensor(t, tile, gl.NVMMASharedLayout.get_default_for(tile, dtype))
 
 
@@ -1434,10 +1543,10 @@ def _bwd(do, q, k, v, o, lse, cu, B, n_q, n_k, causal, sm_scale, poison, determi
         dk, dv = (_empty((splits, *t.shape), t, torch.float32, poison) for t in (k, v))
     cu_q, cu_k = cu if varlen else (q, q)
     common = dict(HEAD_DIM=D, CAUSAL=causal, IS_VARLEN=varlen)
-    gluon = not atomic and not varlen and gluon_ok((q, k, v, do), False)
+    gluon = not varlen and gluon_ok((q, k, v, do), False)
     descs = _gluon_bwd_descs(q, k, v, do) if gluon else None
-    if gluon and splits == 1:
-        _dkdv_gluon(descs, ld, dk, dv, q, k, causal, sm_scale)
+    if gluon and splits == 1:  # atomic: the fused kernel, which adds dQ into the fp32 buffer too
+        _dkdv_gluon(descs, ld, dk, dv, q, k, causal, sm_scale, dq if atomic else None)
     else:
         dq_bhn = _bhn(dq, varlen) if atomic else (0, 0, 0)
         grid_kv = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), B * h_kv * splits)  # noqa: E731
@@ -1475,15 +1584,18 @@ def _gluon_bwd_descs(q, k, v, do):
     return [_gluon_desc(t.view(-1, t.shape[-2], D), [1, GLUON_BWD["TILE"], D]) for t in (q, k, v, do)]
 
 
-def _dkdv_gluon(descs, ld, dk, dv, q, k, causal, sm_scale):
+def _dkdv_gluon(descs, ld, dk, dv, q, k, causal, sm_scale, dq=None):
     """The Gluon dK/dV kernel into contiguous dk, dv, one program walking each kv head's whole group;
-    launched like the forward (4 warps + the workers' 5, 168-register cap redistributed 240 / 24)."""
+    launched like the forward (4 warps + the workers' 5, 168-register cap redistributed 240 / 24). With
+    dq (an fp32 buffer of zeros shaped like q): the fused kernel, which also adds scale * dS K into it
+    (one more worker, the writer warp, with 24 registers)."""
     B, H, n_q, D = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     bn = GLUON_BWD["BLOCK"]
+    dq_desc = None if dq is None else _gluon_desc(dq.view(-1, D), [GLUON_BWD["TILE"], D // 2])
     _bwd_dkdv_gluon[(triton.cdiv(n_k, bn), B * h_kv)](
-        *descs, ld, dk, dv, n_q, n_k, H, H // h_kv, sm_scale * LOG2E, sm_scale, D, GLUON_BWD["TILE"], bn,
-        GLUON_BWD["DKDV_STAGES"], causal, num_warps=4, maxnreg=168)  # fmt: skip
+        *descs, dq_desc, ld, dk, dv, n_q, n_k, H, H // h_kv, sm_scale * LOG2E, sm_scale, D, GLUON_BWD["TILE"],
+        bn, GLUON_BWD["DKDV_STAGES"], causal, dq is not None, num_warps=4, maxnreg=168)  # fmt: skip
 
 
 def _dq_gluon(descs, ld, dq, q, k, causal, sm_scale):
@@ -1517,8 +1629,9 @@ def flash_attention(q, k, v, causal=False, sm_scale=None, *, poison=False, deter
 
     Differentiable. H must be a multiple of H_KV (GQA/MQA); causal needs Nq == Nk. sm_scale defaults
     to D^-0.5. poison=True fills every output with NaN before the kernels run (used by the checks).
-    deterministic=False computes dQ with fp32 atomic adds: not bitwise repeatable, and slower on the
-    H200 (see the backward kernels' notes).
+    deterministic=False accumulates dQ in fp32 across key blocks (5 matmuls a block pair, not 7): not
+    bitwise repeatable. On an H200 at D=128 that is the fused Gluon kernel, the faster backward; where
+    the tl kernel's fp32 atomic adds do it, the slower one (see the backward kernels' notes).
     """
     _validate(q, k, v, causal, sm_scale, "dense")
     q, k, v = _contig_last(q, k, v)
@@ -1542,7 +1655,7 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     on packed sequences); the argument checks are in the "Argument checks" cell below.
     check_offsets=False skips the checks of the offsets' values, and with them the host's wait for the
     GPU they need: for a caller that built cu_seqlens itself and calls once a layer (a serving loop).
-    deterministic=False: dQ by fp32 atomic adds, as in flash_attention.
+    deterministic=False: dQ by fp32 atomic adds (the tl kernel: varlen takes no Gluon backward).
     """
     _validate(q, k, v, causal, sm_scale, "varlen")
     cu_seqlens_q, cu_seqlens_k = _validate_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
@@ -1736,7 +1849,7 @@ def check_varlen(lens_q, lens_k, H, H_KV, D, causal, dtype, device, grad=False, 
     return note
 
 
-def check_isolation(varlen, causal, D, dtype, device):
+def check_isolation(varlen, causal, D, dtype, device, deterministic=True):
     """inf and NaN in the first rows of head 1 (dense) or sequence 1 (varlen), in q, k, v and dO, leave
     head or sequence 0 exact: its output and gradients against the float64 reference. Its length is off
     every tile size, so its last tiles end inside those rows (the Gluon kernels' TMA tiles: zero-filled
@@ -1752,9 +1865,11 @@ def check_isolation(varlen, causal, D, dtype, device):
         warnings.simplefilter("ignore", RuntimeWarning)
         if varlen:
             cu = cu_seqlens([n, m], device)
-            out = flash_attention_varlen(q, k, v, cu, cu, n, n, causal, poison=True)
+            out = flash_attention_varlen(
+                q, k, v, cu, cu, n, n, causal, poison=True, deterministic=deterministic
+            )
         else:
-            out = flash_attention(q, k, v, causal, poison=True)
+            out = flash_attention(q, k, v, causal, poison=True, deterministic=deterministic)
         grads = _grads(out, (q, k, v), do)
     first = (slice(0, n),) if varlen else (slice(None), 0)
 
@@ -1811,9 +1926,16 @@ def run_checks(checks, device, quick):
             checks(f"fwd+bwd H{s[1]}/{s[2]} causal, dK/dV group in {splits} part(s) {str(dtype)[6:]}",
                    check_dense, *s, dtype, device)  # fmt: skip
     # dQ by atomic adds (deterministic=False): full and causal, each kv head's group walked whole and
-    # split in two (on the GPU the first shape is MHA, where the group is one head), varlen
-    atomic = [(2, 4, 4, 1000, 1000, 128, True), (1, 8, 2, 777, 777, 64, False)] if on_gpu and not quick else [
-        (1, 4, 2, 45, 45, 32, True), (1, 4, 2, 37, 37, 64, False)]  # fmt: skip
+    # split in two (on the GPU the first shape is MHA, where the group is one head), varlen. On an H200
+    # the D=128 ones with the group whole take the fused Gluon kernel (dQ by TMA reduce-add): MHA causal,
+    # and GQA 8/2 with Nq != Nk, ragged.
+    atomic = [
+        (2, 4, 4, 1000, 1000, 128, True),
+        (1, 8, 2, 777, 777, 64, False),
+        (1, 8, 2, 300, 1111, 128, False),
+    ]
+    if quick or not on_gpu:
+        atomic = [(1, 4, 2, 45, 45, 32, True), (1, 4, 2, 37, 37, 64, False)]
     for i, s in enumerate(atomic):
         with fixed_configs(n := n + 1), fixed_dkdv_splits(1 + i % 2):
             mode = "causal" if s[6] else "full"
@@ -1841,14 +1963,18 @@ def run_checks(checks, device, quick):
             with fixed_configs(i), tl_kernels():
                 checks(dense_name(s, dtype, ", tl kernels"), check_dense, *s, dtype, device)
     # A non-finite value in the next head's or sequence's first rows stays there (check_isolation); at
-    # D=128 on the H200 through the Gluon kernels, on the CPU through the tl ones.
+    # D=128 on the H200 through the Gluon kernels (dense: the fused backward's too), on the CPU through
+    # the tl ones.
     iso_d, iso_dtype = (128, b16[0]) if on_gpu and not quick else (32, f16[0])
-    for varlen in (False, True):
-        for causal in (False, True):
-            name = f"{'varlen' if varlen else 'dense'} fwd+bwd D{iso_d} {'causal' if causal else 'full'}"
-            with fixed_configs(n := n + 1):
-                checks(f"{name}, inf/NaN in the next one's rows {str(iso_dtype)[6:]}", check_isolation,
-                       varlen, causal, iso_d, iso_dtype, device)  # fmt: skip
+    iso = [(False, c, True) for c in (False, True)] + [(True, c, True) for c in (False, True)]
+    if on_gpu and not quick:
+        iso += [(False, c, False) for c in (False, True)]
+    for varlen, causal, det in iso:
+        name = f"{'varlen' if varlen else 'dense'} fwd+bwd D{iso_d} {'causal' if causal else 'full'}"
+        name += "" if det else ", dQ by atomic adds"
+        with fixed_configs(n := n + 1):
+            checks(f"{name}, inf/NaN in the next one's rows {str(iso_dtype)[6:]}", check_isolation,
+                   varlen, causal, iso_d, iso_dtype, device, det)  # fmt: skip
     with fixed_configs(0):
         checks("saved log-sum-exp (base 2)", check_lse, device)
     # varlen, forward and backward: a zero-length prompt, a one-token prompt, cached prefixes
