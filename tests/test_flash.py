@@ -347,11 +347,12 @@ def test_forward_hands_the_gluon_kernel_its_outputs(monkeypatch, varlen):
     assert o.shape == q.shape and bool((o == 1).all()) and bool((lse == 2).all())
 
 
-@pytest.mark.parametrize("case", ["mha", "gqa_split", "atomic", "varlen"])
+@pytest.mark.parametrize("case", ["mha", "gqa_split", "atomic", "atomic_split", "varlen"])
 def test_backward_hands_the_gluon_kernels_their_outputs(monkeypatch, case):
     """Where gluon_ok says yes, _bwd gives dQ to the Gluon dQ kernel, and dK, dV to the Gluon dK/dV kernel
-    where one program walks a kv head's whole group (MHA; GQA unsplit); a split group, the atomic dQ
-    path and varlen take the tl kernels."""
+    where one program walks a kv head's whole group (MHA; GQA unsplit). deterministic=False there gives
+    the fused kernel all three (dQ as a zeroed fp32 buffer it adds into); a split group's dK/dV, the
+    atomic dQ path with a split group, and varlen take the tl kernels."""
     varlen = case == "varlen"
     h_kv = 4 if case == "mha" else 2
     cu = torch.tensor([0, 20, 33], dtype=torch.int32)
@@ -363,10 +364,13 @@ def test_backward_hands_the_gluon_kernels_their_outputs(monkeypatch, case):
         o, lse = mod._fwd(q, k, v, *geom, True, 0.2, False)  # the tl forward, before anything is patched
     launched = []
 
-    def fake_dkdv(descs, ld, dk, dv, q, k, causal, sm_scale):
-        launched.append("gluon dkdv")
+    def fake_dkdv(descs, ld, dk, dv, q, k, causal, sm_scale, dq=None):
+        launched.append("gluon dkdv" if dq is None else "gluon fused")
         dk.fill_(1.0)
         dv.fill_(2.0)
+        if dq is not None:
+            assert dq.dtype == torch.float32 and dq.shape == q.shape and not dq.any()  # adds into zeros
+            dq.fill_(3.0)
 
     def fake_dq(descs, ld, dq, q, k, causal, sm_scale):
         launched.append("gluon dq")
@@ -379,17 +383,19 @@ def test_backward_hands_the_gluon_kernels_their_outputs(monkeypatch, case):
     monkeypatch.setattr(mod, "_dq_gluon", fake_dq)
     monkeypatch.setattr(mod, "_launch", lambda kernel, kind, *a, **kw: launched.append(f"tl {kind}")
                         or real_launch(kernel, kind, *a, **kw))  # fmt: skip
-    with mod.fixed_configs(0), mod.fixed_dkdv_splits(2 if case == "gqa_split" else 1):
-        dq, dk, dv = mod._bwd(do, q, k, v, o, lse, *geom, True, 0.2, False, deterministic=case != "atomic")
+    split, det = case in ("gqa_split", "atomic_split"), "atomic" not in case
+    with mod.fixed_configs(0), mod.fixed_dkdv_splits(2 if split else 1):
+        dq, dk, dv = mod._bwd(do, q, k, v, o, lse, *geom, True, 0.2, False, deterministic=det)
     expected = {
         "mha": ["gluon dkdv", "gluon dq"],
         "gqa_split": ["tl dkdv", "gluon dq"],
-        "atomic": ["tl dkdv"],
+        "atomic": ["gluon fused"],
+        "atomic_split": ["tl dkdv"],
         "varlen": ["tl dkdv", "tl dq"],
     }[case]
     assert launched == expected
-    assert bool((dq == 3).all()) == ("gluon dq" in expected)
-    assert bool((dk == 1).all() and (dv == 2).all()) == ("gluon dkdv" in expected)
+    assert bool((dq == 3).all()) == ("gluon dq" in expected or "gluon fused" in expected)
+    assert bool((dk == 1).all() and (dv == 2).all()) == (expected[0].startswith("gluon"))
 
 
 @pytest.mark.parametrize("varlen", [False, True])
@@ -422,3 +428,11 @@ def test_gluon_tiles_of_dense_inputs_stay_inside_a_head(monkeypatch, varlen):
     assert geometry(bwd) == [((8, 45, 128), [1, 64, 128])] + [((4, 45, 128), [1, 64, 128])] * 2 + [
         ((8, 45, 128), [1, 64, 128])
     ]  # dO like q
+    # the fused backward's fp32 dQ buffer: all B*H*N rows as one run, in tiles of 64 rows by half of D
+    # (the rows a head's last tile runs past get zero adds: their P is 0), after the four inputs
+    seen.clear()
+    monkeypatch.setattr(mod, "_bwd_dkdv_gluon", Grab())
+    dk, dv, dq = torch.empty_like(k), torch.empty_like(v), torch.zeros(q.shape)
+    mod._dkdv_gluon(bwd, torch.empty(2, 4, 45, 2), dk, dv, q, k, True, 0.1, dq)
+    assert geometry(seen) == geometry(bwd) + [((360, 128), [64, 64])]
+    assert seen[-1].layout.element_bitwidth == 32
