@@ -917,9 +917,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LD, DQ, CU_Q, CU_K,
 #     interleaved rounds, notes/probes/flash_bwd_fused_gluon.py, session 13). Compiled for sm_90a: 168
 #     registers, no spills, 198,080 bytes of shared memory, 32 wgmma in a loop of 402 instructions (559
 #     causal).
-# Where they run: dense inputs under gluon_ok's rules, and for dK/dV (and the fused kernel) only where
-# one program walks the whole query group (dkdv_splits == 1: MQA's split partials stay with the tl
-# kernel, which adds dQ by atomics for deterministic=False). Varlen takes the tl kernels.
+# Where they run: dense inputs under gluon_ok's rules. Where dkdv_splits shares a kv head's query group
+# among programs (MQA), each dK/dV (or fused) program walks its share of the heads and stores fp32
+# partial sums, added up afterwards, as in the tl kernel. Varlen takes the tl kernels.
 # Tails, as in the forward: a query row past the end has lse = +inf, so its P is 0; a key row past the
 # end is masked to P = 0 in dQ and its dK, dV rows are not stored. Every tile comes through a per-head
 # descriptor (_gluon_bwd_descs), so the rows past a head's end arrive as TMA's zeros: an inf or NaN in the
@@ -1043,8 +1043,9 @@ def _gb_dkdv_consumer(descs, smem, bars, geom, dq_io, qk_scale, CAUSAL: gl.const
     offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
     rows = (kv_head * n_k + offs_k).to(gl.int64) * HEAD_DIM  # dk, dv: contiguous, k's layout
     ok = (offs_k < n_k)[:, None]
-    gl.store(DK + rows[:, None] + offs_d[None, :], (dk * sm_scale).to(dtype), mask=ok)
-    gl.store(DV + rows[:, None] + offs_d[None, :], dv.to(dtype), mask=ok)
+    out: gl.constexpr = DK.dtype.element_ty  # k's dtype, or fp32 for a split's partial sums
+    gl.store(DK + rows[:, None] + offs_d[None, :], (dk * sm_scale).to(out), mask=ok)
+    gl.store(DV + rows[:, None] + offs_d[None, :], dv.to(out), mask=ok)
 
 
 @gluon.jit
@@ -1113,13 +1114,21 @@ def _gb_dq_writer(descs, smem, bars, geom, dq_io):
 
 @gluon.jit
 def _bwd_dkdv_gluon(q_desc, k_desc, v_desc, do_desc, dq_desc, LD, DK, DV, n_q, n_k, H, GROUP, qk_scale,
-                    sm_scale, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                    STAGES: gl.constexpr, CAUSAL: gl.constexpr, FUSED: gl.constexpr):  # fmt: skip
+                    sm_scale, SPLITS, split_stride, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                    BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, FUSED: gl.constexpr,
+                    PARTIAL: gl.constexpr):  # fmt: skip
     """Dense contiguous inputs through (rows, D) descriptors with 64-row tiles; one program per
-    (128-key block, batch * kv head), walking the whole query group. FUSED: dQ too, added into the fp32
+    (128-key block, batch * kv head), walking the whole query group. PARTIAL: SPLITS programs share a
+    group, each walking GROUP / SPLITS of its heads and writing fp32 partial sums into its own
+    (B, H_KV, N, D) slice of DK, DV (split_stride elements apart). FUSED: dQ too, added into the fp32
     buffer under dq_desc ((B*H*N, D) rows in (64, D / 2) tiles) by a fourth partition, the writer warp."""
     start_n = gl.program_id(0) * BLOCK_N
-    pid = gl.program_id(1)  # batch * H_KV + kv head
+    pid = gl.program_id(1)  # (batch * H_KV + kv head) * SPLITS + split
+    if PARTIAL:
+        split = pid % SPLITS
+        pid = pid // SPLITS
+        DK = DK + split.to(gl.int64) * split_stride
+        DV = DV + split.to(gl.int64) * split_stride
     b = pid // (H // GROUP)
     h_kv = pid % (H // GROUP)
     q_head0 = b * H + h_kv * GROUP  # the group's first query head
@@ -1128,7 +1137,11 @@ def _bwd_dkdv_gluon(q_desc, k_desc, v_desc, do_desc, dq_desc, LD, DK, DV, n_q, n
     else:
         lo = start_n * 0
     steps_per_head = gl.cdiv(n_q - lo, BLOCK_M)
-    n_steps = GROUP * steps_per_head
+    if PARTIAL:  # this split's share of the group's heads
+        q_head0 += split * (GROUP // SPLITS)
+        n_steps = GROUP // SPLITS * steps_per_head
+    else:
+        n_steps = GROUP * steps_per_head
     dtype: gl.constexpr = q_desc.dtype
     HALF: gl.constexpr = BLOCK_N // 2
     tile: gl.constexpr = _g_tile_layout(q_desc.layout)  # every descriptor's tile is (1, 64, D)
@@ -1545,8 +1558,8 @@ def _bwd(do, q, k, v, o, lse, cu, B, n_q, n_k, causal, sm_scale, poison, determi
     common = dict(HEAD_DIM=D, CAUSAL=causal, IS_VARLEN=varlen)
     gluon = not varlen and gluon_ok((q, k, v, do), False)
     descs = _gluon_bwd_descs(q, k, v, do) if gluon else None
-    if gluon and splits == 1:  # atomic: the fused kernel, which adds dQ into the fp32 buffer too
-        _dkdv_gluon(descs, ld, dk, dv, q, k, causal, sm_scale, dq if atomic else None)
+    if gluon:  # atomic: the fused kernel, which adds dQ into the fp32 buffer too
+        _dkdv_gluon(descs, ld, dk, dv, q, k, causal, sm_scale, dq if atomic else None, splits)
     else:
         dq_bhn = _bhn(dq, varlen) if atomic else (0, 0, 0)
         grid_kv = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), B * h_kv * splits)  # noqa: E731
@@ -1584,18 +1597,21 @@ def _gluon_bwd_descs(q, k, v, do):
     return [_gluon_desc(t.view(-1, t.shape[-2], D), [1, GLUON_BWD["TILE"], D]) for t in (q, k, v, do)]
 
 
-def _dkdv_gluon(descs, ld, dk, dv, q, k, causal, sm_scale, dq=None):
+def _dkdv_gluon(descs, ld, dk, dv, q, k, causal, sm_scale, dq=None, splits=1):
     """The Gluon dK/dV kernel into contiguous dk, dv, one program walking each kv head's whole group;
     launched like the forward (4 warps + the workers' 5, 168-register cap redistributed 240 / 24). With
     dq (an fp32 buffer of zeros shaped like q): the fused kernel, which also adds scale * dS K into it
-    (one more worker, the writer warp, with 24 registers)."""
+    (one more worker, the writer warp, with 24 registers). splits > 1: dk, dv are (splits, B, H_KV, N, D)
+    fp32 buffers of partial sums, one per share of the group."""
     B, H, n_q, D = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     bn = GLUON_BWD["BLOCK"]
     dq_desc = None if dq is None else _gluon_desc(dq.view(-1, D), [GLUON_BWD["TILE"], D // 2])
-    _bwd_dkdv_gluon[(triton.cdiv(n_k, bn), B * h_kv)](
-        *descs, dq_desc, ld, dk, dv, n_q, n_k, H, H // h_kv, sm_scale * LOG2E, sm_scale, D, GLUON_BWD["TILE"],
-        bn, GLUON_BWD["DKDV_STAGES"], causal, dq is not None, num_warps=4, maxnreg=168)  # fmt: skip
+    stride = dk.stride(0) if splits > 1 else 0
+    _bwd_dkdv_gluon[(triton.cdiv(n_k, bn), B * h_kv * splits)](
+        *descs, dq_desc, ld, dk, dv, n_q, n_k, H, H // h_kv, sm_scale * LOG2E, sm_scale, splits, stride, D,
+        GLUON_BWD["TILE"], bn, GLUON_BWD["DKDV_STAGES"], causal, dq is not None, splits > 1, num_warps=4,
+        maxnreg=168)  # fmt: skip
 
 
 def _dq_gluon(descs, ld, dq, q, k, causal, sm_scale):
@@ -1951,14 +1967,19 @@ def run_checks(checks, device, quick):
         with fixed_configs(i), pointer_loads():
             checks(dense_name(s, dtype, ", pointer loads"), check_dense, *s, dtype, device)
     # On an H200 the Gluon kernels take every contiguous D=128 check above: the forward (and the varlen
-    # forwards below), dQ, and dK/dV where one program walks a kv head's whole query group: always for
-    # MHA, for GQA on these small grids only when forced (dkdv_splits splits them), as here (groups of
-    # 4, then 2). The tl kernels' D=128 forward and backward are proved after them (and after the
-    # varlen checks).
+    # forwards below), dQ, and dK/dV, with a kv head's query group walked by one program or shared
+    # (dkdv_splits shares it on these small grids). Both are forced here: whole groups of 4, then 2;
+    # GQA 8/2 in 2 shares and MQA 8/1 in 4, deterministic and not (the fused kernel's shares). The tl
+    # kernels' D=128 forward and backward are proved after them (and after the varlen checks).
     if on_gpu and not quick:
         for s in [(2, 8, 2, 1000, 1000, 128, True), (1, 4, 2, 300, 1111, 128, False)]:
             with fixed_configs(n := n + 1), fixed_dkdv_splits(1):
                 checks(dense_name(s, dtype, ", dK/dV group whole"), check_dense, *s, dtype, device)
+        for s, splits in [((2, 8, 2, 1000, 1000, 128, True), 2), ((1, 8, 1, 300, 1111, 128, False), 4)]:
+            for det in (True, False):
+                name = f", dK/dV group in {splits} shares" + ("" if det else ", dQ by atomic adds")
+                with fixed_configs(n := n + 1), fixed_dkdv_splits(splits):
+                    checks(dense_name(s, dtype, name), check_dense, *s, dtype, device, det)
         for i, s in enumerate([(2, 4, 4, 1000, 1000, 128, True), (2, 4, 1, 300, 1111, 128, False)]):
             with fixed_configs(i), tl_kernels():
                 checks(dense_name(s, dtype, ", tl kernels"), check_dense, *s, dtype, device)

@@ -349,10 +349,9 @@ def test_forward_hands_the_gluon_kernel_its_outputs(monkeypatch, varlen):
 
 @pytest.mark.parametrize("case", ["mha", "gqa_split", "atomic", "atomic_split", "varlen"])
 def test_backward_hands_the_gluon_kernels_their_outputs(monkeypatch, case):
-    """Where gluon_ok says yes, _bwd gives dQ to the Gluon dQ kernel, and dK, dV to the Gluon dK/dV kernel
-    where one program walks a kv head's whole group (MHA; GQA unsplit). deterministic=False there gives
-    the fused kernel all three (dQ as a zeroed fp32 buffer it adds into); a split group's dK/dV, the
-    atomic dQ path with a split group, and varlen take the tl kernels."""
+    """Where gluon_ok says yes, _bwd gives dQ to the Gluon dQ kernel, and dK, dV to the Gluon dK/dV kernel,
+    a split group as fp32 partial sums (then added up); deterministic=False gives the fused kernel all
+    three (dQ as a zeroed fp32 buffer it adds into). Varlen takes the tl kernels."""
     varlen = case == "varlen"
     h_kv = 4 if case == "mha" else 2
     cu = torch.tensor([0, 20, 33], dtype=torch.int32)
@@ -364,10 +363,12 @@ def test_backward_hands_the_gluon_kernels_their_outputs(monkeypatch, case):
         o, lse = mod._fwd(q, k, v, *geom, True, 0.2, False)  # the tl forward, before anything is patched
     launched = []
 
-    def fake_dkdv(descs, ld, dk, dv, q, k, causal, sm_scale, dq=None):
-        launched.append("gluon dkdv" if dq is None else "gluon fused")
-        dk.fill_(1.0)
-        dv.fill_(2.0)
+    def fake_dkdv(descs, ld, dk, dv, q, k, causal, sm_scale, dq=None, splits=1):
+        launched.append(("gluon dkdv" if dq is None else "gluon fused") + f" in {splits}")
+        assert dk.shape == ((splits, *k.shape) if splits > 1 else k.shape)
+        assert dk.dtype == (torch.float32 if splits > 1 else k.dtype)
+        dk.fill_(1.0 / splits)  # the partial sums add up to 1 and 2
+        dv.fill_(2.0 / splits)
         if dq is not None:
             assert dq.dtype == torch.float32 and dq.shape == q.shape and not dq.any()  # adds into zeros
             dq.fill_(3.0)
@@ -387,15 +388,16 @@ def test_backward_hands_the_gluon_kernels_their_outputs(monkeypatch, case):
     with mod.fixed_configs(0), mod.fixed_dkdv_splits(2 if split else 1):
         dq, dk, dv = mod._bwd(do, q, k, v, o, lse, *geom, True, 0.2, False, deterministic=det)
     expected = {
-        "mha": ["gluon dkdv", "gluon dq"],
-        "gqa_split": ["tl dkdv", "gluon dq"],
-        "atomic": ["gluon fused"],
-        "atomic_split": ["tl dkdv"],
+        "mha": ["gluon dkdv in 1", "gluon dq"],
+        "gqa_split": ["gluon dkdv in 2", "gluon dq"],
+        "atomic": ["gluon fused in 1"],
+        "atomic_split": ["gluon fused in 2"],
         "varlen": ["tl dkdv", "tl dq"],
     }[case]
     assert launched == expected
-    assert bool((dq == 3).all()) == ("gluon dq" in expected or "gluon fused" in expected)
-    assert bool((dk == 1).all() and (dv == 2).all()) == (expected[0].startswith("gluon"))
+    gluon = expected[0].startswith("gluon")
+    assert bool((dq == 3).all()) == gluon and dq.dtype == q.dtype
+    assert bool((dk == 1).all() and (dv == 2).all()) == gluon and dk.dtype == k.dtype
 
 
 @pytest.mark.parametrize("varlen", [False, True])
