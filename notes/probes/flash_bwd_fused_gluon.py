@@ -1,6 +1,7 @@
-"""H200 probe (issue 19, session 12; written and compiled for sm_90a offline, NOT YET RUN on a GPU): a
-backward with five matmuls a block pair, not seven. 06's Gluon dK/dV kernel also produces dQ:
-FlashAttention-3's split, in Gluon.
+"""H200 probe (issue 19, sessions 12-13): a backward with five matmuls a block pair, not seven. 06's
+Gluon dK/dV kernel also produces dQ: FlashAttention-3's split, in Gluon. The "writer" mode below is
+what 06 now runs for deterministic=False (its _bwd_dkdv_gluon with FUSED); this file keeps all three
+modes as they were measured.
 
 06's backward runs two kernels. dK/dV does 4 matmuls a (key block, query block) pair; dQ does 3, two of
 which (S and dP) recompute what dK/dV already had. At D=128 causal 4k that is 965 + 617 us against
@@ -10,15 +11,19 @@ adds, a step:
   - each warpgroup writes its dS^T (64 keys x 64 queries, bf16) into its half of a shared (128, 64)
     tile, double-buffered by step parity, and both warpgroups meet on an mbarrier;
   - warpgroup w computes dQ[:, 64w : 64w + 64] = dS (the shared tile, transposed) K[:, 64w : 64w + 64]
-    over all 128 keys (a 64 x 64 fp32 accumulator, 32 registers a thread);
-  - and adds it into an fp32 dQ buffer with one TMA bulk reduce-add (cp.reduce.async.bulk.tensor;
-    Gluon 3.6 has no builtin for it, so flash_tma_reduce_compile.py's wrapper of the IR builder's
-    create_descriptor_reduce, which stages the tile through shared memory and waits until the copy
-    engine has read it).
+    over all 128 keys (a 64 x 64 fp32 accumulator, 32 registers a thread), as two matmuls over each
+    half's 64 keys (session 12's version reinterpreted the two K tiles as one (128, D) tile, which a
+    swizzled (64, D) tile's layout, (64, 64) column blocks one after another, does not allow: its dQ
+    came out wrong on the H200, relative error ~1);
+  - and adds the tile into an fp32 dQ buffer (DQ_MODES): "reduce", one TMA bulk reduce-add from the
+    warpgroup's registers (the compiler stages them through shared memory and waits until the copy
+    engine has read them); "atomic", fp32 pointer atomics; "writer", the tile into a shared slot for a
+    fourth partition, one warp that issues the TMA reduce-add from there and frees the slot once read.
 A pass after the kernel scales the buffer by sm_scale and rounds it to bf16 (cuDNN's
 convert_dq_to_16bits does the same). The fp32 adds from different programs land in any order, so dQ's
-last bits vary from run to run (like 06's deterministic=False); the adds travel through L2, about
-2 GB at D=128 causal 4k (B=4, H=16): the cost to measure against the 617 us dQ kernel it replaces.
+last bits vary from run to run (like 06's deterministic=False).
+Session 13 on the H200 (notes/logs/flash_bwd_fused_modes_h200.log): all 15 checks ok; whole backward
+against 06's two kernels: reduce 0.99-1.04x, atomic 0.85-0.91x, writer 1.11-1.14x (0.94-0.99x cuDNN).
 
 The run: checks against 06's own backward (MHA and GQA, causal and not, ragged N), then the whole
 backward (06's benchmark method: graph replay of autograd.grad, L2 flushed) for cuDNN, 06's default and
