@@ -1530,7 +1530,8 @@ def _fwd_gluon(q, k, v, o, lse, cu_q, cu_k, lse_bh, B, n_q, n_k, causal, sm_scal
 
 def _bwd(do, q, k, v, o, lse, cu, B, n_q, n_k, causal, sm_scale, poison, deterministic=True):
     """dq, dk, dv for either layout (see _fwd); each row's lse and delta are stored as a pair.
-    deterministic=False: dQ from fp32 atomic adds in the dK/dV kernel instead of its own kernel."""
+    deterministic=False: dQ added up in fp32 by the dK/dV kernel (atomic adds in the tl kernel, TMA
+    reduce-adds in the fused Gluon one) instead of its own kernel."""
     varlen, H, D, h_kv = cu is not None, q.shape[1], q.shape[-1], k.shape[1]
     (do,) = _contig_last(do)
     ld = _empty((*lse.shape, 2), q, torch.float32, poison)  # (lse, delta) of each row
@@ -1600,11 +1601,11 @@ def _gluon_bwd_descs(q, k, v, do):
 
 
 def _dkdv_gluon(descs, ld, dk, dv, q, k, causal, sm_scale, dq=None, splits=1):
-    """The Gluon dK/dV kernel into contiguous dk, dv, one program walking each kv head's whole group;
-    launched like the forward (4 warps + the workers' 5, 168-register cap redistributed 240 / 24). With
-    dq (an fp32 buffer of zeros shaped like q): the fused kernel, which also adds scale * dS K into it
-    (one more worker, the writer warp, with 24 registers). splits > 1: dk, dv are (splits, B, H_KV, N, D)
-    fp32 buffers of partial sums, one per share of the group."""
+    """The Gluon dK/dV kernel into contiguous dk, dv, one program walking each kv head's group; launched
+    like the forward (4 warps + the workers' 5, 168-register cap redistributed 240 / 24). With dq (an
+    fp32 buffer of zeros shaped like q): the fused kernel, which also adds scale * dS K into it (one
+    more worker, the writer warp, with 24 registers). splits > 1: a program walks a share of the group,
+    and dk, dv are (splits, B, H_KV, N, D) fp32 buffers of partial sums, one per share."""
     B, H, n_q, D = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     bn = GLUON_BWD["BLOCK"]
