@@ -26,11 +26,14 @@ cuDNN, 06's default, 06's deterministic=False and this one, interleaved over ROU
 Session 13 on the H200 (ROUNDS=1, REPEATS=3; notes/logs/flash_bwd_det_fused_41a9be4_h200.log): the 4
 checks ok, dQ bitwise equal over the repeats; against 06's default (7 matmuls) 1.06x at MHA causal 4k,
 1.03x GQA 32/8 causal 8k, 0.97x MHA full 4k; against 06's unordered fused kernel 0.83-0.94x.
+Since then (compiled offline, not run): the ".read" variant (WAIT_FULL=False), checked and timed beside.
 GPU only:  python -u notes/probes/flash_bwd_det_fused.py   (ROUNDS=2, REPEATS=5 by default)
 Offline:   python notes/probes/flash_bwd_det_fused.py --compile   (Triton 3.6; see flash_ptxas.py)"""
 
 import contextlib
 import faulthandler
+import functools
+import itertools
 import os
 import statistics
 import sys
@@ -75,8 +78,10 @@ def _adds_done(lock):
 
 
 @gluon.jit
-def _det_writer(descs, smem, bars, geom, dq_io, SEM, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
-    """06's _gb_dq_writer, each step's adds ordered by the step's (query head, query block) counter."""
+def _det_writer(descs, smem, bars, geom, dq_io, SEM, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+                WAIT_FULL: gl.constexpr):  # fmt: skip
+    """06's _gb_dq_writer, each step's adds ordered by the step's (query head, query block) counter.
+    WAIT_FULL=False releases after the .read wait alone, as FlashAttention-3's store_dq does."""
     LD, q_head0, kv_head, n_q, lo, n_steps, steps_per_head, DK, DV, n_k, start_n, sm_scale = geom
     ds_smem, ds_bar, dq_desc, dq_smem, dq_full, dq_empty = dq_io
     BLOCK_M: gl.constexpr = dq_smem.type.shape[1]
@@ -98,14 +103,15 @@ def _det_writer(descs, smem, bars, geom, dq_io, SEM, BLOCK_N: gl.constexpr, CAUS
             fa._tma_reduce_add(dq_desc, [head * n_q + m * BLOCK_M, w * HALF_D], dq_smem.index(w))
             tma.store_wait(0)
             mbarrier.arrive(dq_empty.index(w), count=1)
-        _adds_done(lock)
+        if WAIT_FULL:
+            _adds_done(lock)
         gl.atomic_add(lock, 1, sem="release")
 
 
 @gluon.jit
 def _bwd_det(q_desc, k_desc, v_desc, do_desc, dq_desc, LD, DK, DV, n_q, n_k, H, GROUP, qk_scale, sm_scale,
              SEM, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-             CAUSAL: gl.constexpr):  # fmt: skip
+             CAUSAL: gl.constexpr, WAIT_FULL: gl.constexpr):  # fmt: skip
     """06's _bwd_dkdv_gluon with FUSED and without PARTIAL, its writer warp _det_writer."""
     start_n = gl.program_id(0) * BLOCK_N
     pid = gl.program_id(1)
@@ -155,7 +161,7 @@ def _bwd_det(q_desc, k_desc, v_desc, do_desc, dq_desc, LD, DK, DV, n_q, n_k, H, 
         (fa._gb_dkdv_consumer, (descs, smem, bars, geom, dq_io, qk_scale, CAUSAL, True, 0)),
         (fa._gb_dkdv_consumer1, (descs, smem, bars, geom, dq_io, qk_scale, CAUSAL, True)),
         (fa._gb_dkdv_producer, (descs, smem, bars, geom)),
-        (_det_writer, (descs, smem, bars, geom, dq_io, SEM, BLOCK_N, CAUSAL)),
+        (_det_writer, (descs, smem, bars, geom, dq_io, SEM, BLOCK_N, CAUSAL, WAIT_FULL)),
     ], [4, 1, 1], [240, 24, 24])  # fmt: skip
 
 
@@ -174,20 +180,21 @@ def det_dkdv(descs, ld, dk, dv, q, k, causal, sm_scale, dq=None, splits=1, kerne
     dq_desc = fa._gluon_desc(dq.view(-1, D), [bm, D // 2])
     kernel[(triton.cdiv(n_k, bn), B * h_kv)](
         *descs, dq_desc, ld, dk, dv, n_q, n_k, H, H // h_kv, sm_scale * fa.LOG2E, sm_scale, sem, D, bm, bn,
-        fa.GLUON_BWD["DKDV_STAGES"], causal, num_warps=4, maxnreg=168)  # fmt: skip
+        fa.GLUON_BWD["DKDV_STAGES"], causal, WAIT["full"], num_warps=4, maxnreg=168)  # fmt: skip
 
 
 REAL = fa._dkdv_gluon
+WAIT = {"full": True}  # the kernel's WAIT_FULL, set by ordered()
 
 
 @contextlib.contextmanager
-def ordered():
+def ordered(wait_full=True):
     """06's deterministic=False takes the ordered kernel wherever it would take its fused one whole."""
-    fa._dkdv_gluon = det_dkdv
+    fa._dkdv_gluon, WAIT["full"] = det_dkdv, wait_full
     try:
         yield
     finally:
-        fa._dkdv_gluon = REAL
+        fa._dkdv_gluon, WAIT["full"] = REAL, True
 
 
 def compile_only():
@@ -212,15 +219,17 @@ def compile_only():
                 )
                 asm = compiled.asm | {"shared": compiled.metadata.shared}
                 dump = Path(os.environ["DUMP"]) if "DUMP" in os.environ else None
-                print(flash_ptxas.ptxas_report(asm, dump, f"det_{meta.get('CAUSAL', args[-1])}", loops=True))
+                print(flash_ptxas.ptxas_report(asm, dump, f"det_{args[-2]}_{args[-1]}", loops=True))
 
             return call
 
-    for causal in (False, True):
+    for causal, wait_full in itertools.product((False, True), (True, False)):
         q, k = (torch.empty(1, h, 1000, 128, dtype=torch.bfloat16) for h in (4, 2))
         descs, ld = fa._gluon_bwd_descs(q, k, k, q), torch.empty(1, 4, 1000, 2)
-        print(f"ordered fused, bf16, {'causal' if causal else 'full'}:", flush=True)
+        mode = f"{'causal' if causal else 'full'}, {'wait for completion' if wait_full else '.read wait'}"
+        print(f"ordered fused, bf16, {mode}:", flush=True)
         dk, dq = torch.empty_like(k), torch.zeros(q.shape)
+        WAIT["full"] = wait_full
         det_dkdv(descs, ld, dk, dk, q, k, causal, 0.1, dq, 1, Launch())
 
 
@@ -228,14 +237,14 @@ def main():
     device = torch.device("cuda")
     print(harness.env_line(device, torch.bfloat16), flush=True)
     shapes = [(2, 4, 4, 1000, True), (1, 8, 2, 513, False), (2, 4, 2, 777, True), (1, 2, 1, 77, False)]
-    for B, H, H_KV, N, causal in shapes:
+    for wait_full, (B, H, H_KV, N, causal) in itertools.product((True, False), shapes):
         q, do = (torch.randn(B, H, N, 128, device=device, dtype=torch.bfloat16) for _ in range(2))
         k, v = (torch.randn(B, H_KV, N, 128, device=device, dtype=torch.bfloat16) for _ in range(2))
         q, k, v = (t.requires_grad_() for t in (q, k, v))
         with fa.fixed_dkdv_splits(1):
             ref = torch.autograd.grad(fa.flash_attention(q, k, v, causal, deterministic=False), (q, k, v), do)
             faulthandler.dump_traceback_later(60, exit=True)  # a counter waited on forever ends the run
-            with ordered():
+            with ordered(wait_full):
                 out = [fa.flash_attention(q, k, v, causal, deterministic=False) for _ in range(REPEATS)]
                 runs = [torch.autograd.grad(o, (q, k, v), do) for o in out]
             torch.cuda.synchronize()
@@ -245,8 +254,9 @@ def main():
         verdict = "ok" if max(errs) < 1e-2 and same and TAKEN else "FAILED" if TAKEN else "NOT TAKEN"
         TAKEN.clear()
         got = " ".join(f"{e:.1e}" for e in errs)
-        print(f"check {(B, H, H_KV, N, causal)}: dq, dk, dv vs 06's fused {got}; dq bitwise equal over "
-              f"{REPEATS} runs: {same} {verdict}", flush=True)  # fmt: skip
+        wait = "full" if wait_full else ".read"
+        print(f"check {wait} wait {(B, H, H_KV, N, causal)}: dq, dk, dv vs 06's fused {got}; dq bitwise "
+              f"equal over {REPEATS} runs: {same} {verdict}", flush=True)  # fmt: skip
     for B, H, H_KV, N, causal in [(4, 16, 16, 4096, True), (4, 16, 16, 4096, False), (2, 32, 8, 8192, True)]:
         q, do = (torch.randn(B, H, N, 128, device=device, dtype=torch.bfloat16) for _ in range(2))
         k, v = (torch.randn(B, H_KV, N, 128, device=device, dtype=torch.bfloat16) for _ in range(2))
@@ -254,7 +264,8 @@ def main():
         impls = fa._impls(causal)
         flops = 5 * 2 * B * H * N * N * 128 * (0.5 if causal else 1.0)
         runs = [("cudnn", *impls["cudnn"]), ("06", *impls["ours"]), ("06 fused", *impls["ours_atomic"]),
-                ("ordered", impls["ours_atomic"][0], ordered)]  # fmt: skip
+                ("ordered", impls["ours_atomic"][0], ordered),
+                ("ordered .read", impls["ours_atomic"][0], functools.partial(ordered, False))]  # fmt: skip
         times = {}
         faulthandler.dump_traceback_later(60 + 60 * ROUNDS, exit=True)
         for r in range(ROUNDS):
