@@ -438,3 +438,30 @@ def test_gluon_tiles_of_dense_inputs_stay_inside_a_head(monkeypatch, varlen):
     mod._dkdv_gluon(bwd, torch.empty(2, 4, 45, 2), dk, dv, q, k, True, 0.1, dq)
     assert geometry(seen) == geometry(bwd) + [((360, 128), [64, 64])]
     assert seen[-1].layout.element_bitwidth == 32
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_gluon_dkdv_launch_of_a_shared_group(monkeypatch, splits):
+    """_dkdv_gluon launches one program per (128-key block, batch * kv head, share of the group), and with
+    shares (splits > 1) hands the kernel the fp32 partial buffers' split stride and PARTIAL; whole groups
+    get neither (stride 0), so their kernel is the one without the shares' arithmetic."""
+    launches = []
+
+    class Grab:  # stands in for the Gluon dK/dV kernel: records its grid and arguments, launches nothing
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append((grid, args, kw))
+
+    names = mod._bwd_dkdv_gluon.arg_names  # the real kernel's parameters, to read the launch's arguments by
+    monkeypatch.setattr(mod, "_bwd_dkdv_gluon", Grab())
+    q = torch.randn(2, 4, 200, 128, dtype=F16)
+    k = torch.randn(2, 2, 200, 128, dtype=F16)
+    descs = mod._gluon_bwd_descs(q, k, k, q)
+    shape = (splits, *k.shape) if splits > 1 else k.shape
+    dk, dv = (torch.empty(shape, dtype=torch.float32 if splits > 1 else F16) for _ in range(2))
+    mod._dkdv_gluon(descs, torch.empty(2, 4, 200, 2), dk, dv, q, k, False, 0.1, None, splits)
+    ((grid, args, kw),) = launches
+    assert grid == (2, 2 * 2 * splits)  # ceil(200 / 128) key blocks, B * H_KV * shares
+    bound = dict(zip(names, args, strict=True))
+    assert bound["SPLITS"] == splits and bound["PARTIAL"] == (splits > 1)
+    assert bound["split_stride"] == (dk.stride(0) if splits > 1 else 0)
+    assert bound["FUSED"] is False and bound["dq_desc"] is None
