@@ -912,8 +912,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LD, DQ, CU_Q, CU_K,
 #     builder's op) and frees the slot once the copy engine has read it. The matmul warps never wait for
 #     the copy: with the reduce issued by the warpgroups themselves (the compiler stages the tile and
 #     waits until it is read), the whole backward ran level with the two-kernel one (0.99-1.04x), and
-#     with fp32 pointer atomics at 0.85-0.91x of it. With the writer warp: 1.11-1.14x the two-kernel backward,
-#     0.94-0.99x cuDNN, at D=128 MHA 4k full and causal and GQA 32/8 8k causal (medians of 3
+#     with fp32 pointer atomics at 0.85-0.91x of it. With the writer warp: 1.11-1.14x the two-kernel
+#     backward, 0.94-0.99x cuDNN, at D=128 MHA 4k full and causal and GQA 32/8 8k causal (medians of 3
 #     interleaved rounds, notes/probes/flash_bwd_fused_gluon.py, session 13). Compiled for sm_90a: 168
 #     registers, no spills, 198,080 bytes of shared memory, 32 wgmma in a loop of 402 instructions (559
 #     causal). In this file, by the benchmark (results/06_flash.json, 010f9fe): 0.92-1.04x cuDNN at D=128
@@ -929,7 +929,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LD, DQ, CU_Q, CU_K,
 # would reach dV through 0 * NaN). The first fix zeroed those rows in shared memory inside the loop
 # (6a0226f): 1.9-4.4% slower where it ran (N=1000, 4000; flash_gluon_tails.py), and a longer loop even
 # where it did not (432 to 458 SASS instructions in the causal dK/dV kernel); the per-head descriptors
-# cost nothing (432).
+# cost nothing (432). The fused kernel's dQ tiles are 64 rows of the whole (B*H*N, D) fp32 buffer, so a
+# head's last tile also adds into the next head's first rows: zeros, since those rows' P is 0 (their
+# lse is +inf) and their dO arrived as zeros (the isolation checks cover it).
 
 
 @gluon.constexpr_function
