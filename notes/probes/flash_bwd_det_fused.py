@@ -26,7 +26,8 @@ cuDNN, 06's default, 06's deterministic=False and this one, interleaved over ROU
 Session 13 on the H200 (ROUNDS=1, REPEATS=3; notes/logs/flash_bwd_det_fused_41a9be4_h200.log): the 4
 checks ok, dQ bitwise equal over the repeats; against 06's default (7 matmuls) 1.06x at MHA causal 4k,
 1.03x GQA 32/8 causal 8k, 0.97x MHA full 4k; against 06's unordered fused kernel 0.83-0.94x.
-Since then (compiled offline, not run): the ".read" variant (WAIT_FULL=False), checked and timed beside.
+Since then (compiled offline, not run): the ".read" variant (WAIT_FULL=False) and, without a mask, the
+shifted walk (SHIFT, _shift_producer), each checked and timed beside (MODES).
 GPU only:  python -u notes/probes/flash_bwd_det_fused.py   (ROUNDS=2, REPEATS=5 by default)
 Offline:   python notes/probes/flash_bwd_det_fused.py --compile   (Triton 3.6; see flash_ptxas.py)"""
 
@@ -79,9 +80,13 @@ def _adds_done(lock):
 
 @gluon.jit
 def _det_writer(descs, smem, bars, geom, dq_io, SEM, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
-                WAIT_FULL: gl.constexpr):  # fmt: skip
+                WAIT_FULL: gl.constexpr, SHIFT: gl.constexpr):  # fmt: skip
     """06's _gb_dq_writer, each step's adds ordered by the step's (query head, query block) counter.
-    WAIT_FULL=False releases after the .read wait alone, as FlashAttention-3's store_dq does."""
+    WAIT_FULL=False releases after the .read wait alone, as FlashAttention-3's store_dq does. SHIFT
+    (without a mask): key block j's program walks the query blocks from block j on, wrapping round
+    (_shift_producer), so for query block m the programs arrive j = m, m - 1, ..., 0, then the last
+    key block down to m + 1, one step apart: rank (min(m, NB - 1) - j) mod NB for NB key blocks (NB <=
+    the query blocks, so no two programs start on the same block)."""
     LD, q_head0, kv_head, n_q, lo, n_steps, steps_per_head, DK, DV, n_k, start_n, sm_scale = geom
     ds_smem, ds_bar, dq_desc, dq_smem, dq_full, dq_empty = dq_io
     BLOCK_M: gl.constexpr = dq_smem.type.shape[1]
@@ -91,10 +96,14 @@ def _det_writer(descs, smem, bars, geom, dq_io, SEM, BLOCK_N: gl.constexpr, CAUS
     n_kblocks = gl.cdiv(n_k, BLOCK_N)
     for i in range(n_steps):
         head = q_head0 + i // steps_per_head
-        m = lo // BLOCK_M + i % steps_per_head
-        if CAUSAL:  # descending: the last key block that sees query block m first
+        if SHIFT:
+            m = (i % steps_per_head + jb) % steps_per_head
+            rank = (gl.minimum(m, n_kblocks - 1) - jb + n_kblocks) % n_kblocks
+        elif CAUSAL:  # descending: the last key block that sees query block m first
+            m = lo // BLOCK_M + i % steps_per_head
             rank = gl.minimum(n_kblocks, gl.cdiv((m + 1) * BLOCK_M + n_k - n_q, BLOCK_N)) - 1 - jb
         else:
+            m = i % steps_per_head
             rank = jb
         lock = SEM + head * n_mblocks + m
         _spin_until(lock, rank)
@@ -109,9 +118,41 @@ def _det_writer(descs, smem, bars, geom, dq_io, SEM, BLOCK_N: gl.constexpr, CAUS
 
 
 @gluon.jit
+def _shift_producer(descs, smem, bars, geom):
+    """06's _gb_dkdv_producer (without a mask) with each head's query blocks walked from block j on, j
+    the program's key block, wrapping round."""
+    q_desc, k_desc, v_desc, do_desc = descs
+    k_smem, v_smem, q_smem, do_smem, lse_smem, dl_smem = smem
+    kv_bar, ready, empty = bars
+    LD, q_head0, kv_head, n_q, lo, n_steps, steps_per_head, DK, DV, n_k, start_n, sm_scale = geom
+    STAGES: gl.constexpr = q_smem.type.shape[0]
+    BLOCK_M: gl.constexpr = q_smem.type.shape[1]
+    HALF: gl.constexpr = k_smem.type.shape[1]
+    mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes)
+    for w in gl.static_range(2):
+        fa._g_load(k_desc, start_n + w * HALF, kv_head, kv_bar, k_smem.index(w))
+        fa._g_load(v_desc, start_n + w * HALF, kv_head, kv_bar, v_smem.index(w))
+    rows_layout: gl.constexpr = gl.BlockedLayout([BLOCK_M // 32], [32], [1], [0])
+    jb = start_n // (2 * HALF)
+    for i in range(n_steps):
+        slot = i % STAGES
+        mbarrier.wait(empty.index(slot), (i // STAGES & 1) ^ 1)
+        start_m = (i % steps_per_head + jb) % steps_per_head * BLOCK_M
+        head = q_head0 + i // steps_per_head
+        rows = start_m + gl.arange(0, BLOCK_M, layout=rows_layout)
+        pairs = LD + (head * n_q + rows).to(gl.int64) * 2
+        lse_smem.index(slot).store(gl.load(pairs, mask=rows < n_q, other=float("inf")))
+        dl_smem.index(slot).store(gl.load(pairs + 1, mask=rows < n_q, other=0.0))
+        bar = ready.index(slot)
+        mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+        fa._g_load(q_desc, start_m, head, bar, q_smem.index(slot))
+        fa._g_load(do_desc, start_m, head, bar, do_smem.index(slot))
+
+
+@gluon.jit
 def _bwd_det(q_desc, k_desc, v_desc, do_desc, dq_desc, LD, DK, DV, n_q, n_k, H, GROUP, qk_scale, sm_scale,
              SEM, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-             CAUSAL: gl.constexpr, WAIT_FULL: gl.constexpr):  # fmt: skip
+             CAUSAL: gl.constexpr, WAIT_FULL: gl.constexpr, SHIFT: gl.constexpr):  # fmt: skip
     """06's _bwd_dkdv_gluon with FUSED and without PARTIAL, its writer warp _det_writer."""
     start_n = gl.program_id(0) * BLOCK_N
     pid = gl.program_id(1)
@@ -157,12 +198,21 @@ def _bwd_det(q_desc, k_desc, v_desc, do_desc, dq_desc, LD, DK, DV, n_q, n_k, H, 
         mbarrier.init(dq_empty.index(i), count=1)
     fence_async_shared()
     dq_io = (ds_smem, ds_bar, dq_desc, dq_smem, dq_full, dq_empty)
-    gl.warp_specialize([
-        (fa._gb_dkdv_consumer, (descs, smem, bars, geom, dq_io, qk_scale, CAUSAL, True, 0)),
-        (fa._gb_dkdv_consumer1, (descs, smem, bars, geom, dq_io, qk_scale, CAUSAL, True)),
-        (fa._gb_dkdv_producer, (descs, smem, bars, geom)),
-        (_det_writer, (descs, smem, bars, geom, dq_io, SEM, BLOCK_N, CAUSAL, WAIT_FULL)),
-    ], [4, 1, 1], [240, 24, 24])  # fmt: skip
+    writer = (descs, smem, bars, geom, dq_io, SEM, BLOCK_N, CAUSAL, WAIT_FULL, SHIFT)
+    if SHIFT:  # 06's consumers use the step's query block only for the causal mask: they need no change
+        gl.warp_specialize([
+            (fa._gb_dkdv_consumer, (descs, smem, bars, geom, dq_io, qk_scale, CAUSAL, True, 0)),
+            (fa._gb_dkdv_consumer1, (descs, smem, bars, geom, dq_io, qk_scale, CAUSAL, True)),
+            (_shift_producer, (descs, smem, bars, geom)),
+            (_det_writer, writer),
+        ], [4, 1, 1], [240, 24, 24])  # fmt: skip
+    else:
+        gl.warp_specialize([
+            (fa._gb_dkdv_consumer, (descs, smem, bars, geom, dq_io, qk_scale, CAUSAL, True, 0)),
+            (fa._gb_dkdv_consumer1, (descs, smem, bars, geom, dq_io, qk_scale, CAUSAL, True)),
+            (fa._gb_dkdv_producer, (descs, smem, bars, geom)),
+            (_det_writer, writer),
+        ], [4, 1, 1], [240, 24, 24])  # fmt: skip
 
 
 TAKEN = []  # one entry per backward this kernel ran: the checks say whether it ran at all
@@ -177,24 +227,28 @@ def det_dkdv(descs, ld, dk, dv, q, k, causal, sm_scale, dq=None, splits=1, kerne
     h_kv, n_k = k.shape[1], k.shape[2]
     bm, bn = fa.GLUON_BWD["TILE"], fa.GLUON_BWD["BLOCK"]
     sem = torch.zeros(B * H, triton.cdiv(n_q, bm), device=q.device, dtype=torch.int32)
+    shift = WAIT["shift"] and not causal  # causal programs start at their diagonals anyway
+    if shift and triton.cdiv(n_k, bn) > triton.cdiv(n_q, bm):
+        raise ValueError("the shifted walk needs no more key blocks than query blocks")
     dq_desc = fa._gluon_desc(dq.view(-1, D), [bm, D // 2])
     kernel[(triton.cdiv(n_k, bn), B * h_kv)](
         *descs, dq_desc, ld, dk, dv, n_q, n_k, H, H // h_kv, sm_scale * fa.LOG2E, sm_scale, sem, D, bm, bn,
-        fa.GLUON_BWD["DKDV_STAGES"], causal, WAIT["full"], num_warps=4, maxnreg=168)  # fmt: skip
+        fa.GLUON_BWD["DKDV_STAGES"], causal, WAIT["full"], shift, num_warps=4, maxnreg=168)  # fmt: skip
 
 
 REAL = fa._dkdv_gluon
-WAIT = {"full": True}  # the kernel's WAIT_FULL, set by ordered()
+MODES = {"ordered": (True, False), "ordered .read": (False, False), "ordered .read shift": (False, True)}
+WAIT = {"full": True, "shift": False}  # the kernel's WAIT_FULL and SHIFT, set by ordered()
 
 
 @contextlib.contextmanager
-def ordered(wait_full=True):
+def ordered(wait_full=True, shift=False):
     """06's deterministic=False takes the ordered kernel wherever it would take its fused one whole."""
-    fa._dkdv_gluon, WAIT["full"] = det_dkdv, wait_full
+    fa._dkdv_gluon, WAIT["full"], WAIT["shift"] = det_dkdv, wait_full, shift
     try:
         yield
     finally:
-        fa._dkdv_gluon, WAIT["full"] = REAL, True
+        fa._dkdv_gluon, WAIT["full"], WAIT["shift"] = REAL, True, False
 
 
 def compile_only():
@@ -219,17 +273,18 @@ def compile_only():
                 )
                 asm = compiled.asm | {"shared": compiled.metadata.shared}
                 dump = Path(os.environ["DUMP"]) if "DUMP" in os.environ else None
-                print(flash_ptxas.ptxas_report(asm, dump, f"det_{args[-2]}_{args[-1]}", loops=True))
+                print(flash_ptxas.ptxas_report(asm, dump, "det_" + "_".join(map(str, args[-3:])), loops=True))
 
             return call
 
-    for causal, wait_full in itertools.product((False, True), (True, False)):
+    for causal, (mode, (wait_full, shift)) in itertools.product((False, True), MODES.items()):
+        if causal and shift:
+            continue
         q, k = (torch.empty(1, h, 1000, 128, dtype=torch.bfloat16) for h in (4, 2))
         descs, ld = fa._gluon_bwd_descs(q, k, k, q), torch.empty(1, 4, 1000, 2)
-        mode = f"{'causal' if causal else 'full'}, {'wait for completion' if wait_full else '.read wait'}"
-        print(f"ordered fused, bf16, {mode}:", flush=True)
+        print(f"ordered fused, bf16, {'causal' if causal else 'full'}, {mode}:", flush=True)
         dk, dq = torch.empty_like(k), torch.zeros(q.shape)
-        WAIT["full"] = wait_full
+        WAIT["full"], WAIT["shift"] = wait_full, shift
         det_dkdv(descs, ld, dk, dk, q, k, causal, 0.1, dq, 1, Launch())
 
 
@@ -237,14 +292,16 @@ def main():
     device = torch.device("cuda")
     print(harness.env_line(device, torch.bfloat16), flush=True)
     shapes = [(2, 4, 4, 1000, True), (1, 8, 2, 513, False), (2, 4, 2, 777, True), (1, 2, 1, 77, False)]
-    for wait_full, (B, H, H_KV, N, causal) in itertools.product((True, False), shapes):
+    for (mode, (wait_full, shift)), (B, H, H_KV, N, causal) in itertools.product(MODES.items(), shapes):
+        if causal and shift:
+            continue
         q, do = (torch.randn(B, H, N, 128, device=device, dtype=torch.bfloat16) for _ in range(2))
         k, v = (torch.randn(B, H_KV, N, 128, device=device, dtype=torch.bfloat16) for _ in range(2))
         q, k, v = (t.requires_grad_() for t in (q, k, v))
         with fa.fixed_dkdv_splits(1):
             ref = torch.autograd.grad(fa.flash_attention(q, k, v, causal, deterministic=False), (q, k, v), do)
             faulthandler.dump_traceback_later(60, exit=True)  # a counter waited on forever ends the run
-            with ordered(wait_full):
+            with ordered(wait_full, shift):
                 out = [fa.flash_attention(q, k, v, causal, deterministic=False) for _ in range(REPEATS)]
                 runs = [torch.autograd.grad(o, (q, k, v), do) for o in out]
             torch.cuda.synchronize()
@@ -254,9 +311,8 @@ def main():
         verdict = "ok" if max(errs) < 1e-2 and same and TAKEN else "FAILED" if TAKEN else "NOT TAKEN"
         TAKEN.clear()
         got = " ".join(f"{e:.1e}" for e in errs)
-        wait = "full" if wait_full else ".read"
-        print(f"check {wait} wait {(B, H, H_KV, N, causal)}: dq, dk, dv vs 06's fused {got}; dq bitwise "
-              f"equal over {REPEATS} runs: {same} {verdict}", flush=True)  # fmt: skip
+        print(f"check {mode} {(B, H, H_KV, N, causal)}: dq, dk, dv vs 06's fused {got}; dq bitwise equal "
+              f"over {REPEATS} runs: {same} {verdict}", flush=True)  # fmt: skip
     for B, H, H_KV, N, causal in [(4, 16, 16, 4096, True), (4, 16, 16, 4096, False), (2, 32, 8, 8192, True)]:
         q, do = (torch.randn(B, H, N, 128, device=device, dtype=torch.bfloat16) for _ in range(2))
         k, v = (torch.randn(B, H_KV, N, 128, device=device, dtype=torch.bfloat16) for _ in range(2))
@@ -264,8 +320,8 @@ def main():
         impls = fa._impls(causal)
         flops = 5 * 2 * B * H * N * N * 128 * (0.5 if causal else 1.0)
         runs = [("cudnn", *impls["cudnn"]), ("06", *impls["ours"]), ("06 fused", *impls["ours_atomic"]),
-                ("ordered", impls["ours_atomic"][0], ordered),
-                ("ordered .read", impls["ours_atomic"][0], functools.partial(ordered, False))]  # fmt: skip
+                *[(mode, impls["ours_atomic"][0], functools.partial(ordered, *m)) for mode, m in MODES.items()
+                  if not (causal and m[1])]]  # fmt: skip
         times = {}
         faulthandler.dump_traceback_later(60 + 60 * ROUNDS, exit=True)
         for r in range(ROUNDS):
