@@ -1032,11 +1032,11 @@ def _gb_dkdv_consumer(descs, smem, bars, geom, dq_io, qk_scale, CAUSAL: gl.const
         dv_tok = warpgroup_mma(p_op, do_t, dv, is_async=True)
         dp = warpgroup_mma_wait(1, deps=[dp_tok])  # dP^T done; dV may still run
         dl = dl_smem.index(slot).load(cols_layout)
-        ds = p * (dp - dl[None, :])
-        ds_op = gl.convert_layout(ds.to(dtype), op_layout)
+        ds = (p * (dp - dl[None, :])).to(dtype)
+        ds_op = gl.convert_layout(ds, op_layout)
         dk_tok = warpgroup_mma(ds_op, q_t, dk, is_async=True)
         if FUSED:
-            dq_tok = _gb_dq_step(ds.to(dtype), dq, k_smem, dq_io, i, WG)
+            dq_tok = _gb_dq_step(ds, dq, k_smem, dq_io, i, WG)
             dv, dk, dq, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, dq_tok, p_op, ds_op])
             mbarrier.arrive(empty.index(slot), count=1)
             _gb_dq_handoff(dq * sm_scale, dq_io, i, WG)
