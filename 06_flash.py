@@ -914,7 +914,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LD, DQ, CU_Q, CU_K,
 #     waits until it is read), the whole backward ran level with the two-kernel one (0.99-1.04x), and
 #     with fp32 pointer atomics at 0.85-0.91x of it. With the writer warp: 1.11-1.14x the two-kernel
 #     backward, 0.94-0.99x cuDNN, at D=128 MHA 4k full and causal and GQA 32/8 8k causal (medians of 3
-#     interleaved rounds, notes/probes/flash_bwd_fused_gluon.py, session 13). Compiled for sm_90a: 168
+#     interleaved rounds; notes/probes/flash_bwd_fused_gluon.py at e7b5417, session 13). Compiled: 168
 #     registers, no spills, 198,080 bytes of shared memory, 32 wgmma in a loop of 402 instructions (559
 #     causal). In this file, by the benchmark (results/06_flash.json, 010f9fe): 0.92-1.04x cuDNN at D=128
 #     MHA, 0.96-1.11x GQA 32/8, 0.98-0.99x MQA (its group shared, below), 1.01-1.19x the two-kernel

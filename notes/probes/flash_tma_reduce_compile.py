@@ -42,14 +42,6 @@ def tma_reduce_add(desc, coord, value, _semantic=None):
     )
 
 
-@builtin
-def tma_reduce_add_smem(desc, coord, src, _semantic=None):
-    """global[desc at coord] += shared tile src (the descriptor's block shape and layout), by TMA; the
-    caller fences src's stores before and waits (hopper.tma.store_wait) before reusing src."""
-    coord = _semantic._convert_to_ir_values(coord, require_i64=False)
-    _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, desc.handle, coord, src.handle)
-
-
 @gluon.jit
 def _add_ones(desc):
     layout: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [4, 1], [1, 0])
