@@ -152,9 +152,15 @@ def _shift_producer(descs, smem, bars, geom):
 @gluon.jit
 def _bwd_det(q_desc, k_desc, v_desc, do_desc, dq_desc, LD, DK, DV, n_q, n_k, H, GROUP, qk_scale, sm_scale,
              SEM, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-             CAUSAL: gl.constexpr, WAIT_FULL: gl.constexpr, SHIFT: gl.constexpr):  # fmt: skip
-    """06's _bwd_dkdv_gluon with FUSED and without PARTIAL, its writer warp _det_writer."""
-    start_n = gl.program_id(0) * BLOCK_N
+             CAUSAL: gl.constexpr, WAIT_FULL: gl.constexpr, SHIFT: gl.constexpr,
+             REVERSE: gl.constexpr):  # fmt: skip
+    """06's _bwd_dkdv_gluon with FUSED and without PARTIAL, its writer warp _det_writer. REVERSE
+    (causal): the last key block's program first, so that every program waits only on programs
+    launched before it (no deadlock however few programs are resident), the lightest first."""
+    if REVERSE:
+        start_n = (gl.num_programs(0) - 1 - gl.program_id(0)) * BLOCK_N
+    else:
+        start_n = gl.program_id(0) * BLOCK_N
     pid = gl.program_id(1)
     b = pid // (H // GROUP)
     h_kv = pid % (H // GROUP)
@@ -228,27 +234,35 @@ def det_dkdv(descs, ld, dk, dv, q, k, causal, sm_scale, dq=None, splits=1, kerne
     bm, bn = fa.GLUON_BWD["TILE"], fa.GLUON_BWD["BLOCK"]
     sem = torch.zeros(B * H, triton.cdiv(n_q, bm), device=q.device, dtype=torch.int32)
     shift = WAIT["shift"] and not causal  # causal programs start at their diagonals anyway
+    reverse = WAIT["reverse"] and causal
     if shift and triton.cdiv(n_k, bn) > triton.cdiv(n_q, bm):
         raise ValueError("the shifted walk needs no more key blocks than query blocks")
     dq_desc = fa._gluon_desc(dq.view(-1, D), [bm, D // 2])
     kernel[(triton.cdiv(n_k, bn), B * h_kv)](
         *descs, dq_desc, ld, dk, dv, n_q, n_k, H, H // h_kv, sm_scale * fa.LOG2E, sm_scale, sem, D, bm, bn,
-        fa.GLUON_BWD["DKDV_STAGES"], causal, WAIT["full"], shift, num_warps=4, maxnreg=168)  # fmt: skip
+        fa.GLUON_BWD["DKDV_STAGES"], causal, WAIT["full"], shift, reverse, num_warps=4,
+        maxnreg=168)  # fmt: skip
 
 
 REAL = fa._dkdv_gluon
-MODES = {"ordered": (True, False), "ordered .read": (False, False), "ordered .read shift": (False, True)}
-WAIT = {"full": True, "shift": False}  # the kernel's WAIT_FULL and SHIFT, set by ordered()
+MODES = {
+    "ordered": (True, False, False),
+    "ordered rev": (True, False, True),
+    "ordered .read": (False, False, False),
+    "ordered .read shift": (False, True, False),
+    "ordered .read rev": (False, False, True),
+}  # (WAIT_FULL, SHIFT, REVERSE)
+WAIT = {"full": True, "shift": False, "reverse": False}  # the kernel's WAIT_FULL, SHIFT and REVERSE
 
 
 @contextlib.contextmanager
-def ordered(wait_full=True, shift=False):
+def ordered(wait_full=True, shift=False, reverse=False):
     """06's deterministic=False takes the ordered kernel wherever it would take its fused one whole."""
-    fa._dkdv_gluon, WAIT["full"], WAIT["shift"] = det_dkdv, wait_full, shift
+    fa._dkdv_gluon, WAIT["full"], WAIT["shift"], WAIT["reverse"] = det_dkdv, wait_full, shift, reverse
     try:
         yield
     finally:
-        fa._dkdv_gluon, WAIT["full"], WAIT["shift"] = REAL, True, False
+        fa._dkdv_gluon, WAIT["full"], WAIT["shift"], WAIT["reverse"] = REAL, True, False, False
 
 
 def compile_only():
@@ -277,14 +291,14 @@ def compile_only():
 
             return call
 
-    for causal, (mode, (wait_full, shift)) in itertools.product((False, True), MODES.items()):
-        if causal and shift:
+    for causal, (mode, (wait_full, shift, reverse)) in itertools.product((False, True), MODES.items()):
+        if (shift and causal) or (reverse and not causal):
             continue
         q, k = (torch.empty(1, h, 1000, 128, dtype=torch.bfloat16) for h in (4, 2))
         descs, ld = fa._gluon_bwd_descs(q, k, k, q), torch.empty(1, 4, 1000, 2)
         print(f"ordered fused, bf16, {'causal' if causal else 'full'}, {mode}:", flush=True)
         dk, dq = torch.empty_like(k), torch.zeros(q.shape)
-        WAIT["full"], WAIT["shift"] = wait_full, shift
+        WAIT["full"], WAIT["shift"], WAIT["reverse"] = wait_full, shift, reverse
         det_dkdv(descs, ld, dk, dk, q, k, causal, 0.1, dq, 1, Launch())
 
 
@@ -292,8 +306,9 @@ def main():
     device = torch.device("cuda")
     print(harness.env_line(device, torch.bfloat16), flush=True)
     shapes = [(2, 4, 4, 1000, True), (1, 8, 2, 513, False), (2, 4, 2, 777, True), (1, 2, 1, 77, False)]
-    for (mode, (wait_full, shift)), (B, H, H_KV, N, causal) in itertools.product(MODES.items(), shapes):
-        if causal and shift:
+    for (mode, (wait_full, shift, reverse)), shape in itertools.product(MODES.items(), shapes):
+        B, H, H_KV, N, causal = shape
+        if (shift and causal) or (reverse and not causal):
             continue
         q, do = (torch.randn(B, H, N, 128, device=device, dtype=torch.bfloat16) for _ in range(2))
         k, v = (torch.randn(B, H_KV, N, 128, device=device, dtype=torch.bfloat16) for _ in range(2))
@@ -301,7 +316,7 @@ def main():
         with fa.fixed_dkdv_splits(1):
             ref = torch.autograd.grad(fa.flash_attention(q, k, v, causal, deterministic=False), (q, k, v), do)
             faulthandler.dump_traceback_later(60, exit=True)  # a counter waited on forever ends the run
-            with ordered(wait_full, shift):
+            with ordered(wait_full, shift, reverse):
                 out = [fa.flash_attention(q, k, v, causal, deterministic=False) for _ in range(REPEATS)]
                 runs = [torch.autograd.grad(o, (q, k, v), do) for o in out]
             torch.cuda.synchronize()
@@ -313,7 +328,13 @@ def main():
         got = " ".join(f"{e:.1e}" for e in errs)
         print(f"check {mode} {(B, H, H_KV, N, causal)}: dq, dk, dv vs 06's fused {got}; dq bitwise equal "
               f"over {REPEATS} runs: {same} {verdict}", flush=True)  # fmt: skip
-    for B, H, H_KV, N, causal in [(4, 16, 16, 4096, True), (4, 16, 16, 4096, False), (2, 32, 8, 8192, True)]:
+    for B, H, H_KV, N, causal in [
+        (4, 16, 16, 4096, True),
+        (4, 16, 16, 4096, False),
+        (2, 32, 8, 8192, True),
+        (1, 16, 16, 16384, True),
+        (2, 32, 8, 8192, False),
+    ]:
         q, do = (torch.randn(B, H, N, 128, device=device, dtype=torch.bfloat16) for _ in range(2))
         k, v = (torch.randn(B, H_KV, N, 128, device=device, dtype=torch.bfloat16) for _ in range(2))
         q, k, v = (t.requires_grad_() for t in (q, k, v))
@@ -321,7 +342,7 @@ def main():
         flops = 5 * 2 * B * H * N * N * 128 * (0.5 if causal else 1.0)
         runs = [("cudnn", *impls["cudnn"]), ("06", *impls["ours"]), ("06 fused", *impls["ours_atomic"]),
                 *[(mode, impls["ours_atomic"][0], functools.partial(ordered, *m)) for mode, m in MODES.items()
-                  if not (causal and m[1])]]  # fmt: skip
+                  if not (causal and m[1]) and not (m[2] and not causal)]]  # fmt: skip
         times = {}
         faulthandler.dump_traceback_later(60 + 60 * ROUNDS, exit=True)
         for r in range(ROUNDS):
