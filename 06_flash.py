@@ -953,7 +953,18 @@ def _gb_pt(s, lse, k_rows, q_rows, diag, qk_scale, masked):
 
 
 @gluon.jit
-def _gb_dkdv_producer(descs, smem, bars, geom):
+def _gb_step_rows(i, lo, steps_per_head, jb, BLOCK_M: gl.constexpr, SHIFT: gl.constexpr):
+    """The first query row of step i in its head: the head's blocks from lo on, or with SHIFT (no mask, so
+    lo = 0) from block jb on, jb the program's key block, wrapping round."""
+    if SHIFT:
+        start_m = (i % steps_per_head + jb) % steps_per_head * BLOCK_M
+    else:
+        start_m = lo + (i % steps_per_head) * BLOCK_M
+    return start_m
+
+
+@gluon.jit
+def _gb_dkdv_producer(descs, smem, bars, geom, SHIFT: gl.constexpr):
     """One warp: K and V once, then per step the Q and dO tiles (TMA) and the rows' (lse, delta) pairs
     (loaded here, stored to shared memory, published by the slot's arrival)."""
     q_desc, k_desc, v_desc, do_desc = descs
@@ -971,7 +982,7 @@ def _gb_dkdv_producer(descs, smem, bars, geom):
     for i in range(n_steps):
         slot = i % STAGES
         mbarrier.wait(empty.index(slot), (i // STAGES & 1) ^ 1)  # a fresh barrier's phase -1 is complete
-        start_m = lo + (i % steps_per_head) * BLOCK_M
+        start_m = _gb_step_rows(i, lo, steps_per_head, start_n // (2 * HALF), BLOCK_M, SHIFT)
         head = q_head0 + i // steps_per_head  # step i: the group's head i // steps_per_head
         rows = start_m + gl.arange(0, BLOCK_M, layout=rows_layout)
         pairs = LD + (head * n_q + rows).to(gl.int64) * 2  # (lse, delta) of row r at 2r, 2r + 1
@@ -1015,7 +1026,7 @@ def _gb_dkdv_consumer(descs, smem, bars, geom, dq_io, qk_scale, CAUSAL: gl.const
     mbarrier.wait(kv_bar, 0)
     for i in range(n_steps):
         slot = i % STAGES
-        start_m = lo + (i % steps_per_head) * BLOCK_M
+        start_m = lo + (i % steps_per_head) * BLOCK_M  # used for the mask only: never SHIFT's walk
         mbarrier.wait(ready.index(slot), i // STAGES & 1)
         q_t = q_smem.index(slot)
         do_t = do_smem.index(slot)
@@ -1100,33 +1111,95 @@ def _tma_reduce_add(desc, coord, src, _semantic=None):
 
 
 @gluon.jit
-def _gb_dq_writer(descs, smem, bars, geom, dq_io):
+def _spin_until(lock, value):
+    """Every lane of the warp rereads the int32 at lock (acquire, GPU scope) until it equals value. Inline
+    PTX: as a while loop of atomic adds of 0 it made ptxas spill in the consumer warpgroups' loop."""
+    gl.inline_asm_elementwise(
+        "{ .reg .pred p; .reg .u32 v; SPIN: ld.acquire.gpu.global.u32 v, [$1]; setp.ne.u32 p, v, $2; "
+        "@p bra SPIN; mov.u32 $0, v; }",
+        "=r,l,r", [lock, value], gl.int32, is_pure=False, pack=1)  # fmt: skip
+
+
+@gluon.jit
+def _adds_done(lock):
+    """Wait until this thread's bulk copies have completed, their writes included (tma.store_wait waits
+    only until their sources have been read), order the copy engine's global writes before what follows
+    (fence.proxy.async.global) and sync the warp, so that a release after it publishes the adds. lock is
+    only an operand the asm needs."""
+    gl.inline_asm_elementwise(
+        "{ cp.async.bulk.wait_group 0; fence.proxy.async.global; bar.warp.sync -1; mov.u32 $0, 0; }",
+        "=r,l", [lock], gl.int32, is_pure=False, pack=1)  # fmt: skip
+
+
+@gluon.jit
+def _gb_dq_turn(m, jb, n_q, n_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+                SHIFT: gl.constexpr):  # fmt: skip
+    """Which dQ buffer key block jb adds query block m's tile into, and how many key blocks add it there
+    before jb: the order in which their programs arrive (the block comment above). Every program waits
+    only on programs of higher key blocks, which are launched first."""
+    n_kb = gl.cdiv(n_k, BLOCK_N)
+    if CAUSAL:  # down from the last key block that sees block m
+        buf = 0
+        rank = gl.minimum(n_kb, gl.cdiv((m + 1) * BLOCK_M + n_k - n_q, BLOCK_N)) - 1 - jb
+    elif SHIFT:  # from jb = m down (buffer 0), then those that wrapped round, from the last (buffer 1)
+        buf = (jb > m).to(gl.int32)
+        rank = gl.where(jb > m, n_kb - 1 - jb, gl.minimum(m, n_kb - 1) - jb)
+    else:
+        buf = 0
+        rank = n_kb - 1 - jb
+    return buf, rank
+
+
+@gluon.jit
+def _gb_dq_writer(descs, smem, bars, geom, dq_io, order, CAUSAL: gl.constexpr, ORDERED: gl.constexpr,
+                  SHIFT: gl.constexpr):  # fmt: skip
     """One warp: each step, each warpgroup's dQ tile from its shared slot into the fp32 dQ buffer by one
-    TMA reduce-add, then the slot back to the warpgroup once the copy engine has read it."""
+    TMA reduce-add, then the slot back to the warpgroup once the copy engine has read it. ORDERED: the
+    step's adds wait their turn on the (buffer, query head, query block) counter in SEM, and once they
+    have landed, the counter is raised by one (release)."""
     LD, q_head0, kv_head, n_q, lo, n_steps, steps_per_head, DK, DV, n_k, start_n, sm_scale = geom
     ds_smem, ds_bar, dq_desc, dq_smem, dq_full, dq_empty = dq_io
+    SEM, heads = order
     BLOCK_M: gl.constexpr = dq_smem.type.shape[1]
     HALF_D: gl.constexpr = dq_smem.type.shape[2]
+    BLOCK_N: gl.constexpr = ds_smem.type.shape[1]
     for i in range(n_steps):
-        row = (q_head0 + i // steps_per_head) * n_q + lo + (i % steps_per_head) * BLOCK_M
+        head = q_head0 + i // steps_per_head
+        start_m = _gb_step_rows(i, lo, steps_per_head, start_n // BLOCK_N, BLOCK_M, SHIFT)
+        row = head * n_q + start_m
+        if ORDERED:
+            m = start_m // BLOCK_M
+            buf, rank = _gb_dq_turn(m, start_n // BLOCK_N, n_q, n_k, BLOCK_M, BLOCK_N, CAUSAL, SHIFT)
+            lock = SEM + (buf * heads + head) * gl.cdiv(n_q, BLOCK_M) + m
+            row += buf * heads * n_q  # buffer 1 follows buffer 0's rows
+            _spin_until(lock, rank)
         for w in gl.static_range(2):
             mbarrier.wait(dq_full.index(w), i & 1)
             _tma_reduce_add(dq_desc, [row, w * HALF_D], dq_smem.index(w))
             tma.store_wait(0)  # until the copy engine has read the slot (the adds land later)
             mbarrier.arrive(dq_empty.index(w), count=1)
+        if ORDERED:
+            _adds_done(lock)
+            gl.atomic_add(lock, 1, sem="release")
 
 
 @gluon.jit
-def _bwd_dkdv_gluon(q_desc, k_desc, v_desc, do_desc, dq_desc, LD, DK, DV, n_q, n_k, H, GROUP, qk_scale,
+def _bwd_dkdv_gluon(q_desc, k_desc, v_desc, do_desc, dq_desc, LD, DK, DV, SEM, n_q, n_k, H, GROUP, qk_scale,
                     sm_scale, SPLITS, split_stride, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
                     BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, FUSED: gl.constexpr,
-                    PARTIAL: gl.constexpr):  # fmt: skip
+                    PARTIAL: gl.constexpr, ORDERED: gl.constexpr, SHIFT: gl.constexpr):  # fmt: skip
     """Dense contiguous inputs through (rows, D) descriptors with 64-row tiles; one program per
     (128-key block, batch * kv head), walking the whole query group. PARTIAL: SPLITS programs share a
     group, each walking GROUP / SPLITS of its heads and writing fp32 partial sums into its own
     (B, H_KV, N, D) slice of DK, DV (split_stride elements apart). FUSED: dQ too, added into the fp32
-    buffer under dq_desc ((B*H*N, D) rows in (64, D / 2) tiles) by a fourth partition, the writer warp."""
-    start_n = gl.program_id(0) * BLOCK_N
+    buffer under dq_desc ((B*H*N, D) rows in (64, D / 2) tiles) by a fourth partition, the writer warp.
+    ORDERED (with FUSED): in a fixed order, counted in SEM, the last key block's program launched first;
+    SHIFT (ORDERED without a mask): the walk starts at the program's key block, and the adds of the
+    programs that wrapped round go into a second buffer, rows B*H*N on (the block comment above)."""
+    if ORDERED:
+        start_n = (gl.num_programs(0) - 1 - gl.program_id(0)) * BLOCK_N
+    else:
+        start_n = gl.program_id(0) * BLOCK_N
     pid = gl.program_id(1)  # (batch * H_KV + kv head) * SPLITS + split
     if PARTIAL:
         split = pid % SPLITS
@@ -1180,18 +1253,19 @@ def _bwd_dkdv_gluon(q_desc, k_desc, v_desc, do_desc, dq_desc, LD, DK, DV, n_q, n
             mbarrier.init(dq_empty.index(i), count=1)  # and read by the copy engine
         fence_async_shared()
         dq_io = (ds_smem, ds_bar, dq_desc, dq_smem, dq_full, dq_empty)
+        order = (SEM, gl.num_programs(1) // SPLITS * GROUP)  # the counters and B * H
         gl.warp_specialize([
             (_gb_dkdv_consumer, (descs, smem, bars, geom, dq_io, qk_scale, CAUSAL, FUSED, 0)),
             (_gb_dkdv_consumer1, (descs, smem, bars, geom, dq_io, qk_scale, CAUSAL, FUSED)),
-            (_gb_dkdv_producer, (descs, smem, bars, geom)),
-            (_gb_dq_writer, (descs, smem, bars, geom, dq_io)),
+            (_gb_dkdv_producer, (descs, smem, bars, geom, SHIFT)),
+            (_gb_dq_writer, (descs, smem, bars, geom, dq_io, order, CAUSAL, ORDERED, SHIFT)),
         ], [4, 1, 1], [240, 24, 24])  # fmt: skip
     else:
         fence_async_shared()
         gl.warp_specialize([
             (_gb_dkdv_consumer, (descs, smem, bars, geom, None, qk_scale, CAUSAL, FUSED, 0)),
             (_gb_dkdv_consumer1, (descs, smem, bars, geom, None, qk_scale, CAUSAL, FUSED)),
-            (_gb_dkdv_producer, (descs, smem, bars, geom)),
+            (_gb_dkdv_producer, (descs, smem, bars, geom, SHIFT)),
         ], [4, 1], [240, 24])  # fmt: skip
 
 
@@ -1378,7 +1452,7 @@ def _bucket(n: int) -> int:
 # The checks launch one fixed config per kernel instead of autotuning (fixed_configs below): autotuning
 # compiles every config for every new key, and the checks' tiny grids would fill the autotune cache the
 # benchmark then reuses. Module state, but only ever set inside the `with` of fixed_configs.
-_FIXED = {"index": None, "splits": None, "pointers": False, "tl": False}
+_FIXED = {"index": None, "splits": None, "pointers": False, "tl": False, "two_kernel": False}
 
 
 @contextlib.contextmanager
@@ -1411,6 +1485,17 @@ def tl_kernels():
         yield
     finally:
         _FIXED["tl"] = before
+
+
+@contextlib.contextmanager
+def two_kernel_backward():
+    """Where the Gluon kernels run, the backward takes the two-kernel road (dK/dV, then dQ, 7 matmuls a
+    block pair) instead of the fused kernel: the checks prove it, and the benchmark's probes time it."""
+    before, _FIXED["two_kernel"] = _FIXED["two_kernel"], True
+    try:
+        yield
+    finally:
+        _FIXED["two_kernel"] = before
 
 
 def gluon_ok(ts, varlen: bool) -> bool:
@@ -1531,9 +1616,10 @@ def _fwd_gluon(q, k, v, o, lse, cu_q, cu_k, lse_bh, B, n_q, n_k, causal, sm_scal
 
 
 def _bwd(do, q, k, v, o, lse, cu, B, n_q, n_k, causal, sm_scale, poison, deterministic=True):
-    """dq, dk, dv for either layout (see _fwd); each row's lse and delta are stored as a pair.
-    deterministic=False: dQ added up in fp32 by the dK/dV kernel (atomic adds in the tl kernel, TMA
-    reduce-adds in the fused Gluon one) instead of its own kernel."""
+    """dq, dk, dv for either layout (see _fwd); each row's lse and delta are stored as a pair. Where the
+    Gluon kernels run: the fused kernel, which adds dQ up in fp32 by TMA reduce-adds, in a fixed order
+    unless deterministic=False. The tl kernels: dK/dV, then dQ in a kernel of its own, or with
+    deterministic=False added up by the dK/dV kernel's fp32 atomic adds."""
     varlen, H, D, h_kv = cu is not None, q.shape[1], q.shape[-1], k.shape[1]
     (do,) = _contig_last(do)
     ld = _empty((*lse.shape, 2), q, torch.float32, poison)  # (lse, delta) of each row
@@ -1544,14 +1630,18 @@ def _bwd(do, q, k, v, o, lse, cu, B, n_q, n_k, causal, sm_scale, poison, determi
     _bwd_delta_kernel[(triton.cdiv(rows, 32), n_b * H)](
         o, do, lse, ld, *_bhn(o, varlen), *_bhn(do, varlen), rows, H, HEAD_DIM=D, BLOCK_M=32
     )
-    atomic = not deterministic
-    # the atomic path adds into zeros, so it is not poisoned: a row nobody adds to stays 0, which the
-    # checks' comparisons catch
-    dq = (
-        torch.zeros(q.shape, device=q.device, dtype=torch.float32)
-        if atomic
-        else _empty(q.shape, q, poison=poison)
-    )
+    gluon = not varlen and gluon_ok((q, k, v, do), False)
+    fused = gluon and not (deterministic and _FIXED["two_kernel"])  # the Gluon kernel that adds dQ up
+    atomic = not deterministic and not fused  # the tl kernel's atomic adds
+    shift = fused and deterministic and not causal and _shift_fits(q, n_q, n_k)  # two dQ buffers
+    # the fused kernel and the atomic path add into zeros, so they are not poisoned: a row nobody adds
+    # to stays 0, which the checks' comparisons catch
+    if fused:
+        dq = torch.zeros((1 + shift, *q.shape), device=q.device, dtype=torch.float32)
+    elif atomic:
+        dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+    else:
+        dq = _empty(q.shape, q, poison=poison)
     splits = _FIXED["splits"] or dkdv_splits(n_k, B, h_kv, H // h_kv, q.device)
     if (H // h_kv) % splits:  # a program walks GROUP // splits heads: a remainder would be dropped
         raise ValueError(f"dK/dV splits {splits} must divide the query group {H // h_kv}")
@@ -1561,10 +1651,10 @@ def _bwd(do, q, k, v, o, lse, cu, B, n_q, n_k, causal, sm_scale, poison, determi
         dk, dv = (_empty((splits, *t.shape), t, torch.float32, poison) for t in (k, v))
     cu_q, cu_k = cu if varlen else (q, q)
     common = dict(HEAD_DIM=D, CAUSAL=causal, IS_VARLEN=varlen)
-    gluon = not varlen and gluon_ok((q, k, v, do), False)
     descs = _gluon_bwd_descs(q, k, v, do) if gluon else None
-    if gluon:  # atomic: the fused kernel, which adds dQ into the fp32 buffer too
-        _dkdv_gluon(descs, ld, dk, dv, q, k, causal, sm_scale, dq if atomic else None, splits)
+    if gluon:  # fused: the kernel adds dQ into the fp32 buffer too
+        _dkdv_gluon(descs, ld, dk, dv, q, k, causal, sm_scale, dq if fused else None, splits, deterministic,
+                    shift)  # fmt: skip
     else:
         dq_bhn = _bhn(dq, varlen) if atomic else (0, 0, 0)
         grid_kv = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), B * h_kv * splits)  # noqa: E731
@@ -1576,6 +1666,8 @@ def _bwd(do, q, k, v, o, lse, cu, B, n_q, n_k, causal, sm_scale, poison, determi
                 _bucket(max(n_q, n_k)), _bucket(B * h_kv * splits), ATOMIC_DQ=atomic, **common)  # fmt: skip
     if splits > 1:
         dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)  # summed in fp32, rounded once
+    if fused:  # the shifted walk's two buffers summed in fp32, rounded once
+        return (dq.sum(0) if shift else dq[0]).to(q.dtype), dk, dv
     if atomic:
         return dq.to(q.dtype), dk, dv
     if gluon:
@@ -1602,21 +1694,32 @@ def _gluon_bwd_descs(q, k, v, do):
     return [_gluon_desc(t.view(-1, t.shape[-2], D), [1, GLUON_BWD["TILE"], D]) for t in (q, k, v, do)]
 
 
-def _dkdv_gluon(descs, ld, dk, dv, q, k, causal, sm_scale, dq=None, splits=1):
+def _shift_fits(q, n_q, n_k):
+    """Whether the ordered fused kernel may take its shifted walk: no more key blocks than query blocks
+    (each program starts on a block of its own), and both dQ buffers' rows within int32."""
+    bm, bn = GLUON_BWD["TILE"], GLUON_BWD["BLOCK"]
+    return triton.cdiv(n_k, bn) <= triton.cdiv(n_q, bm) and 2 * q.numel() // q.shape[-1] < 2**31
+
+
+def _dkdv_gluon(descs, ld, dk, dv, q, k, causal, sm_scale, dq=None, splits=1, ordered=False, shift=False):
     """The Gluon dK/dV kernel into contiguous dk, dv, one program walking each kv head's group; launched
-    like the forward (4 warps + the workers' 5, 168-register cap redistributed 240 / 24). With dq (an
-    fp32 buffer of zeros shaped like q): the fused kernel, which also adds scale * dS K into it (one
-    more worker, the writer warp, with 24 registers). splits > 1: a program walks a share of the group,
-    and dk, dv are (splits, B, H_KV, N, D) fp32 buffers of partial sums, one per share."""
+    like the forward (4 warps + the workers' 5, 168-register cap redistributed 240 / 24). With dq (fp32
+    zeros shaped (1, *q.shape), or (2, *q.shape) with shift): the fused kernel, which also adds scale *
+    dS K into it (one more worker, the writer warp, with 24 registers); ordered: in a fixed order,
+    counted in int32 counters, one per (buffer, query head, query block). splits > 1: a program walks a
+    share of the group, and dk, dv are (splits, B, H_KV, N, D) fp32 buffers of partial sums, one per
+    share."""
     B, H, n_q, D = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     bn = GLUON_BWD["BLOCK"]
     dq_desc = None if dq is None else _gluon_desc(dq.view(-1, D), [GLUON_BWD["TILE"], D // 2])
+    sem = torch.zeros((1 + shift) * B * H * triton.cdiv(n_q, GLUON_BWD["TILE"]), device=q.device,
+                      dtype=torch.int32) if ordered else ld  # fmt: skip
     stride = dk.stride(0) if splits > 1 else 0
     _bwd_dkdv_gluon[(triton.cdiv(n_k, bn), B * h_kv * splits)](
-        *descs, dq_desc, ld, dk, dv, n_q, n_k, H, H // h_kv, sm_scale * LOG2E, sm_scale, splits, stride, D,
-        GLUON_BWD["TILE"], bn, GLUON_BWD["DKDV_STAGES"], causal, dq is not None, splits > 1, num_warps=4,
-        maxnreg=168)  # fmt: skip
+        *descs, dq_desc, ld, dk, dv, sem, n_q, n_k, H, H // h_kv, sm_scale * LOG2E, sm_scale, splits, stride,
+        D, GLUON_BWD["TILE"], bn, GLUON_BWD["DKDV_STAGES"], causal, dq is not None, splits > 1, ordered,
+        shift, num_warps=4, maxnreg=168)  # fmt: skip
 
 
 def _dq_gluon(descs, ld, dq, q, k, causal, sm_scale):
@@ -1791,14 +1894,21 @@ def _grads(out, inputs, do):
     return torch.autograd.grad(out, inputs, do)
 
 
-def check_dense(B, H, H_KV, NQ, NK, D, causal, dtype, device, deterministic=True):
-    """Output and dq, dk, dv against float64 and SDPA; returns a short note of the errors."""
+def check_dense(B, H, H_KV, NQ, NK, D, causal, dtype, device, deterministic=True, repeat=False):
+    """Output and dq, dk, dv against float64 and SDPA; returns a short note of the errors. repeat: run
+    forward and backward again, and every output must be bitwise the same."""
     q = torch.randn(B, H, NQ, D, device=device, dtype=dtype, requires_grad=True)
     k = torch.randn(B, H_KV, NK, D, device=device, dtype=dtype, requires_grad=True)
     v = torch.randn(B, H_KV, NK, D, device=device, dtype=dtype, requires_grad=True)
     do = torch.randn(B, H, NQ, D, device=device, dtype=dtype)
     fast = flash_attention(q, k, v, causal, poison=True, deterministic=deterministic)
     fast_grads = _grads(fast, (q, k, v), do)
+    if repeat:
+        again = flash_attention(q, k, v, causal, poison=True, deterministic=deterministic)
+        second = (again, *_grads(again, (q, k, v), do))
+        for name, a, b in zip(("out", "dq", "dk", "dv"), (fast, *fast_grads), second, strict=True):
+            if not torch.equal(a, b):
+                raise AssertionError(f"{name} differs between two runs: max |diff| {(a - b).abs().max():.1e}")
     ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref = attention_reference(*ref_in, causal=causal)
     ref_grads = _grads(ref, ref_in, do.double())
@@ -1985,6 +2095,19 @@ def run_checks(checks, device, quick):
                 name = f", dK/dV group in {splits} shares" + ("" if det else ", dQ by atomic adds")
                 with fixed_configs(n := n + 1), fixed_dkdv_splits(splits):
                     checks(dense_name(s, dtype, name), check_dense, *s, dtype, device, det)
+        # the ordered fused kernel, bitwise the same twice: causal (the last key block's program first),
+        # without a mask on the shifted walk (two dQ buffers), and unshifted where there are more key
+        # blocks than query blocks; a group whole and in shares. Then the two-kernel road.
+        ordered = [((2, 4, 4, 1000, 1000, 128, True), 1), ((2, 4, 4, 1000, 1000, 128, False), 1),
+                   ((1, 4, 2, 300, 1111, 128, False), 1), ((2, 8, 2, 1000, 1000, 128, True), 2),
+                   ((1, 8, 1, 1111, 1111, 128, False), 4)]  # fmt: skip
+        for s, splits in ordered:
+            name = dense_name(s, dtype, f", dK/dV group in {splits} part(s), bitwise repeatable")
+            with fixed_configs(n := n + 1), fixed_dkdv_splits(splits):
+                checks(name, check_dense, *s, dtype, device, repeat=True)
+        for s in [(2, 4, 4, 1000, 1000, 128, True), (1, 4, 2, 300, 1111, 128, False)]:
+            with fixed_configs(n := n + 1), two_kernel_backward():
+                checks(dense_name(s, dtype, ", two-kernel backward"), check_dense, *s, dtype, device)
         for i, s in enumerate([(2, 4, 4, 1000, 1000, 128, True), (2, 4, 1, 300, 1111, 128, False)]):
             with fixed_configs(i), tl_kernels():
                 checks(dense_name(s, dtype, ", tl kernels"), check_dense, *s, dtype, device)

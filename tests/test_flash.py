@@ -4,6 +4,8 @@ Each test draws fresh random inputs and poisons the outputs with NaN before the 
 are chosen off the 16-wide interpreter blocks so the masked tails are exercised.
 """
 
+import contextlib
+
 import harness
 
 import pytest
@@ -347,11 +349,16 @@ def test_forward_hands_the_gluon_kernel_its_outputs(monkeypatch, varlen):
     assert o.shape == q.shape and bool((o == 1).all()) and bool((lse == 2).all())
 
 
-@pytest.mark.parametrize("case", ["mha", "gqa_split", "atomic", "atomic_split", "varlen"])
+CASES = ["mha", "gqa_split", "shift", "atomic", "atomic_split", "two_kernel", "varlen"]
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_backward_hands_the_gluon_kernels_their_outputs(monkeypatch, case):
-    """Where gluon_ok says yes, _bwd gives dQ to the Gluon dQ kernel, and dK, dV to the Gluon dK/dV kernel,
-    a split group as fp32 partial sums (then added up); deterministic=False gives the fused kernel all
-    three (dQ as a zeroed fp32 buffer it adds into). Varlen takes the tl kernels."""
+    """Where gluon_ok says yes, _bwd gives all three gradients to the fused Gluon kernel: dQ as a zeroed
+    fp32 buffer it adds into, in order (deterministic) or not, and without a mask as two buffers (the
+    shifted walk) then summed; a split group's dK, dV as fp32 partial sums, then added up. Under
+    two_kernel_backward the deterministic backward takes the Gluon dK/dV kernel, then the Gluon dQ
+    kernel. Varlen takes the tl kernels."""
     varlen = case == "varlen"
     h_kv = 4 if case == "mha" else 2
     cu = torch.tensor([0, 20, 33], dtype=torch.int32)
@@ -363,15 +370,16 @@ def test_backward_hands_the_gluon_kernels_their_outputs(monkeypatch, case):
         o, lse = mod._fwd(q, k, v, *geom, True, 0.2, False)  # the tl forward, before anything is patched
     launched = []
 
-    def fake_dkdv(descs, ld, dk, dv, q, k, causal, sm_scale, dq=None, splits=1):
-        launched.append(("gluon dkdv" if dq is None else "gluon fused") + f" in {splits}")
+    def fake_dkdv(descs, ld, dk, dv, q, k, causal, sm_scale, dq=None, splits=1, ordered=False, shift=False):
+        kind = "gluon dkdv" if dq is None else "gluon fused" + " ordered" * ordered + " shifted" * shift
+        launched.append(f"{kind} in {splits}")
         assert dk.shape == ((splits, *k.shape) if splits > 1 else k.shape)
         assert dk.dtype == (torch.float32 if splits > 1 else k.dtype)
         dk.fill_(1.0 / splits)  # the partial sums add up to 1 and 2
         dv.fill_(2.0 / splits)
-        if dq is not None:
-            assert dq.dtype == torch.float32 and dq.shape == q.shape and not dq.any()  # adds into zeros
-            dq.fill_(3.0)
+        if dq is not None:  # adds into zeros: one buffer, or two with shift, summed afterwards
+            assert dq.dtype == torch.float32 and dq.shape == (1 + shift, *q.shape) and not dq.any()
+            dq.fill_(3.0 / (1 + shift))
 
     def fake_dq(descs, ld, dq, q, k, causal, sm_scale):
         launched.append("gluon dq")
@@ -385,13 +393,16 @@ def test_backward_hands_the_gluon_kernels_their_outputs(monkeypatch, case):
     monkeypatch.setattr(mod, "_launch", lambda kernel, kind, *a, **kw: launched.append(f"tl {kind}")
                         or real_launch(kernel, kind, *a, **kw))  # fmt: skip
     split, det = case in ("gqa_split", "atomic_split"), "atomic" not in case
-    with mod.fixed_configs(0), mod.fixed_dkdv_splits(2 if split else 1):
-        dq, dk, dv = mod._bwd(do, q, k, v, o, lse, *geom, True, 0.2, False, deterministic=det)
+    two = mod.two_kernel_backward() if case == "two_kernel" else contextlib.nullcontext()
+    with mod.fixed_configs(0), mod.fixed_dkdv_splits(2 if split else 1), two:
+        dq, dk, dv = mod._bwd(do, q, k, v, o, lse, *geom, case != "shift", 0.2, False, deterministic=det)
     expected = {
-        "mha": ["gluon dkdv in 1", "gluon dq"],
-        "gqa_split": ["gluon dkdv in 2", "gluon dq"],
+        "mha": ["gluon fused ordered in 1"],
+        "gqa_split": ["gluon fused ordered in 2"],
+        "shift": ["gluon fused ordered shifted in 1"],
         "atomic": ["gluon fused in 1"],
         "atomic_split": ["gluon fused in 2"],
+        "two_kernel": ["gluon dkdv in 1", "gluon dq"],
         "varlen": ["tl dkdv", "tl dq"],
     }[case]
     assert launched == expected
@@ -465,3 +476,29 @@ def test_gluon_dkdv_launch_of_a_shared_group(monkeypatch, splits):
     assert bound["SPLITS"] == splits and bound["PARTIAL"] == (splits > 1)
     assert bound["split_stride"] == (dk.stride(0) if splits > 1 else 0)
     assert bound["FUSED"] is False and bound["dq_desc"] is None
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_gluon_dkdv_launch_in_order(monkeypatch, shift):
+    """The ordered fused kernel gets zeroed int32 counters, one per (dQ buffer, query head, 64-row query
+    block), and a dQ descriptor over every buffer's rows: two buffers with the shifted walk."""
+    launches = []
+
+    class Grab:  # stands in for the Gluon dK/dV kernel: records its grid and arguments, launches nothing
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append((grid, args, kw))
+
+    names = mod._bwd_dkdv_gluon.arg_names
+    monkeypatch.setattr(mod, "_bwd_dkdv_gluon", Grab())
+    q = torch.randn(2, 4, 200, 128, dtype=F16)
+    k = torch.randn(2, 2, 200, 128, dtype=F16)
+    descs = mod._gluon_bwd_descs(q, k, k, q)
+    dk, dv = torch.empty_like(k), torch.empty_like(k)
+    dq = torch.zeros(1 + shift, *q.shape)
+    mod._dkdv_gluon(descs, torch.empty(2, 4, 200, 2), dk, dv, q, k, not shift, 0.1, dq, 1, True, shift)
+    ((grid, args, kw),) = launches
+    bound = dict(zip(names, args, strict=True))
+    assert bound["FUSED"] is True and bound["ORDERED"] is True and bound["SHIFT"] == shift
+    sem = bound["SEM"]
+    assert sem.dtype == torch.int32 and sem.numel() == (1 + shift) * 2 * 4 * 4 and not sem.any()
+    assert tuple(bound["dq_desc"].shape) == ((1 + shift) * 2 * 4 * 200, 128)

@@ -1,0 +1,76 @@
+"""H200 probe (issue 19, session 14): 06's deterministic backward as the ordered fused kernel (one kernel,
+5 matmuls a block pair, dQ added in a fixed order) against the two-kernel road it replaces (7 matmuls,
+two_kernel_backward), deterministic=False's unordered fused kernel and cuDNN, by 06's own timing (_time:
+CUDA-graph replay, L2 flushed), interleaved over ROUNDS rounds. Also the ordered kernel with a GQA
+group in single-head shares (fixed_dkdv_splits): causal, the ordered launch runs the heaviest program
+of each kv head last, and a whole group makes it GROUP times heavier (notes/06_flash.md, session 14).
+GPU only:  python -u notes/probes/flash_bwd_ordered.py   (ROUNDS=3 by default)"""
+
+import os
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import harness  # noqa: E402
+
+import torch  # noqa: E402
+
+fa = harness.load_build("06_flash")
+ROUNDS = int(os.environ.get("ROUNDS", "3"))
+# (B, H, H_KV, N, causal): the benchmark's D=128 rows at N >= 4k
+SHAPES = [(4, 16, 16, 4096, True), (4, 16, 16, 4096, False), (1, 16, 16, 16384, True),
+          (1, 16, 16, 16384, False), (2, 32, 8, 8192, True), (2, 32, 8, 8192, False),
+          (4, 32, 1, 4096, True), (4, 32, 1, 4096, False)]  # fmt: skip
+
+
+def checks(device):
+    """06's ordered-kernel checks first (against float64 and SDPA, bitwise the same twice), then the
+    isolation checks that go through it."""
+    checks = harness.Checks()
+    bf16 = torch.bfloat16
+    for s, splits in [((2, 4, 4, 1000, 1000, 128, True), 1), ((2, 4, 4, 1000, 1000, 128, False), 1),
+                      ((1, 4, 2, 300, 1111, 128, False), 1), ((2, 8, 2, 1000, 1000, 128, True), 2),
+                      ((1, 8, 1, 1111, 1111, 128, False), 4), ((1, 16, 16, 2048, 2048, 128, True), 1),
+                      ((1, 8, 2, 777, 777, 128, False), 1)]:  # fmt: skip
+        with fa.fixed_dkdv_splits(splits):
+            checks(f"{s} in {splits} part(s), repeatable", fa.check_dense, *s, bf16, device, repeat=True)
+    for causal in (False, True):
+        checks(f"dense isolation causal={causal}", fa.check_isolation, False, causal, 128, bf16, device)
+    with fa.two_kernel_backward():
+        checks(
+            "two-kernel (2, 4, 4, 1000, causal)", fa.check_dense, 2, 4, 4, 1000, 1000, 128, True, bf16, device
+        )
+    print(f"checks failed: {checks.failed or 'none'}; timing anyway", flush=True)
+
+
+def main():
+    device = torch.device("cuda")
+    print(harness.env_line(device, torch.bfloat16), flush=True)
+    checks(device)
+    for B, H, H_KV, N, causal in SHAPES:
+        q, do = (torch.randn(B, H, N, 128, device=device, dtype=torch.bfloat16) for _ in range(2))
+        k, v = (torch.randn(B, H_KV, N, 128, device=device, dtype=torch.bfloat16) for _ in range(2))
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        impls = fa._impls(causal)
+        runs = [("cudnn", *impls["cudnn"]), ("ordered", *impls["ours"]),
+                ("two-kernel", impls["ours"][0], fa.two_kernel_backward),
+                ("unordered", *impls["ours_atomic"])]  # fmt: skip
+        if H_KV not in (1, H):
+            runs.append(
+                ("ordered 1-head shares", impls["ours"][0], lambda g=H // H_KV: fa.fixed_dkdv_splits(g))
+            )
+        flops = 5 * 2 * B * H * N * N * 128 * (0.5 if causal else 1.0)
+        times = {}
+        for r in range(ROUNDS):
+            for name, fn, ctx in runs:
+                times.setdefault(name, []).append(fa._time(fn, ctx, q, k, v, do, device)[1])
+            print(f"{(B, H, H_KV, N, causal)} round {r}: " + ", ".join(
+                f"{n} {flops / t[-1] / 1e9:.0f}" for n, t in times.items()), flush=True)  # fmt: skip
+        med = {n: statistics.median(t) for n, t in times.items()}
+        got = ", ".join(f"{n} {flops / t / 1e9:.0f} (x{med['cudnn'] / t:.2f})" for n, t in med.items())
+        print(f"{(B, H, H_KV, N, causal)} backward TFLOP/s, median round (x cuDNN): {got}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
