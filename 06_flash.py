@@ -1164,18 +1164,18 @@ def _gb_dq_writer(descs, smem, bars, geom, dq_io, order, CAUSAL: gl.constexpr, O
     HALF_D: gl.constexpr = dq_smem.type.shape[2]
     BLOCK_N: gl.constexpr = ds_smem.type.shape[1]
     for i in range(n_steps):
-        head = q_head0 + i // steps_per_head
+        head = q_head0 + i // steps_per_head  # in dQ's (B*H, N, D), or (2 * B*H, N, D) with a second buffer
         start_m = _gb_step_rows(i, lo, steps_per_head, start_n // BLOCK_N, BLOCK_M, SHIFT)
-        row = head * n_q + start_m
         if ORDERED:
             m = start_m // BLOCK_M
             buf, rank = _gb_dq_turn(m, start_n // BLOCK_N, n_q, n_k, BLOCK_M, BLOCK_N, CAUSAL, SHIFT)
-            lock = SEM + (buf * heads + head) * gl.cdiv(n_q, BLOCK_M) + m
-            row += buf * heads * n_q  # buffer 1 follows buffer 0's rows
+            head += buf * heads
+            lock = SEM + head * gl.cdiv(n_q, BLOCK_M) + m
             _spin_until(lock, rank)
         for w in gl.static_range(2):
             mbarrier.wait(dq_full.index(w), i & 1)
-            _tma_reduce_add(dq_desc, [row, w * HALF_D], dq_smem.index(w))
+            tile = dq_smem.index(w).reshape([1, BLOCK_M, HALF_D])
+            _tma_reduce_add(dq_desc, [head, start_m, w * HALF_D], tile)
             tma.store_wait(0)  # until the copy engine has read the slot (the adds land later)
             mbarrier.arrive(dq_empty.index(w), count=1)
         if ORDERED:
@@ -1192,10 +1192,11 @@ def _bwd_dkdv_gluon(q_desc, k_desc, v_desc, do_desc, dq_desc, LD, DK, DV, SEM, n
     (128-key block, batch * kv head), walking the whole query group. PARTIAL: SPLITS programs share a
     group, each walking GROUP / SPLITS of its heads and writing fp32 partial sums into its own
     (B, H_KV, N, D) slice of DK, DV (split_stride elements apart). FUSED: dQ too, added into the fp32
-    buffer under dq_desc ((B*H*N, D) rows in (64, D / 2) tiles) by a fourth partition, the writer warp.
-    ORDERED (with FUSED): in a fixed order, counted in SEM, the last key block's program launched first;
-    SHIFT (ORDERED without a mask): the walk starts at the program's key block, and the adds of the
-    programs that wrapped round go into a second buffer, rows B*H*N on (the block comment above)."""
+    buffer under dq_desc ((B*H, N, D) in (1, 64, D / 2) tiles: TMA drops what a head's last tile adds past
+    its rows) by a fourth partition, the writer warp. ORDERED (with FUSED): in a fixed order, counted in
+    SEM, the last key block's program launched first; SHIFT (ORDERED without a mask): the walk starts at
+    the program's key block, and the programs that wrapped round add into a second buffer, heads B*H on
+    (the block comment above)."""
     if ORDERED:
         start_n = (gl.num_programs(0) - 1 - gl.program_id(0)) * BLOCK_N
     else:
@@ -1243,7 +1244,8 @@ def _bwd_dkdv_gluon(q_desc, k_desc, v_desc, do_desc, dq_desc, LD, DK, DV, SEM, n
     if FUSED:
         ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype)
         ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M], ds_layout)  # dS^T, 2 buffers
-        dq_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, HEAD_DIM // 2], dq_desc.layout)
+        dq_tile: gl.constexpr = _g_tile_layout(dq_desc.layout)
+        dq_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, HEAD_DIM // 2], dq_tile)
         ds_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         dq_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         dq_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -1553,14 +1555,18 @@ def _launch(kernel, kind, grid, *args, **meta):
     return kernel.fn[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def dkdv_splits(n_k: int, B: int, h_kv: int, group: int, device) -> int:
+def dkdv_splits(n_k: int, B: int, h_kv: int, group: int, device, ordered_causal: bool = False) -> int:
     """How many programs share one kv head's query group in the dK/dV kernel. One program per (key
     block, kv head) walks the whole group: with few kv heads (MQA: one) the grid is too small for the
     GPU and one program does GROUP times the work. Split the group (a divisor of it) until there are
     four programs per SM, each writing an fp32 partial dK/dV that are summed afterwards (more memory
-    traffic, which costs less than idle SMs). The grid counts 128-key blocks, the dK/dV tile height."""
+    traffic, which costs less than idle SMs). The grid counts 128-key blocks, the dK/dV tile height.
+    ordered_causal (the ordered fused kernel with a mask): one head a program, since that kernel runs
+    each kv head's heaviest program last, and a whole group makes it GROUP times heavier."""
     if device.type != "cuda":
         return 1
+    if ordered_causal:
+        return group
     want = 4 * torch.cuda.get_device_properties(device).multi_processor_count
     programs = triton.cdiv(n_k, 128) * B * h_kv
     return next((s for s in range(1, group + 1) if group % s == 0 and programs * s >= want), group)
@@ -1642,7 +1648,8 @@ def _bwd(do, q, k, v, o, lse, cu, B, n_q, n_k, causal, sm_scale, poison, determi
         dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     else:
         dq = _empty(q.shape, q, poison=poison)
-    splits = _FIXED["splits"] or dkdv_splits(n_k, B, h_kv, H // h_kv, q.device)
+    ordered_causal = fused and deterministic and causal
+    splits = _FIXED["splits"] or dkdv_splits(n_k, B, h_kv, H // h_kv, q.device, ordered_causal)
     if (H // h_kv) % splits:  # a program walks GROUP // splits heads: a remainder would be dropped
         raise ValueError(f"dK/dV splits {splits} must divide the query group {H // h_kv}")
     if splits == 1:  # each program owns its dK/dV rows outright
@@ -1712,7 +1719,7 @@ def _dkdv_gluon(descs, ld, dk, dv, q, k, causal, sm_scale, dq=None, splits=1, or
     B, H, n_q, D = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     bn = GLUON_BWD["BLOCK"]
-    dq_desc = None if dq is None else _gluon_desc(dq.view(-1, D), [GLUON_BWD["TILE"], D // 2])
+    dq_desc = None if dq is None else _gluon_desc(dq.view(-1, n_q, D), [1, GLUON_BWD["TILE"], D // 2])
     sem = torch.zeros((1 + shift) * B * H * triton.cdiv(n_q, GLUON_BWD["TILE"]), device=q.device,
                       dtype=torch.int32) if ordered else ld  # fmt: skip
     stride = dk.stride(0) if splits > 1 else 0

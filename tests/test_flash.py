@@ -441,13 +441,13 @@ def test_gluon_tiles_of_dense_inputs_stay_inside_a_head(monkeypatch, varlen):
     assert geometry(bwd) == [((8, 45, 128), [1, 64, 128])] + [((4, 45, 128), [1, 64, 128])] * 2 + [
         ((8, 45, 128), [1, 64, 128])
     ]  # dO like q
-    # the fused backward's fp32 dQ buffer: all B*H*N rows as one run, in tiles of 64 rows by half of D
-    # (the rows a head's last tile runs past get zero adds: their P is 0), after the four inputs
+    # the fused backward's fp32 dQ buffer: per head too, in tiles of 64 rows by half of D, so what a
+    # head's last tile adds past its rows is dropped, after the four inputs
     seen.clear()
     monkeypatch.setattr(mod, "_bwd_dkdv_gluon", Grab())
     dk, dv, dq = torch.empty_like(k), torch.empty_like(v), torch.zeros(q.shape)
     mod._dkdv_gluon(bwd, torch.empty(2, 4, 45, 2), dk, dv, q, k, True, 0.1, dq)
-    assert geometry(seen) == geometry(bwd) + [((360, 128), [64, 64])]
+    assert geometry(seen) == geometry(bwd) + [((8, 45, 128), [1, 64, 64])]
     assert seen[-1].layout.element_bitwidth == 32
 
 
@@ -501,4 +501,4 @@ def test_gluon_dkdv_launch_in_order(monkeypatch, shift):
     assert bound["FUSED"] is True and bound["ORDERED"] is True and bound["SHIFT"] == shift
     sem = bound["SEM"]
     assert sem.dtype == torch.int32 and sem.numel() == (1 + shift) * 2 * 4 * 4 and not sem.any()
-    assert tuple(bound["dq_desc"].shape) == ((1 + shift) * 2 * 4 * 200, 128)
+    assert tuple(bound["dq_desc"].shape) == ((1 + shift) * 2 * 4, 200, 128)

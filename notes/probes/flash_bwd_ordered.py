@@ -4,7 +4,7 @@ two_kernel_backward), deterministic=False's unordered fused kernel and cuDNN, by
 CUDA-graph replay, L2 flushed), interleaved over ROUNDS rounds. Also the ordered kernel with a GQA
 group in single-head shares (fixed_dkdv_splits): causal, the ordered launch runs the heaviest program
 of each kv head last, and a whole group makes it GROUP times heavier (notes/06_flash.md, session 14).
-GPU only:  python -u notes/probes/flash_bwd_ordered.py   (ROUNDS=3 by default)"""
+GPU only:  python -u notes/probes/flash_bwd_ordered.py   (ROUNDS=3 by default; SPLITS=1: the shares)"""
 
 import os
 import statistics
@@ -18,10 +18,14 @@ import torch  # noqa: E402
 
 fa = harness.load_build("06_flash")
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
-# (B, H, H_KV, N, causal): the benchmark's D=128 rows at N >= 4k
+# (B, H, H_KV, N, causal): the benchmark's D=128 rows at N >= 4k; SPLITS=1 (call 4): the shares of a
+# group to time the ordered kernel with beside its default (a whole group, call 3; one head since)
 SHAPES = [(4, 16, 16, 4096, True), (4, 16, 16, 4096, False), (1, 16, 16, 16384, True),
           (1, 16, 16, 16384, False), (2, 32, 8, 8192, True), (2, 32, 8, 8192, False),
           (4, 32, 1, 4096, True), (4, 32, 1, 4096, False)]  # fmt: skip
+SPLITS = {(2, 32, 8, 8192, True): (1, 2), (4, 32, 1, 4096, True): (8, 16)}
+if os.environ.get("SPLITS") == "1":
+    SHAPES = [s for s in SHAPES if s in SPLITS or s[:2] == (4, 16)]
 
 
 def checks(device):
@@ -53,13 +57,15 @@ def main():
         k, v = (torch.randn(B, H_KV, N, 128, device=device, dtype=torch.bfloat16) for _ in range(2))
         q, k, v = (t.requires_grad_() for t in (q, k, v))
         impls = fa._impls(causal)
-        runs = [("cudnn", *impls["cudnn"]), ("ordered", *impls["ours"]),
-                ("two-kernel", impls["ours"][0], fa.two_kernel_backward),
-                ("unordered", *impls["ours_atomic"])]  # fmt: skip
-        if H_KV not in (1, H):
-            runs.append(
-                ("ordered 1-head shares", impls["ours"][0], lambda g=H // H_KV: fa.fixed_dkdv_splits(g))
-            )
+        runs = [("cudnn", *impls["cudnn"]), ("ordered", *impls["ours"]), ("unordered", *impls["ours_atomic"])]
+        if os.environ.get("SPLITS") == "1":
+            for n in SPLITS.get((B, H, H_KV, N, causal), ()):
+                runs.append((f"ordered in {n}", impls["ours"][0], lambda n=n: fa.fixed_dkdv_splits(n)))
+        else:
+            runs.insert(2, ("two-kernel", impls["ours"][0], fa.two_kernel_backward))
+            if H_KV not in (1, H):
+                shares = lambda g=H // H_KV: fa.fixed_dkdv_splits(g)  # noqa: E731
+                runs.append(("ordered 1-head shares", impls["ours"][0], shares))
         flops = 5 * 2 * B * H * N * N * 128 * (0.5 if causal else 1.0)
         times = {}
         for r in range(ROUNDS):
