@@ -1454,7 +1454,7 @@ def _bucket(n: int) -> int:
 # The checks launch one fixed config per kernel instead of autotuning (fixed_configs below): autotuning
 # compiles every config for every new key, and the checks' tiny grids would fill the autotune cache the
 # benchmark then reuses. Module state, but only ever set inside the `with` of fixed_configs.
-_FIXED = {"index": None, "splits": None, "pointers": False, "tl": False, "two_kernel": False}
+_FIXED = {"index": None, "splits": None, "pointers": False, "tl": False, "two_kernel": None}
 
 
 @contextlib.contextmanager
@@ -1490,10 +1490,11 @@ def tl_kernels():
 
 
 @contextlib.contextmanager
-def two_kernel_backward():
-    """Where the Gluon kernels run, the backward takes the two-kernel road (dK/dV, then dQ, 7 matmuls a
-    block pair) instead of the fused kernel: the checks prove it, and the benchmark's probes time it."""
-    before, _FIXED["two_kernel"] = _FIXED["two_kernel"], True
+def two_kernel_backward(on: bool = True):
+    """Where the Gluon kernels run, the deterministic backward takes the two-kernel road (dK/dV, then dQ,
+    7 matmuls a block pair), or with on=False the ordered fused kernel, whatever the length (_ordered_pays
+    picks otherwise): the checks prove both on short sequences, and the probes time them."""
+    before, _FIXED["two_kernel"] = _FIXED["two_kernel"], on
     try:
         yield
     finally:
@@ -1637,7 +1638,10 @@ def _bwd(do, q, k, v, o, lse, cu, B, n_q, n_k, causal, sm_scale, poison, determi
         o, do, lse, ld, *_bhn(o, varlen), *_bhn(do, varlen), rows, H, HEAD_DIM=D, BLOCK_M=32
     )
     gluon = not varlen and gluon_ok((q, k, v, do), False)
-    fused = gluon and not (deterministic and _FIXED["two_kernel"])  # the Gluon kernel that adds dQ up
+    two_kernel = _FIXED["two_kernel"]
+    if two_kernel is None:
+        two_kernel = not _ordered_pays(n_q, causal)
+    fused = gluon and not (deterministic and two_kernel)  # the Gluon kernel that adds dQ up
     atomic = not deterministic and not fused  # the tl kernel's atomic adds
     shift = fused and deterministic and not causal and _shift_fits(q, n_q, n_k)  # two dQ buffers
     # the fused kernel and the atomic path add into zeros, so they are not poisoned: a row nobody adds
@@ -1699,6 +1703,18 @@ def _gluon_bwd_descs(q, k, v, do):
     tile that runs past its head's last row reads zeros there (TMA's fill), not the next head's rows."""
     D = q.shape[-1]
     return [_gluon_desc(t.view(-1, t.shape[-2], D), [1, GLUON_BWD["TILE"], D]) for t in (q, k, v, do)]
+
+
+def _ordered_pays(n_q: int, causal: bool) -> bool:
+    """Whether the deterministic backward takes the ordered fused kernel rather than the two-kernel road:
+    from 1k query rows causal, 4k without a mask. Shorter, its fixed costs (the counters' waits before
+    a head's programs get going; without a mask a second fp32 dQ buffer to zero, fill and add) outweigh
+    the two matmuls it saves. On the H200 against cuDNN (results/06_flash.json at 38d8270, the old
+    default's at 010f9fe) at D=128 MHA: without a mask 0.66 / 0.75 / 0.81 at N = 512 / 1k / 2k against
+    the two kernels' 0.89 / 0.85 / 0.84, and 0.91-0.96 at 4k-16k against 0.83-0.88; causal 0.88 at 512
+    against 0.91, 0.90-0.95 from 1k on against 0.83-0.90. GQA 32/8 at 2k: 0.86 against 0.95 without a
+    mask, 0.88 against 0.89 causal."""
+    return n_q >= (1024 if causal else 4096)
 
 
 def _shift_fits(q, n_q, n_k):
@@ -2109,8 +2125,8 @@ def run_checks(checks, device, quick):
                    ((1, 4, 2, 300, 1111, 128, False), 1), ((2, 8, 2, 1000, 1000, 128, True), 2),
                    ((1, 8, 1, 1111, 1111, 128, False), 4)]  # fmt: skip
         for s, splits in ordered:
-            name = dense_name(s, dtype, f", dK/dV group in {splits} part(s), bitwise repeatable")
-            with fixed_configs(n := n + 1), fixed_dkdv_splits(splits):
+            name = dense_name(s, dtype, f", dK/dV group in {splits} part(s), ordered, bitwise repeatable")
+            with fixed_configs(n := n + 1), fixed_dkdv_splits(splits), two_kernel_backward(False):
                 checks(name, check_dense, *s, dtype, device, repeat=True)
         for s in [(2, 4, 4, 1000, 1000, 128, True), (1, 4, 2, 300, 1111, 128, False)]:
             with fixed_configs(n := n + 1), two_kernel_backward():
@@ -2131,6 +2147,12 @@ def run_checks(checks, device, quick):
         with fixed_configs(n := n + 1):
             checks(f"{name}, inf/NaN in the next one's rows {str(iso_dtype)[6:]}", check_isolation,
                    varlen, causal, iso_d, iso_dtype, device, det)  # fmt: skip
+    if on_gpu and not quick:  # the same through the ordered fused kernel, which these lengths do not take
+        for causal in (False, True):
+            name = f"dense fwd+bwd D128 {'causal' if causal else 'full'}, ordered fused backward, inf/NaN"
+            with fixed_configs(n := n + 1), two_kernel_backward(False):
+                checks(f"{name} in the next one's rows bfloat16", check_isolation, False, causal, 128, b16[0],
+                       device)  # fmt: skip
     with fixed_configs(0):
         checks("saved log-sum-exp (base 2)", check_lse, device)
     # varlen, forward and backward: a zero-length prompt, a one-token prompt, cached prefixes

@@ -349,7 +349,7 @@ def test_forward_hands_the_gluon_kernel_its_outputs(monkeypatch, varlen):
     assert o.shape == q.shape and bool((o == 1).all()) and bool((lse == 2).all())
 
 
-CASES = ["mha", "gqa_split", "shift", "atomic", "atomic_split", "two_kernel", "varlen"]
+CASES = ["mha", "gqa_split", "shift", "atomic", "atomic_split", "two_kernel", "short", "varlen"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -357,8 +357,9 @@ def test_backward_hands_the_gluon_kernels_their_outputs(monkeypatch, case):
     """Where gluon_ok says yes, _bwd gives all three gradients to the fused Gluon kernel: dQ as a zeroed
     fp32 buffer it adds into, in order (deterministic) or not, and without a mask as two buffers (the
     shifted walk) then summed; a split group's dK, dV as fp32 partial sums, then added up. Under
-    two_kernel_backward the deterministic backward takes the Gluon dK/dV kernel, then the Gluon dQ
-    kernel. Varlen takes the tl kernels."""
+    two_kernel_backward, and on sequences too short for the ordered kernel to pay (these: 40 rows), the
+    deterministic backward takes the Gluon dK/dV kernel, then the Gluon dQ kernel; two_kernel_backward
+    (False) forces the ordered kernel. Varlen takes the tl kernels."""
     varlen = case == "varlen"
     h_kv = 4 if case == "mha" else 2
     cu = torch.tensor([0, 20, 33], dtype=torch.int32)
@@ -393,7 +394,10 @@ def test_backward_hands_the_gluon_kernels_their_outputs(monkeypatch, case):
     monkeypatch.setattr(mod, "_launch", lambda kernel, kind, *a, **kw: launched.append(f"tl {kind}")
                         or real_launch(kernel, kind, *a, **kw))  # fmt: skip
     split, det = case in ("gqa_split", "atomic_split"), "atomic" not in case
-    two = mod.two_kernel_backward() if case == "two_kernel" else contextlib.nullcontext()
+    if case in ("mha", "gqa_split", "shift"):
+        two = mod.two_kernel_backward(False)
+    else:
+        two = mod.two_kernel_backward() if case == "two_kernel" else contextlib.nullcontext()
     with mod.fixed_configs(0), mod.fixed_dkdv_splits(2 if split else 1), two:
         dq, dk, dv = mod._bwd(do, q, k, v, o, lse, *geom, case != "shift", 0.2, False, deterministic=det)
     expected = {
@@ -403,6 +407,7 @@ def test_backward_hands_the_gluon_kernels_their_outputs(monkeypatch, case):
         "atomic": ["gluon fused in 1"],
         "atomic_split": ["gluon fused in 2"],
         "two_kernel": ["gluon dkdv in 1", "gluon dq"],
+        "short": ["gluon dkdv in 1", "gluon dq"],
         "varlen": ["tl dkdv", "tl dq"],
     }[case]
     assert launched == expected
@@ -502,3 +507,10 @@ def test_gluon_dkdv_launch_in_order(monkeypatch, shift):
     sem = bound["SEM"]
     assert sem.dtype == torch.int32 and sem.numel() == (1 + shift) * 2 * 4 * 4 and not sem.any()
     assert tuple(bound["dq_desc"].shape) == ((1 + shift) * 2 * 4, 200, 128)
+
+
+def test_the_ordered_backward_starts_where_it_pays():
+    """The deterministic backward takes the ordered fused kernel from 1k query rows causal, 4k without a
+    mask (the H200's measurements in _ordered_pays), the two-kernel road below."""
+    assert [mod._ordered_pays(n, True) for n in (1023, 1024)] == [False, True]
+    assert [mod._ordered_pays(n, False) for n in (4095, 4096)] == [False, True]

@@ -37,10 +37,11 @@ def checks(device):
                       ((1, 4, 2, 300, 1111, 128, False), 1), ((2, 8, 2, 1000, 1000, 128, True), 2),
                       ((1, 8, 1, 1111, 1111, 128, False), 4), ((1, 16, 16, 2048, 2048, 128, True), 1),
                       ((1, 8, 2, 777, 777, 128, False), 1)]:  # fmt: skip
-        with fa.fixed_dkdv_splits(splits):
+        with fa.fixed_dkdv_splits(splits), fa.two_kernel_backward(False):
             checks(f"{s} in {splits} part(s), repeatable", fa.check_dense, *s, bf16, device, repeat=True)
     for causal in (False, True):
-        checks(f"dense isolation causal={causal}", fa.check_isolation, False, causal, 128, bf16, device)
+        with fa.two_kernel_backward(False):
+            checks(f"dense isolation causal={causal}", fa.check_isolation, False, causal, 128, bf16, device)
     with fa.two_kernel_backward():
         checks(
             "two-kernel (2, 4, 4, 1000, causal)", fa.check_dense, 2, 4, 4, 1000, 1000, 128, True, bf16, device
