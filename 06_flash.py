@@ -23,6 +23,10 @@ You will learn:
   - FlashAttention-3's schedule in Gluon, for the forward and both backward kernels at D=128 on Hopper:
     asynchronous wgmma with the waits placed by hand, so the softmax runs while a matmul does, and warp
     specialisation (a producer warp for TMA, two consumer warpgroups that never wait for each other);
+  - a fused backward that stays bitwise repeatable: every key block's program adds its dQ tiles into one
+    fp32 buffer in a fixed order, by a counter per tile, launched so that every wait is on a program
+    launched before (FlashAttention-3's deterministic backward), with a shifted walk and a second
+    buffer so that programs without a mask do not queue up behind each other;
   - keeping a whole TMA tile's rows past a head's end out of the matmuls (an inf there would turn
     0 * inf into NaN): per-head descriptors, whose zero fill is free, for dense inputs; zeroing in
     shared memory, measured at 1-6%, for packed varlen sequences.
@@ -37,10 +41,9 @@ Does not handle:
   - causal attention with Nq != Nk in the dense API (use the varlen API, which aligns the diagonal
     bottom-right);
   - FlashAttention-3's schedule outside D=128 on sm_90 (other head dims and GPUs take the tl kernels,
-    and so do the varlen backward, a GQA dK/dV whose group is split across programs, and the atomic-dQ
-    backward), and its explicit ping-pong barriers between warpgroups; TMA descriptors in the tl
-    kernels carry only the forward's whole K and V blocks (see "Pointers and descriptors" below and the
-    gap analysis in notes/06_flash.md).
+    and so does the varlen backward), and its explicit ping-pong barriers between warpgroups; TMA
+    descriptors in the tl kernels carry only the forward's whole K and V blocks (see "Pointers and
+    descriptors" below and the gap analysis in notes/06_flash.md).
 
 References: Dao et al., "FlashAttention" (2022); Dao, "FlashAttention-2" (2023); Shah et al.,
 "FlashAttention-3" (2024). Reference implementation: the Triton tutorial 06-fused-attention.py.
@@ -602,10 +605,10 @@ def _fwd_kernel_gluon(q_desc, k_desc, v_desc, O, LSE, CU_Q, CU_K, n_q, n_k, H, G
 # causal, N=4k the dK/dV kernel grows from 1.10 to 1.98 ms (one matmul is ~0.28 ms of that; the rest is
 # the ~2 GB of fp32 atomic adds), more than the 0.69 ms dQ kernel it replaces. Over the benchmark it
 # ran at 0.64-0.90x the two-kernel backward (0.60-0.87x cuDNN against 0.80-1.06x; notes/06_flash.md),
-# so the bitwise repeatable two-kernel path is the default. A TMA bulk reduce-add of whole dQ tiles
-# issued by the matmuls' own warps (desc.atomic_add, commit ce166b9) measured slower still. Where the
-# Gluon kernels run, deterministic=False takes the fused Gluon kernel instead (FlashAttention-3's way,
-# below), which is the faster road there.
+# so the bitwise repeatable two-kernel path is the tl kernels' default. A TMA bulk reduce-add of whole dQ
+# tiles issued by the matmuls' own warps (desc.atomic_add, commit ce166b9) measured slower still. Where
+# the Gluon kernels run, both roads take a fused Gluon kernel instead (FlashAttention-3's way, below),
+# the faster road there: deterministic=False adds dQ in no fixed order, the default in a fixed one.
 # The dK/dV kernel walks a key block's query blocks in two loops: first, with masks, those crossing the
 # diagonal and the ragged last block; then the whole blocks between, without any (the unmasked whole
 # blocks were measured on the H200 beside the kernel that masked every row of every block, in an older
@@ -919,6 +922,35 @@ def _bwd_dq_kernel(Q, K, V, DO, LD, DQ, CU_Q, CU_K,
 #     causal). In this file, by the benchmark (results/06_flash.json, 010f9fe): 0.92-1.04x cuDNN at D=128
 #     MHA, 0.96-1.11x GQA 32/8, 0.98-0.99x MQA (its group shared, below), 1.01-1.19x the two-kernel
 #     backward; at causal 4k the profile has 1,442 us (the kernel 1,330) against 1,609 and cuDNN's 1,392.
+#   - ordered (the default, from 1k query rows causal and 4k without a mask: _ordered_pays): the fused
+#     kernel with dQ added in a fixed order, so bitwise repeatable (FlashAttention-3's deterministic
+#     backward). One int32 counter per (dQ buffer, query head, 64-row query block) in global memory: the
+#     writer warp spins until it equals its key block's rank (an acquire load in inline PTX; as a loop of
+#     atomics, ptxas spilled in the consumers' loop), adds, waits until the adds have landed, and raises
+#     it (release). The order is the one in which the programs reach a query block, so waits are short:
+#       causal: a key block's program starts at its diagonal, so of the key blocks that see query block
+#       m the last reaches it first: descending key blocks;
+#       no mask: all programs would start at query block 0 at once, each waiting on the one before it
+#       (0.84x cuDNN at MHA 4k against 0.99x unordered); so program j walks from block j on, wrapping
+#       round (SHIFT), and block m's programs j <= m arrive in descending j one step apart, the ones
+#       that wrapped round (j > m) later, descending too. One order over both would be a ring (the
+#       wrapped programs wait on j = 0, which waits on them), so the wrapped ones add into a second dQ
+#       buffer with counters of its own, summed with the first afterwards.
+#     Every program then waits only on programs of higher key blocks, and the grid launches those first
+#     (key blocks reversed), so no wait is on a program not yet launched, however few are resident
+#     (launched unreversed, causal 16k ran at 0.66x cuDNN: programs waited on ones not yet resident). The
+#     reversed launch runs a kv head's heaviest program (key block 0) last, and a whole GQA group makes
+#     it GROUP times heavier: GQA 32/8 causal 8k ran at 0.81x, in single-head shares 0.93-0.95x (MQA 4k
+#     0.93x against 0.84x in shares of 4), so with a mask a program takes one head (dkdv_splits).
+#     Releasing once the copy engine has read the tile (FlashAttention-3's order) measured -3% to +6%
+#     on unshifted walks, but leaves two SMs' adds to one tile both in flight: not taken. Measured on the
+#     H200 (notes/probes/flash_bwd_det_fused.py at 314a975 and flash_bwd_ordered.py, session 14): 1.06-
+#     1.14x the two-kernel road at D=128 MHA 4k-16k, GQA 32/8 8k and MQA 4k (1.00x MQA causal, in shares
+#     of 4). Shorter, its fixed costs (a head's programs settling into order, the second buffer) lose to
+#     the two kernels, which take those lengths (_ordered_pays). Compiled: 168 registers, no spills, a
+#     loop of 402 instructions (563 causal). By the benchmark (results/06_flash.json, 8c5b839) the
+#     default backward runs 0.87-0.96x cuDNN at D=128 MHA with N >= 4k, 0.90-0.97x GQA 32/8, 0.95-0.96x
+#     MQA; at causal 4k the profile has 1,514 us (the kernel 1,401) against cuDNN's 1,407.
 # Where they run: dense inputs under gluon_ok's rules. Where dkdv_splits shares a kv head's query group
 # among programs (MQA), each dK/dV (or fused) program walks its share of the heads and stores fp32
 # partial sums, added up afterwards, as in the tl kernel. Varlen takes the tl kernels.
@@ -929,9 +961,10 @@ def _bwd_dq_kernel(Q, K, V, DO, LD, DQ, CU_Q, CU_K,
 # would reach dV through 0 * NaN). The first fix zeroed those rows in shared memory inside the loop
 # (6a0226f): 1.9-4.4% slower where it ran (N=1000, 4000; flash_gluon_tails.py), and a longer loop even
 # where it did not (432 to 458 SASS instructions in the causal dK/dV kernel); the per-head descriptors
-# cost nothing (432). The fused kernel's dQ tiles are 64 rows of the whole (B*H*N, D) fp32 buffer, so a
-# head's last tile also adds into the next head's first rows: zeros, since those rows' P is 0 (their
-# lse is +inf) and their dO arrived as zeros (the isolation checks cover it).
+# cost nothing (432). The fused kernel's fp32 dQ buffer goes through a per-head descriptor too, so what
+# a head's last tile adds past its rows (NaN where that head's own K or V holds one: 0 * NaN) is dropped.
+# Through one (B*H*N, D) descriptor, it landed in the next head's first rows, and with the shifted walk
+# in the second buffer's first head (the isolation check caught it on the H200).
 
 
 @gluon.constexpr_function
@@ -1776,9 +1809,10 @@ def flash_attention(q, k, v, causal=False, sm_scale=None, *, poison=False, deter
 
     Differentiable. H must be a multiple of H_KV (GQA/MQA); causal needs Nq == Nk. sm_scale defaults
     to D^-0.5. poison=True fills every output with NaN before the kernels run (used by the checks).
-    deterministic=False accumulates dQ in fp32 across key blocks (5 matmuls a block pair, not 7): not
-    bitwise repeatable. On an H200 at D=128 that is the fused Gluon kernel, the faster backward; where
-    the tl kernel's fp32 atomic adds do it, the slower one (see the backward kernels' notes).
+    The backward is bitwise repeatable by default. deterministic=False accumulates dQ in fp32 across
+    key blocks in no fixed order: on an H200 at D=128 the fused Gluon kernel (5 matmuls a block pair;
+    the default takes it too, adding in a fixed order, on long enough sequences), elsewhere the tl
+    kernel's fp32 atomic adds, slower than the default's two kernels (see the backward kernels' notes).
     """
     _validate(q, k, v, causal, sm_scale, "dense")
     q, k, v = _contig_last(q, k, v)
