@@ -1696,9 +1696,11 @@ def _bwd(do, q, k, v, o, lse, cu, B, n_q, n_k, causal, sm_scale, poison, determi
     cu_q, cu_k = cu if varlen else (q, q)
     common = dict(HEAD_DIM=D, CAUSAL=causal, IS_VARLEN=varlen)
     descs = _gluon_bwd_descs(q, k, v, do) if gluon else None
-    if gluon:  # fused: the kernel adds dQ into the fp32 buffer too
-        _dkdv_gluon(descs, ld, dk, dv, q, k, causal, sm_scale, dq if fused else None, splits, deterministic,
-                    shift)  # fmt: skip
+    if gluon:  # fused: the kernel adds dQ into the fp32 buffer too, in order when deterministic
+        if fused:
+            _dkdv_gluon(descs, ld, dk, dv, q, k, causal, sm_scale, dq, splits, deterministic, shift)
+        else:
+            _dkdv_gluon(descs, ld, dk, dv, q, k, causal, sm_scale, None, splits)
     else:
         dq_bhn = _bhn(dq, varlen) if atomic else (0, 0, 0)
         grid_kv = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), B * h_kv * splits)  # noqa: E731

@@ -372,6 +372,7 @@ def test_backward_hands_the_gluon_kernels_their_outputs(monkeypatch, case):
     launched = []
 
     def fake_dkdv(descs, ld, dk, dv, q, k, causal, sm_scale, dq=None, splits=1, ordered=False, shift=False):
+        assert dq is not None or not (ordered or shift)  # the order is the fused kernel's alone
         kind = "gluon dkdv" if dq is None else "gluon fused" + " ordered" * ordered + " shifted" * shift
         launched.append(f"{kind} in {splits}")
         assert dk.shape == ((splits, *k.shape) if splits > 1 else k.shape)
