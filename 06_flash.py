@@ -943,7 +943,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LD, DQ, CU_Q, CU_K,
 #     it GROUP times heavier: GQA 32/8 causal 8k ran at 0.81x, in single-head shares 0.93-0.95x (MQA 4k
 #     0.93x against 0.84x in shares of 4), so with a mask a program takes one head (dkdv_splits).
 #     Releasing once the copy engine has read the tile (FlashAttention-3's order) measured -3% to +6%
-#     on unshifted walks, but leaves two SMs' adds to one tile both in flight: not taken. Measured on the
+#     on unshifted walks (+25% where the unreversed launch stalled), but leaves two SMs' adds to one
+#     tile both in flight, in no order the memory system promises: not taken. Measured on the
 #     H200 (notes/probes/flash_bwd_det_fused.py at 314a975 and flash_bwd_ordered.py, session 14): 1.06-
 #     1.14x the two-kernel road at D=128 MHA 4k-16k, GQA 32/8 8k and MQA 4k (1.00x MQA causal, in shares
 #     of 4). Shorter, its fixed costs (a head's programs settling into order, the second buffer) lose to
