@@ -7,7 +7,6 @@ of each kv head last, and a whole group makes it GROUP times heavier (notes/06_f
 GPU only:  python -u notes/probes/flash_bwd_ordered.py   (ROUNDS=3 by default; SPLITS=1: the shares)"""
 
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import harness  # noqa: E402
 
 import torch  # noqa: E402
+from flash_rounds import interleaved  # noqa: E402  (this folder is on sys.path)
 
 fa = harness.load_build("06_flash")
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
@@ -68,15 +68,9 @@ def main():
                 shares = lambda g=H // H_KV: fa.fixed_dkdv_splits(g)  # noqa: E731
                 runs.append(("ordered 1-head shares", impls["ours"][0], shares))
         flops = 5 * 2 * B * H * N * N * 128 * (0.5 if causal else 1.0)
-        times = {}
-        for r in range(ROUNDS):
-            for name, fn, ctx in runs:
-                times.setdefault(name, []).append(fa._time(fn, ctx, q, k, v, do, device)[1])
-            print(f"{(B, H, H_KV, N, causal)} round {r}: " + ", ".join(
-                f"{n} {flops / t[-1] / 1e9:.0f}" for n, t in times.items()), flush=True)  # fmt: skip
-        med = {n: statistics.median(t) for n, t in times.items()}
-        got = ", ".join(f"{n} {flops / t / 1e9:.0f} (x{med['cudnn'] / t:.2f})" for n, t in med.items())
-        print(f"{(B, H, H_KV, N, causal)} backward TFLOP/s, median round (x cuDNN): {got}", flush=True)
+        interleaved(
+            f"{(B, H, H_KV, N, causal)} backward", runs, flops, ROUNDS, fa._time, (q, k, v, do, device), 1
+        )
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ GPU only:  python -u notes/probes/flash_bwd_ordered_overlap.py   (ROUNDS=3 by de
 Offline:   python notes/probes/flash_bwd_ordered_overlap.py --compile   (Triton 3.6; registers, spills)"""
 
 import os
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -40,6 +39,7 @@ import harness  # noqa: E402
 
 import torch  # noqa: E402
 from flash_dkdv_serial import edit, load_variants  # noqa: E402  (this folder is on sys.path)
+from flash_rounds import interleaved  # noqa: E402  (this folder is on sys.path)
 
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 DONE = "cp.async.bulk.wait_group 0; fence.proxy.async.global;"  # _adds_done's wait
@@ -146,15 +146,8 @@ def main(mods):
         runs = [("cudnn", *base._impls(causal)["cudnn"])]
         runs += [(name, *fa._impls(causal)["ours"]) for name, fa in mods.items()]
         flops = 5 * 2 * B * H * N * N * 128 * (0.5 if causal else 1.0)
-        times = {}
-        for r in range(ROUNDS):
-            for name, fn, ctx in runs:
-                times.setdefault(name, []).append(base._time(fn, ctx, q, k, v, do, device)[1])
-            print(f"{(B, H, H_KV, N, causal)} round {r}: " + ", ".join(
-                f"{n} {flops / t[-1] / 1e9:.0f}" for n, t in times.items()), flush=True)  # fmt: skip
-        med = {n: statistics.median(t) for n, t in times.items()}
-        got = ", ".join(f"{n} {flops / t / 1e9:.0f} (x{med['cudnn'] / t:.2f})" for n, t in med.items())
-        print(f"{(B, H, H_KV, N, causal)} backward TFLOP/s, median round (x cuDNN): {got}", flush=True)
+        args = (q, k, v, do, device)
+        interleaved(f"{(B, H, H_KV, N, causal)} backward", runs, flops, ROUNDS, base._time, args, 1)
 
 
 if __name__ == "__main__":

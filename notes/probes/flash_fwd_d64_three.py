@@ -29,7 +29,6 @@ GPU only:  python -u notes/probes/flash_fwd_d64_three.py   (ROUNDS=3 by default)
 Offline:   python notes/probes/flash_fwd_d64_three.py --compile   (Triton 3.6; see flash_ptxas.py)"""
 
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -41,6 +40,7 @@ import harness  # noqa: E402
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from flash_rounds import interleaved  # noqa: E402  (this folder is on sys.path)
 from triton.experimental import gluon  # noqa: E402
 from triton.experimental.gluon import language as gl  # noqa: E402
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier  # noqa: E402
@@ -203,15 +203,9 @@ def main():
             fwd = lambda q, k, v, c=causal, a=variant: gluon_fwd(q, k, v, c, a)[0]  # noqa: E731
             runs.append((f"gluon {variant}", fwd, None))
         flops = 4 * B * H * N * N * D * (0.5 if causal else 1.0)
-        times = {}
-        for r in range(ROUNDS):
-            for name, fn, ctx in runs:
-                times.setdefault(name, []).append(fa._time(fn, ctx, q, k, v, do, device, backward=False)[0])
-            print(f"{(B, H, N, causal)} round {r}: " + ", ".join(
-                f"{n} {flops / t[-1] / 1e9:.0f}" for n, t in times.items()), flush=True)  # fmt: skip
-        med = {n: statistics.median(t) for n, t in times.items()}
-        got = ", ".join(f"{n} {flops / t / 1e9:.0f} (x{med['cudnn'] / t:.2f})" for n, t in med.items())
-        print(f"{(B, H, N, causal)} forward TFLOP/s, median round (x cuDNN): {got}", flush=True)
+        interleaved(
+            f"{(B, H, N, causal)} forward", runs, flops, ROUNDS, fa._time, (q, k, v, do, device, False), 0
+        )
 
 
 if __name__ == "__main__":
