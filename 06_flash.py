@@ -1745,11 +1745,11 @@ def _ordered_pays(n_q: int, causal: bool) -> bool:
     """Whether the deterministic backward takes the ordered fused kernel rather than the two-kernel road:
     from 1k query rows causal, 4k without a mask. Shorter, its fixed costs (the counters' waits before
     a head's programs get going; without a mask a second fp32 dQ buffer to zero, fill and add) outweigh
-    the two matmuls it saves. On the H200 against cuDNN (results/06_flash.json at 38d8270, the old
-    default's at 010f9fe) at D=128 MHA: without a mask 0.66 / 0.75 / 0.81 at N = 512 / 1k / 2k against
-    the two kernels' 0.89 / 0.85 / 0.84, and 0.91-0.96 at 4k-16k against 0.83-0.88; causal 0.88 at 512
-    against 0.91, 0.90-0.95 from 1k on against 0.83-0.90. GQA 32/8 at 2k: 0.86 against 0.95 without a
-    mask, 0.88 against 0.89 causal."""
+    the two matmuls it saves. On the H200 against cuDNN (notes/logs/06_flash_38d8270_h200.log, the old
+    default's results/06_flash.json at 010f9fe) at D=128 MHA: without a mask 0.66 / 0.75 / 0.81 at N =
+    512 / 1k / 2k against the two kernels' 0.89 / 0.85 / 0.84, and 0.91-0.96 at 4k-16k against
+    0.83-0.88; causal 0.88 at 512 against 0.91, 0.90-0.95 from 1k on against 0.83-0.90. GQA 32/8 at 2k:
+    0.86 against 0.95 without a mask, 0.88 against 0.89 causal."""
     return n_q >= (1024 if causal else 4096)
 
 
