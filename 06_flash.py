@@ -431,7 +431,7 @@ def _g_zero_rows(tile, keep):
 
 @gluon.jit
 def _g_producer(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
-    """One warp: both warpgroups' Q tiles, then K_j and V_j into ring slots as both warpgroups free them
+    """One warp: each consumer warpgroup's Q tile, then K_j and V_j into ring slots as they all free them
     (a fresh mbarrier counts the phase before its first as complete, hence the ^ 1)."""
     q_desc, k_desc, v_desc = descs
     q_smem, k_smem, v_smem = smem
@@ -439,7 +439,8 @@ def _g_producer(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, C
     q_row, q_at, kv_row, kv_at, start_m, seq_q, seq_k, n_blocks = geom
     STAGES: gl.constexpr = k_smem.type.shape[0]
     HALF: gl.constexpr = q_smem.type.shape[1]
-    for w in gl.static_range(2):
+    WARPGROUPS: gl.constexpr = q_smem.type.shape[0]  # one Q tile each
+    for w in gl.static_range(WARPGROUPS):
         mbarrier.expect(q_bars.index(w), q_desc.block_type.nbytes)
         _g_load(q_desc, q_row + start_m + w * HALF, q_at, q_bars.index(w), q_smem.index(w))
     for j in range(n_blocks):
@@ -1676,8 +1677,9 @@ def _bwd(do, q, k, v, o, lse, cu, B, n_q, n_k, causal, sm_scale, poison, determi
     if two_kernel is None:
         two_kernel = not _ordered_pays(n_q, causal)
     fused = gluon and not (deterministic and two_kernel)  # the Gluon kernel that adds dQ up
+    ordered = fused and deterministic  # ... in a fixed order
     atomic = not deterministic and not fused  # the tl kernel's atomic adds
-    shift = fused and deterministic and not causal and _shift_fits(q, n_q, n_k)  # two dQ buffers
+    shift = ordered and not causal and _shift_fits(q, n_q, n_k)  # two dQ buffers
     # the fused kernel and the atomic path add into zeros, so they are not poisoned: a row nobody adds
     # to stays 0, which the checks' comparisons catch
     if fused:
@@ -1686,8 +1688,7 @@ def _bwd(do, q, k, v, o, lse, cu, B, n_q, n_k, causal, sm_scale, poison, determi
         dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     else:
         dq = _empty(q.shape, q, poison=poison)
-    ordered_causal = fused and deterministic and causal
-    splits = _FIXED["splits"] or dkdv_splits(n_k, B, h_kv, H // h_kv, q.device, ordered_causal)
+    splits = _FIXED["splits"] or dkdv_splits(n_k, B, h_kv, H // h_kv, q.device, ordered and causal)
     if (H // h_kv) % splits:  # a program walks GROUP // splits heads: a remainder would be dropped
         raise ValueError(f"dK/dV splits {splits} must divide the query group {H // h_kv}")
     if splits == 1:  # each program owns its dK/dV rows outright
@@ -1697,11 +1698,8 @@ def _bwd(do, q, k, v, o, lse, cu, B, n_q, n_k, causal, sm_scale, poison, determi
     cu_q, cu_k = cu if varlen else (q, q)
     common = dict(HEAD_DIM=D, CAUSAL=causal, IS_VARLEN=varlen)
     descs = _gluon_bwd_descs(q, k, v, do) if gluon else None
-    if gluon:  # fused: the kernel adds dQ into the fp32 buffer too, in order when deterministic
-        if fused:
-            _dkdv_gluon(descs, ld, dk, dv, q, k, causal, sm_scale, dq, splits, deterministic, shift)
-        else:
-            _dkdv_gluon(descs, ld, dk, dv, q, k, causal, sm_scale, None, splits)
+    if gluon:  # fused: the kernel adds dQ into the fp32 buffer too
+        _dkdv_gluon(descs, ld, dk, dv, q, k, causal, sm_scale, dq if fused else None, splits, ordered, shift)
     else:
         dq_bhn = _bhn(dq, varlen) if atomic else (0, 0, 0)
         grid_kv = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), B * h_kv * splits)  # noqa: E731
@@ -1772,6 +1770,7 @@ def _dkdv_gluon(descs, ld, dk, dv, q, k, causal, sm_scale, dq=None, splits=1, or
     h_kv, n_k = k.shape[1], k.shape[2]
     bn = GLUON_BWD["BLOCK"]
     dq_desc = None if dq is None else _gluon_desc(dq.view(-1, n_q, D), [1, GLUON_BWD["TILE"], D // 2])
+    # the counters; unordered, the kernel never reads SEM, and ld fills the slot
     sem = torch.zeros((1 + shift) * B * H * triton.cdiv(n_q, GLUON_BWD["TILE"]), device=q.device,
                       dtype=torch.int32) if ordered else ld  # fmt: skip
     stride = dk.stride(0) if splits > 1 else 0

@@ -8,10 +8,10 @@ consumer warpgroups (192 query rows a program, 160 registers each), so that whil
 two can keep the tensor cores busy.
 
 Here 06's Gluon forward is copied with that one change (_fwd_three: one Q tile and one consumer per
-warpgroup, each 06's own _g_consumer; the K and V slots freed by as many arrivals), dense inputs only,
-beside 06's default (the tl kernel) and cuDNN, forward only, by 06's own timing (_time: CUDA-graph
-replay, L2 flushed), interleaved over ROUNDS rounds. Checks first: every variant against 06's default
-on ragged and aligned N, causal and not, MHA and GQA.
+warpgroup, 06's own _g_consumer and _g_producer; the K and V slots freed by as many arrivals), dense
+inputs only, beside 06's default (the tl kernel) and cuDNN, forward only, by 06's own timing (_time:
+CUDA-graph replay, L2 flushed), interleaved over ROUNDS rounds. Checks first: every variant against 06's
+default on ragged and aligned N, causal and not, MHA and GQA.
 
 Compiled offline (Triton 3.6, sm_90a): every timed variant without spills (168 registers a thread for
 two warpgroups; 128 at launch for three, 16 warps, raised to 160 in the workers by warp specialisation).
@@ -51,30 +51,6 @@ D = 64
 # (consumer warpgroups, key block, ring slots): 06's shape, its 64-key block, and three warpgroups with
 # 64-key blocks (with 128-key blocks, 160 registers a thread spill ~3 KB: compiled, not timed)
 VARIANTS = [(2, 128, 2), (2, 64, 2), (3, 64, 2), (3, 64, 3)]
-
-
-@gluon.jit
-def _producer(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
-    """06's _g_producer with one Q tile per consumer warpgroup, however many."""
-    q_desc, k_desc, v_desc = descs
-    q_smem, k_smem, v_smem = smem
-    q_bars, k_ready, v_ready, k_empty, v_empty = bars
-    q_row, q_at, kv_row, kv_at, start_m, seq_q, seq_k, n_blocks = geom
-    STAGES: gl.constexpr = k_smem.type.shape[0]
-    HALF: gl.constexpr = q_smem.type.shape[1]
-    WGS: gl.constexpr = q_smem.type.shape[0]
-    for w in gl.static_range(WGS):
-        mbarrier.expect(q_bars.index(w), q_desc.block_type.nbytes)
-        fa._g_load(q_desc, q_row + start_m + w * HALF, q_at, q_bars.index(w), q_smem.index(w))
-    for j in range(n_blocks):
-        slot = j % STAGES
-        free = (j // STAGES & 1) ^ 1
-        mbarrier.wait(k_empty.index(slot), free)
-        mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
-        fa._g_load(k_desc, kv_row + j * BLOCK_N, kv_at, k_ready.index(slot), k_smem.index(slot))
-        mbarrier.wait(v_empty.index(slot), free)
-        mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
-        fa._g_load(v_desc, kv_row + j * BLOCK_N, kv_at, v_ready.index(slot), v_smem.index(slot))
 
 
 @gluon.jit
@@ -128,13 +104,13 @@ def _fwd_three(q_desc, k_desc, v_desc, O, LSE, n_q, n_k, H, GROUP, qk_scale, HEA
             (fa._g_consumer, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL, 0)),
             (fa._g_consumer1, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL)),
             (_consumer2, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL)),
-            (_producer, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL)),
+            (fa._g_producer, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL)),
         ], [4, 4, 1], [160, 160, 24])  # fmt: skip
     else:
         gl.warp_specialize([
             (fa._g_consumer, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL, 0)),
             (fa._g_consumer1, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL)),
-            (_producer, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL)),
+            (fa._g_producer, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL)),
         ], [4, 1], [240, 24])  # fmt: skip
 
 
