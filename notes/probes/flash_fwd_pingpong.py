@@ -1,0 +1,160 @@
+"""H200 probe (issue 19, session 15): the Gluon forward with its consumer warpgroups taking turns at the
+tensor cores (FlashAttention-3's ping-pong), and with three of them at D=64.
+
+The issue's last open target is D=64's forward >= 1.0x cuDNN. 06 runs D=64 on the tl kernel (0.93-0.99x
+at N >= 4k, results/06_flash.json at 8c5b839); 06's Gluon kernel (two consumer warpgroups of 64 query
+rows, 128-key blocks) did no better there in session 10 (0.87-0.98x). At D=64 a block's matmuls take
+about as long as its exp2s, and the softmax is issue-bound (notes/06_flash.md, session 8: moving exp2s
+to the FMA units lost 4-15%), so the softmax only gains by running while another warpgroup's matmuls
+do. Two levers, both now constexprs of 06's _fwd_kernel_gluon:
+- PINGPONG: warpgroup w waits for its turn (an mbarrier) before issuing a block's two matmuls and hands
+  the turn on to w + 1 once they are issued, so the warpgroups' matmul phases alternate and one's
+  softmax overlaps the next one's matmuls (FlashAttention-3, section 3.1). Triton's tl kernels cannot
+  say this; Gluon's mbarriers can.
+- BLOCK_M = 192: three consumer warpgroups (FlashAttention-3's D=64 shape), 160 registers each; with
+  128-key blocks the score tile spills (~3 KB a thread, compiled offline), so 64-key blocks.
+Checks first: every configuration against 06's default (the tl kernel at D=64, the Gluon one at D=128),
+ragged and aligned N, causal and not, MHA and GQA, dense and packed (varlen). Then the forward beside
+cuDNN, by 06's own timing (_time: CUDA-graph replay, L2 flushed), interleaved over ROUNDS rounds.
+
+Prediction: at D=128 (MUFU and issue within 10%, session 8) ping-pong gains 0-5% (FlashAttention-3's
+ablation: ~570 -> ~620-660 TFLOP/s from ping-pong with intra-warpgroup overlap, which 06 already has);
+at D=64, where the softmax has no matmul of its own warpgroup to hide behind, 3-10% for two warpgroups
+with ping-pong, and three warpgroups ~0-10% over two, less the 64-key blocks' per-block overhead
+(session 10: 128-key blocks beat 64-key ones by 11-21% at D=128).
+GPU only:  python -u notes/probes/flash_fwd_pingpong.py   (ROUNDS=3 by default)
+Offline:   python notes/probes/flash_fwd_pingpong.py --compile   (Triton 3.6; registers, spills, loops)"""
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+if "--compile" in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "0"  # before harness: compile for sm_90a, do not interpret
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+import torch  # noqa: E402
+from flash_rounds import interleaved  # noqa: E402  (this folder is on sys.path)
+
+fa = harness.load_build("06_flash")
+ROUNDS = int(os.environ.get("ROUNDS", "3"))
+# name -> 06's GLUON_FWD: (BLOCK_M, BLOCK_N, STAGES, PINGPONG)
+CONFIGS = {
+    "g2": (128, 128, 2, False),
+    "g2 pp": (128, 128, 2, True),
+    "g3 n64": (192, 64, 2, False),
+    "g3 n64 pp": (192, 64, 2, True),
+    "g3 n64 s3 pp": (192, 64, 3, True),
+}
+FOR_D = {128: ["g2 pp"], 64: list(CONFIGS)}
+
+
+@contextlib.contextmanager
+def config(name):
+    before = dict(fa.GLUON_FWD)
+    fa.GLUON_FWD.update(zip(("BLOCK_M", "BLOCK_N", "STAGES", "PINGPONG"), CONFIGS[name], strict=True))
+    try:
+        yield
+    finally:
+        fa.GLUON_FWD.update(before)
+
+
+def gluon_fwd(q, k, v, causal, name, cu=None):
+    """o of 06's Gluon forward under configuration name: dense (B, H, N, D), or packed (T, H, D) with
+    cu = (cu_q, cu_k, max_len)."""
+    varlen = cu is not None
+    o = torch.empty_like(q)
+    if varlen:
+        lse = torch.empty(q.shape[1], q.shape[0], device=q.device, dtype=torch.float32)
+        B, n, lse_bh = cu[0].numel() - 1, cu[2], (0, lse.stride(0))
+        cu_q, cu_k = cu[0], cu[1]
+    else:
+        lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
+        B, n, lse_bh, cu_q, cu_k = q.shape[0], q.shape[2], lse.stride()[:2], q, q
+    with config(name):
+        fa._fwd_gluon(q, k, v, o, lse, cu_q, cu_k, lse_bh, B, n, n, causal, q.shape[-1] ** -0.5, varlen)
+    return o
+
+
+def compile_only():
+    """Each configuration for sm_90a, bf16, causal and not, D=64 and 128: registers, spills, loops."""
+    import flash_ptxas
+    import triton
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import create_function_from_signature
+
+    class Compile:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            return self.launch
+
+        def launch(self, *args, **meta):
+            fn, backend = self.fn, flash_ptxas.BACKEND
+            bound, spec, options = create_function_from_signature(fn.signature, fn.params, backend)(
+                *args, **meta
+            )
+            options, sig, constexprs, attrs = fn._pack_args(backend, meta, bound, spec, options)
+            compiled = triton.compile(GluonASTSource(fn, sig, constexprs, attrs), target=flash_ptxas.TARGET,
+                                      options=options.__dict__)  # fmt: skip
+            asm = compiled.asm | {"shared": compiled.metadata.shared}
+            print(flash_ptxas.ptxas_report(asm, None, "fwd", loops=True), flush=True)
+
+    fa._fwd_kernel_gluon = Compile(fa._fwd_kernel_gluon)
+    for D, names in FOR_D.items():
+        for name in names:
+            for causal in (False, True):
+                q, k = (torch.empty(1, h, 1000, D, dtype=torch.bfloat16) for h in (4, 2))
+                print(f"D={D} {name} {CONFIGS[name]}, {'causal' if causal else 'full'}:", flush=True)
+                gluon_fwd(q, k, k, causal, name)
+
+
+def check(device):
+    for D in FOR_D:
+        for B, H, H_KV, N, causal in [(2, 4, 4, 1000, True), (1, 8, 2, 777, False), (2, 4, 4, 1024, False),
+                                      (1, 4, 1, 300, True), (1, 4, 4, 64, True)]:  # fmt: skip
+            q = torch.randn(B, H, N, D, device=device, dtype=torch.bfloat16)
+            k, v = (torch.randn(B, H_KV, N, D, device=device, dtype=torch.bfloat16) for _ in range(2))
+            with fa.tl_kernels():
+                ref = fa.flash_attention(q, k, v, causal)
+            for name in FOR_D[D]:
+                err = harness.rel_err(gluon_fwd(q, k, v, causal, name), ref)
+                print(f"check D={D} {name} {(B, H, H_KV, N, causal)}: vs 06's tl kernel {err:.1e} "
+                      f"{'ok' if err < 1e-2 else 'FAILED'}", flush=True)  # fmt: skip
+        lens = [300, 1, 1024, 77, 513]
+        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device=device, dtype=torch.int32)
+        q, k, v = (torch.randn(sum(lens), 4, D, device=device, dtype=torch.bfloat16) for _ in range(3))
+        for causal in (False, True):
+            with fa.tl_kernels():
+                ref = fa.flash_attention_varlen(q, k, v, cu, cu, max(lens), max(lens), causal)
+            for name in FOR_D[D]:
+                err = harness.rel_err(gluon_fwd(q, k, v, causal, name, (cu, cu, max(lens))), ref)
+                print(f"check D={D} {name} varlen {lens} causal={causal}: vs 06's tl kernel {err:.1e} "
+                      f"{'ok' if err < 1e-2 else 'FAILED'}", flush=True)  # fmt: skip
+
+
+def main():
+    device = torch.device("cuda")
+    print(harness.env_line(device, torch.bfloat16), flush=True)
+    check(device)
+    shapes = [(64, 4, 32, 4096, False), (64, 4, 32, 4096, True), (64, 2, 32, 8192, False),
+              (64, 2, 32, 8192, True), (64, 1, 32, 16384, False), (64, 1, 32, 16384, True),
+              (128, 4, 16, 4096, False), (128, 4, 16, 4096, True), (128, 1, 16, 16384, True)]  # fmt: skip
+    for D, B, H, N, causal in shapes:
+        q, k, v, do = (torch.randn(B, H, N, D, device=device, dtype=torch.bfloat16) for _ in range(4))
+        impls = fa._impls(causal)
+        runs = [("cudnn", *impls["cudnn"]), ("06", *impls["ours"])]
+        for name in FOR_D[D]:
+            fwd = lambda q, k, v, c=causal, n=name: gluon_fwd(q, k, v, c, n)  # noqa: E731
+            runs.append((name, fwd, None))
+        flops = 4 * B * H * N * N * D * (0.5 if causal else 1.0)
+        interleaved(f"D={D} {(B, H, N, causal)} forward", runs, flops, ROUNDS, fa._time,
+                    (q, k, v, do, device, False), 0)  # fmt: skip
+
+
+if __name__ == "__main__":
+    compile_only() if "--compile" in sys.argv else main()
