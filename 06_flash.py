@@ -1700,9 +1700,10 @@ def _fwd_gluon(q, k, v, o, lse, cu_q, cu_k, lse_bh, B, n_q, n_k, causal, sm_scal
     tiles = [[rows, D] if varlen else [1, rows, D] for rows in (64, bn, bn)]
     descs = [_gluon_desc(t, tile) for t, tile in zip(views, tiles, strict=True)]
     grid = (triton.cdiv(n_q, bm), B * H)
+    regs = 168 if bm == 128 else 128  # 13 warps padded to 16 for three consumer warpgroups
     _fwd_kernel_gluon[grid](*descs, o, lse, cu_q, cu_k, n_q, n_k, H, H // k.shape[1], *lse_bh,
                             sm_scale * LOG2E, D, bm, bn, GLUON_FWD["STAGES"], causal, varlen,
-                            GLUON_FWD["PINGPONG"], num_warps=4, maxnreg=168 if bm == 128 else 128)  # fmt: skip
+                            GLUON_FWD["PINGPONG"], num_warps=4, maxnreg=regs)  # fmt: skip
 
 
 def _bwd(do, q, k, v, o, lse, cu, B, n_q, n_k, causal, sm_scale, poison, deterministic=True):
