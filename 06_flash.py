@@ -456,12 +456,10 @@ def _g_producer(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, C
 
 @gluon.jit
 def _g_consumer(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
-                WG: gl.constexpr, turn, PINGPONG: gl.constexpr):  # fmt: skip
-    """One warpgroup's 64 query rows (WG 0, 1 or 2 of the program's). PINGPONG: the warpgroups issue
-    their matmuls in turns (turn: a barrier each), so that one's softmax runs while another's matmuls do."""
+                WG: gl.constexpr):  # fmt: skip
+    """One warpgroup's 64 query rows (WG 0 or 1 of the program's 128)."""
     q_smem, k_smem, v_smem = smem
     q_bars, k_ready, v_ready, k_empty, v_empty = bars
-    WGS: gl.constexpr = q_smem.type.shape[0]
     q_row, q_at, kv_row, kv_at, start_m, seq_q, seq_k, n_blocks = geom
     O, LSE, lse_off, o_row, o_col, o_stride = out
     dtype: gl.constexpr = q_smem.dtype
@@ -489,11 +487,7 @@ def _g_consumer(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, C
     mbarrier.wait(q_bars.index(WG), 0)
     mbarrier.wait(k_ready.index(0), 0)
     s = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
-    if PINGPONG and WG > 0:  # warpgroup 0 takes the first turn
-        mbarrier.wait(turn.index(WG), 0)
     s = warpgroup_mma(q_tile, k_smem.index(0).permute((1, 0)), s, use_acc=False)
-    if PINGPONG:
-        mbarrier.arrive(turn.index((WG + 1) % WGS), count=1)
     mbarrier.arrive(k_empty.index(0), count=1)
     p, m_i, alpha, l_i = _g_softmax(s, m_i, l_i, 0, unmasked, offs_m, seq_k, diag, qk_scale, BLOCK_N, CAUSAL)
     for j in range(1, n_blocks):
@@ -501,14 +495,10 @@ def _g_consumer(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, C
         prev = (j - 1) % STAGES
         p_op = gl.convert_layout(p.to(dtype), p_layout)  # block j-1's P: no matmul reads P's registers now
         mbarrier.wait(k_ready.index(slot), j // STAGES & 1)
-        if PINGPONG:
-            _g_turn_wait(turn, WG, j)
         s_tok = warpgroup_mma(q_tile, k_smem.index(slot).permute((1, 0)), s, use_acc=False, is_async=True)
         acc = acc * gl.convert_layout(alpha, rows_o)[:, None]  # block j-1's rescale, while S_j runs
         mbarrier.wait(v_ready.index(prev), (j - 1) // STAGES & 1)
         o_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-        if PINGPONG:
-            mbarrier.arrive(turn.index((WG + 1) % WGS), count=1)
         s = warpgroup_mma_wait(1, deps=[s_tok])  # S_j done; P_j-1 V_j-1 may still run
         mbarrier.arrive(k_empty.index(slot), count=1)
         p, m_i, alpha, l_i = _g_softmax(s, m_i, l_i, j * BLOCK_N, unmasked, offs_m, seq_k, diag, qk_scale,
@@ -522,11 +512,7 @@ def _g_consumer(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, C
     PACKED: gl.constexpr = len(descs[2].block_type.shape) == 2
     if PACKED and n_blocks * BLOCK_N > seq_k:  # V rows past the last key: zeros, not the next sequence's
         _g_zero_rows(v_last, seq_k - (n_blocks - 1) * BLOCK_N)
-    if PINGPONG:
-        _g_turn_wait(turn, WG, n_blocks)
     acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_last, acc)
-    if PINGPONG:
-        mbarrier.arrive(turn.index((WG + 1) % WGS), count=1)
     mbarrier.arrive(v_empty.index(last), count=1)
 
     o = acc / gl.convert_layout(l_i, rows_o)[:, None]
@@ -538,37 +524,16 @@ def _g_consumer(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, C
 
 
 @gluon.jit
-def _g_turn_wait(turn, WG: gl.constexpr, t):
-    """Wait for warpgroup WG's turn t (t >= 1): warpgroup w's turn ends with an arrival on w + 1's barrier
-    (round the ring), so WG 0's turn t waits for the ring's t-th arrival on its barrier, the others for
-    the (t + 1)-th; a barrier's arrivals are at most one phase ahead of its waits."""
-    if WG == 0:
-        mbarrier.wait(turn.index(0), (t + 1) & 1)
-    else:
-        mbarrier.wait(turn.index(WG), t & 1)
-
-
-@gluon.jit
-def _g_consumer1(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, turn,
-                 PINGPONG: gl.constexpr):  # fmt: skip
-    _g_consumer(descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL, 1, turn, PINGPONG)
-
-
-@gluon.jit
-def _g_consumer2(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, turn,
-                 PINGPONG: gl.constexpr):  # fmt: skip
-    _g_consumer(descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL, 2, turn, PINGPONG)
+def _g_consumer1(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    _g_consumer(descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL, 1)
 
 
 @gluon.jit
 def _fwd_kernel_gluon(q_desc, k_desc, v_desc, O, LSE, CU_Q, CU_K, n_q, n_k, H, GROUP, stride_lb, stride_lh,
                       qk_scale, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                      STAGES: gl.constexpr, CAUSAL: gl.constexpr, IS_VARLEN: gl.constexpr,
-                      PINGPONG: gl.constexpr):  # fmt: skip
-    """Launched with 4 warps (warpgroup 0) plus the workers' 4 for each further consumer warpgroup (one
-    per 64 query rows: BLOCK_M 128 or 192) and 1 (producer). The descriptors are _fwd_gluon's: (B*H, N, D)
-    dense, (T, H*D) packed."""
-    WGS: gl.constexpr = BLOCK_M // 64
+                      STAGES: gl.constexpr, CAUSAL: gl.constexpr, IS_VARLEN: gl.constexpr):  # fmt: skip
+    """Launched with 4 warps (warpgroup 0) plus the workers' 4 (warpgroup 1) and 1 (producer). The
+    descriptors are _fwd_gluon's: (B*H, N, D) dense, (T, H*D) packed."""
     pid_m = gl.program_id(0)
     if CAUSAL:  # heaviest query blocks first, as in the tl kernel
         pid_m = gl.num_programs(0) - 1 - pid_m
@@ -599,26 +564,21 @@ def _fwd_kernel_gluon(q_desc, k_desc, v_desc, O, LSE, CU_Q, CU_K, n_q, n_k, H, G
         lse_off = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + q_start
         dtype: gl.constexpr = q_desc.dtype
         tile: gl.constexpr = _g_tile_layout(q_desc.layout)
-        q_smem = gl.allocate_shared_memory(dtype, [WGS, 64, HEAD_DIM], tile)
+        q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M // 2, HEAD_DIM], tile)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], tile)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], tile)
-        q_bars = gl.allocate_shared_memory(gl.int64, [WGS, 1], mbarrier.MBarrierLayout())
+        q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(WGS):
+        for i in gl.static_range(2):
             mbarrier.init(q_bars.index(i), count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(k_empty.index(i), count=WGS)  # one arrival from each consumer warpgroup
-            mbarrier.init(v_empty.index(i), count=WGS)
-        turn = q_bars  # unused without PINGPONG
-        if PINGPONG:
-            turn = gl.allocate_shared_memory(gl.int64, [WGS, 1], mbarrier.MBarrierLayout())
-            for i in gl.static_range(WGS):
-                mbarrier.init(turn.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=2)  # one arrival from each consumer warpgroup
+            mbarrier.init(v_empty.index(i), count=2)
         fence_async_shared()
         descs = (q_desc, k_desc, v_desc)
         smem = (q_smem, k_smem, v_smem)
@@ -626,19 +586,11 @@ def _fwd_kernel_gluon(q_desc, k_desc, v_desc, O, LSE, CU_Q, CU_K, n_q, n_k, H, G
         geom = (q_row, q_at, kv_row, kv_at, start_m, seq_q, seq_k, n_blocks)
         out = (O, LSE, lse_off, o_row, o_col, o_stride)
         # the constexprs are written into each call: held in a tuple variable they became tensors
-        if WGS == 3:  # 160 registers a consumer thread, launched with 16 warps at 128
-            gl.warp_specialize([
-                (_g_consumer, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL, 0, turn, PINGPONG)),
-                (_g_consumer1, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL, turn, PINGPONG)),
-                (_g_consumer2, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL, turn, PINGPONG)),
-                (_g_producer, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL)),
-            ], [4, 4, 1], [160, 160, 24])  # fmt: skip
-        else:
-            gl.warp_specialize([
-                (_g_consumer, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL, 0, turn, PINGPONG)),
-                (_g_consumer1, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL, turn, PINGPONG)),
-                (_g_producer, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL)),
-            ], [4, 1], [240, 24])  # fmt: skip
+        gl.warp_specialize([
+            (_g_consumer, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL, 0)),
+            (_g_consumer1, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL)),
+            (_g_producer, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL)),
+        ], [4, 1], [240, 24])  # fmt: skip
 
 
 # %% Triton kernels: backward
@@ -1679,7 +1631,7 @@ def _fwd(q, k, v, cu, B, n_q, n_k, causal, sm_scale, poison):
 # The Gluon forward's one launch shape: 128 query rows a program (two consumer warpgroups of 64), 128-key
 # blocks, K and V rings of two slots (three measured 0.93-1.17x cuDNN against two's 0.95-1.13x; 128-key
 # blocks beat 64-key ones by 11-21% (warp-specialised): notes/06_flash.md, session 10).
-GLUON_FWD = {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 2, "PINGPONG": False}
+GLUON_FWD = {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 2}
 
 
 def _gluon_desc(t, tile):
@@ -1697,13 +1649,12 @@ def _fwd_gluon(q, k, v, o, lse, cu_q, cu_k, lse_bh, B, n_q, n_k, causal, sm_scal
     H, D = q.shape[1], q.shape[-1]
     bm, bn = GLUON_FWD["BLOCK_M"], GLUON_FWD["BLOCK_N"]
     views = [t.view(t.shape[0], -1) if varlen else t.view(-1, t.shape[2], D) for t in (q, k, v)]
-    tiles = [[rows, D] if varlen else [1, rows, D] for rows in (64, bn, bn)]
+    tiles = [[rows, D] if varlen else [1, rows, D] for rows in (bm // 2, bn, bn)]
     descs = [_gluon_desc(t, tile) for t, tile in zip(views, tiles, strict=True)]
     grid = (triton.cdiv(n_q, bm), B * H)
-    regs = 168 if bm == 128 else 128  # 13 warps padded to 16 for three consumer warpgroups
     _fwd_kernel_gluon[grid](*descs, o, lse, cu_q, cu_k, n_q, n_k, H, H // k.shape[1], *lse_bh,
-                            sm_scale * LOG2E, D, bm, bn, GLUON_FWD["STAGES"], causal, varlen,
-                            GLUON_FWD["PINGPONG"], num_warps=4, maxnreg=regs)  # fmt: skip
+                            sm_scale * LOG2E, D, bm, bn, GLUON_FWD["STAGES"], causal, varlen, num_warps=4,
+                            maxnreg=168)  # fmt: skip
 
 
 def _bwd(do, q, k, v, o, lse, cu, B, n_q, n_k, causal, sm_scale, poison, deterministic=True):

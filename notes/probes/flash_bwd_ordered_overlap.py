@@ -22,6 +22,13 @@ cuDNN, interleaved over ROUNDS rounds, by 06's own timing (_time: CUDA-graph rep
 Prediction: overlap recovers most of the gap to `.read` where the steps are short against the copy
 engine's round trip (MHA without a mask: up to ~8%), nothing causal (the programs lead one another by
 a whole step there).
+Measured (session 15, call 1, at b78dfa0; notes/logs/flash_bwd_ordered_overlap_b78dfa0_h200.log): every
+variant's dq, dk, dv bitwise equal to 06's. Prediction missed: overlap ran 0.81-1.00x of 06 (MHA 4k
+full 399 against 473 TFLOP/s, causal 352 against 434; 16k and GQA 0.98-1.00x). Holding step i - 1's
+counter until step i's turn has come chains the programs: a program's release now waits on the
+program after it in the order, whose own waits on the next, so the releases run down a chain instead of
+each following its own adds. `.read` ran 0.99-1.03x of 06 in the same rounds: the completion wait
+costs 0-3%, and calls 1 and 2 of session 14 (0.99x against 0.91x) differed by their runs, not by it.
 GPU only:  python -u notes/probes/flash_bwd_ordered_overlap.py   (ROUNDS=3 by default)
 Offline:   python notes/probes/flash_bwd_ordered_overlap.py --compile   (Triton 3.6; registers, spills)"""
 

@@ -6,7 +6,8 @@ at N >= 4k, results/06_flash.json at 8c5b839); 06's Gluon kernel (two consumer w
 rows, 128-key blocks) did no better there in session 10 (0.87-0.98x). At D=64 a block's matmuls take
 about as long as its exp2s, and the softmax is issue-bound (notes/06_flash.md, session 8: moving exp2s
 to the FMA units lost 4-15%), so the softmax only gains by running while another warpgroup's matmuls
-do. Two levers, both now constexprs of 06's _fwd_kernel_gluon:
+do. Two levers, constexprs of _fwd_kernel_gluon in flash_fwd_pingpong.patch (06 at b78dfa0; main
+reverted them after this probe measured no gain, so the probe applies the patch to 06's source):
 - PINGPONG: warpgroup w waits for its turn (an mbarrier) before issuing a block's two matmuls and hands
   the turn on to w + 1 once they are issued, so the warpgroups' matmul phases alternate and one's
   softmax overlaps the next one's matmuls (FlashAttention-3, section 3.1). Triton's tl kernels cannot
@@ -22,12 +23,19 @@ ablation: ~570 -> ~620-660 TFLOP/s from ping-pong with intra-warpgroup overlap, 
 at D=64, where the softmax has no matmul of its own warpgroup to hide behind, 3-10% for two warpgroups
 with ping-pong, and three warpgroups ~0-10% over two, less the 64-key blocks' per-block overhead
 (session 10: 128-key blocks beat 64-key ones by 11-21% at D=128).
+Measured (session 15, call 1; notes/logs/flash_fwd_pingpong_b78dfa0_h200.log): no gain anywhere.
+Ping-pong against the same kernel without it: D=128 0.99-1.00x (MHA 4k full and causal, 16k causal),
+D=64 0.98-1.00x; three warpgroups with 64-key blocks 0.92-1.01x of two with 128-key blocks. D=64 read
+0.88-1.04x cuDNN at best (the Gluon kernel, two warpgroups), against the tl kernel's 0.93-1.02x.
 GPU only:  python -u notes/probes/flash_fwd_pingpong.py   (ROUNDS=3 by default)
 Offline:   python notes/probes/flash_fwd_pingpong.py --compile   (Triton 3.6; registers, spills, loops)"""
 
 import contextlib
+import importlib.util
 import os
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 if "--compile" in sys.argv:
@@ -39,7 +47,20 @@ import harness  # noqa: E402
 import torch  # noqa: E402
 from flash_rounds import interleaved  # noqa: E402  (this folder is on sys.path)
 
-fa = harness.load_build("06_flash")
+
+def load_patched():
+    """06's source with flash_fwd_pingpong.patch applied, imported as a module of its own."""
+    here = Path(__file__).resolve()
+    path = Path(tempfile.mkdtemp()) / "flash_pingpong.py"
+    with open(here.with_suffix(".patch")) as diff:
+        subprocess.run(["patch", "-s", "-o", path, here.parents[2] / "06_flash.py"], stdin=diff, check=True)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+fa = load_patched()
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 # name -> 06's GLUON_FWD: (BLOCK_M, BLOCK_N, STAGES, PINGPONG)
 CONFIGS = {
