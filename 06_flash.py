@@ -69,6 +69,7 @@ import contextlib
 import dataclasses
 import inspect
 import math
+import statistics
 import time
 import warnings
 from pathlib import Path
@@ -118,6 +119,11 @@ class BenchConfig:
     # drawn uniformly from [mean / 8, 15 * mean / 8] (a serving prefill's mix), summing to varlen_tokens
     varlen_cases: tuple = ((128, 16, 16, 1024), (128, 16, 16, 4096), (128, 32, 8, 4096))
     varlen_tokens: int = 65536  # 67 sequences at mean 1024, 13 at 4096
+    # ours and cuDNN, whose ratio leads every row, are timed in this many rounds, interleaved with each
+    # other (the other implementations once, in the first), and each phase's median round is kept: timed
+    # once each, the same kernels' forward ratio moved by up to 0.1x between runs (notes/06_flash.md)
+    rounds: int = 3
+    repeated: tuple = ("ours", "cudnn")
 
 
 def _kv_tiles(nargs):
@@ -2216,9 +2222,10 @@ def run_checks(checks, device, quick):
 # H = query heads, so GQA does the same FLOPs as MHA), halved for causal; backward 2.5x the forward
 # (five matmuls instead of two). Every implementation is timed side by side in one run on the same
 # inputs and the same way (harness.bench: CUDA-graph replay, L2 flushed before each), and so is the
-# matmul ceiling. Graphs, because launch overhead does matter at the short end: at D=128 causal N=512
-# the forward kernel takes ~165 us, and timed by events around eager calls the same kernel read 96-210
-# TFLOP/s from run to run while its device time held at ~210 (notes/06_flash.md, session 5). Timed:
+# matmul ceiling; ours and cuDNN in interleaved rounds, each phase's median kept (BenchConfig.rounds).
+# Graphs, because launch overhead does matter at the short end: at D=128 causal N=512 the forward
+# kernel takes ~165 us, and timed by events around eager calls the same kernel read 96-210 TFLOP/s from
+# run to run while its device time held at ~210 (notes/06_flash.md, session 5). Timed:
 # ours, and SDPA pinned to cuDNN (the strongest attention on Hopper a PyTorch user has), FlashAttention-2
 # and memory-efficient. Ratios lead with cuDNN, then FA2.
 # GQA / MQA rows: a practitioner calls SDPA with enable_gqa=True (what Hugging Face transformers does on
@@ -2282,23 +2289,33 @@ def bench_case(D, H, H_KV, N, causal, cfg, device, dtype, skipped):
     fwd_flops = 4 * B * H * N * N * D * (0.5 if causal else 1.0)
     bwd_flops = 2.5 * fwd_flops
     head = {"D": D, "H": H, "H_KV": H_KV, "causal": causal, "N": N, "B": B}
-    tflops, outs, gqa_mode = {}, {}, {}
-    for name, (fn, ctx) in _impls(causal).items():
-        try:
+    outs, gqa_mode, times = {}, {}, {}  # times: name -> [(fwd ms, bwd ms)] a round
+    impls = _impls(causal)
+    for r in range(cfg.rounds):
+        for name, (fn, ctx) in impls.items():
+            if r > 0 and (name not in cfg.repeated or name not in times):  # once, or skipped
+                continue
             try:
-                fwd_ms, bwd_ms, outs[name] = _time(fn, ctx, q, k, v, do, device)
-                gqa_mode[name] = "enable_gqa"
-            except RuntimeError:
-                if H == H_KV or name.startswith("ours"):
-                    raise
-                fwd_ms, bwd_ms, outs[name] = _time(_sdpa(causal, True), ctx, q, k, v, do, device)
-                gqa_mode[name] = "repeat_interleave"
-        except RuntimeError as e:  # a backend that cannot take this shape is skipped and reported
-            skipped.setdefault(f"{name} H{H}/{H_KV}", f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
-            continue
-        tflops[f"{name}_fwd"] = fwd_flops / fwd_ms / 1e9
-        if bwd_ms is not None:
-            tflops[f"{name}_bwd"] = bwd_flops / bwd_ms / 1e9
+                try:
+                    *ms, outs[name] = _time(fn, ctx, q, k, v, do, device)
+                    gqa_mode[name] = "enable_gqa"
+                except RuntimeError:
+                    if H == H_KV or name.startswith("ours"):
+                        raise
+                    *ms, outs[name] = _time(_sdpa(causal, True), ctx, q, k, v, do, device)
+                    gqa_mode[name] = "repeat_interleave"
+            except RuntimeError as e:  # a backend that cannot take this shape is skipped and reported
+                why = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                skipped.setdefault(f"{name} H{H}/{H_KV}", why)
+                continue
+            times.setdefault(name, []).append(ms)
+    tflops, per_round = {}, {}
+    for name, ms in times.items():
+        for i, (phase, flops) in enumerate((("fwd", fwd_flops), ("bwd", bwd_flops))):
+            got = [flops / t[i] / 1e9 for t in ms]
+            tflops[f"{name}_{phase}"] = statistics.median(got)
+            if len(got) > 1:
+                per_round[f"{name}_{phase}"] = got
     ratios = {}
     for ref in ("cudnn", "fa2"):  # the strongest baseline first
         if f"{ref}_fwd" in tflops:
@@ -2309,7 +2326,7 @@ def bench_case(D, H, H_KV, N, causal, cfg, device, dtype, skipped):
     if "ours_tl_fwd" in tflops:
         ratios["fwd/tl"] = tflops["ours_fwd"] / tflops["ours_tl_fwd"]
         ratios["bwd/tl"] = tflops["ours_bwd"] / tflops["ours_tl_bwd"]
-    row = head | ratios | tflops
+    row = head | ratios | tflops | ({"rounds": per_round} if per_round else {})
     if H != H_KV:
         row["sdpa_gqa"] = ",".join(f"{n}:{m}" for n, m in gqa_mode.items() if not n.startswith("ours"))
     other = outs.get("cudnn", outs.get("fa2"))
@@ -2395,6 +2412,11 @@ def bench_all(cfg, device, dtype):
             r = rows[-1]
             shown = ("fwd/cudnn", "bwd/cudnn", "bwd_atomic/cudnn", "fwd/fa2", "bwd/fa2", "fwd/tl", "bwd/tl")
             vs = " ".join(f"{key} {r[key]:.2f}" for key in shown if key in r)
+            rounds = r.get("rounds", {})
+            for phase in ("fwd", "bwd"):
+                if f"cudnn_{phase}" in rounds and f"ours_{phase}" in rounds:
+                    each = zip(rounds[f"ours_{phase}"], rounds[f"cudnn_{phase}"], strict=True)
+                    vs += f"  {phase}/cudnn by round " + "/".join(f"{a / b:.2f}" for a, b in each)
             print(f"  D{D} H{H}/{H_KV} {'causal' if causal else 'full  '} N{N}: ours fwd {r['ours_fwd']:.0f} "
                   f"bwd {r['ours_bwd']:.0f} TFLOP/s  {vs}", flush=True)  # fmt: skip
     return rows, skipped

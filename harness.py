@@ -289,7 +289,7 @@ def matmul_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16, grap
 def print_table(rows: list[dict]) -> None:
     if not rows:
         return
-    cols = list(dict.fromkeys(k for r in rows for k in r))
+    cols = list(dict.fromkeys(k for r in rows for k in r if not isinstance(r[k], (dict, list))))  # scalars
 
     def fmt(v):
         return f"{v:.3g}" if isinstance(v, float) else str(v)

@@ -515,3 +515,33 @@ def test_the_ordered_backward_starts_where_it_pays():
     mask (the H200's measurements in _ordered_pays), the two-kernel road below."""
     assert [mod._ordered_pays(n, True) for n in (1023, 1024)] == [False, True]
     assert [mod._ordered_pays(n, False) for n in (4095, 4096)] == [False, True]
+
+
+def test_benchmark_keeps_the_median_round_of_ours_and_cudnn(monkeypatch):
+    """bench_case times ours and cuDNN in cfg.rounds interleaved rounds and keeps each phase's median
+    (the ratio that leads every row), the other implementations once; a backend that fails is skipped
+    and reported, not retried."""
+    calls = []
+    fwd_ms = {"ours": [4.0, 1.0, 2.0], "cudnn": [2.0, 8.0, 4.0], "fa2": [3.0]}
+
+    def fake_time(fn, ctx, q, k, v, do, device):
+        name = fn
+        if name == "efficient":
+            raise RuntimeError("no kernel for this shape")
+        calls.append(name)
+        fwd = fwd_ms[name][sum(c == name for c in calls) - 1]
+        return fwd, 2 * fwd, q.detach()
+
+    impls = {name: (name, None) for name in ("ours", "cudnn", "fa2", "efficient")}
+    monkeypatch.setattr(mod, "_time", fake_time)
+    monkeypatch.setattr(mod, "_impls", lambda causal: impls)
+    cfg, skipped = mod.BenchConfig(tokens=32), {}
+    row = mod.bench_case(16, 2, 2, 16, True, cfg, torch.device("cpu"), F16, skipped)
+    assert calls == ["ours", "cudnn", "fa2", "ours", "cudnn", "ours", "cudnn"]
+    flops = 4 * 2 * 2 * 16 * 16 * 16 * 0.5
+    assert row["ours_fwd"] == pytest.approx(flops / 2.0 / 1e9)  # median of 4, 1, 2 ms
+    assert row["fwd/cudnn"] == pytest.approx(4.0 / 2.0)  # cuDNN's median 4 ms against ours 2
+    assert row["bwd/fa2"] == pytest.approx(6.0 / 4.0)
+    assert row["rounds"]["cudnn_bwd"] == pytest.approx([flops * 2.5 / ms / 1e9 for ms in (4.0, 16.0, 8.0)])
+    assert "fa2_fwd" not in row["rounds"] and "efficient_fwd" not in row
+    assert list(skipped) == ["efficient H2/2"]
