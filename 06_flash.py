@@ -328,19 +328,26 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, K_DESC, V_DESC,
 #   - gl.warp_specialize: one producer warp issues every TMA copy into rings of K and V slots, and two
 #     consumer warpgroups of 64 query rows each run the loop, handing a slot back by arriving on its
 #     "empty" mbarrier. No barrier spans both warpgroups, so one's softmax runs while the other's
-#     matmuls do (what FlashAttention-3 enforces with its ping-pong; here the warp schedulers do it).
+#     matmuls do (what FlashAttention-3 enforces with its ping-pong; here the warp schedulers do it:
+#     enforcing the turns with a pair of mbarriers measured 0.98-1.00x of this at D=64 and 128,
+#     notes/probes/flash_fwd_pingpong.py).
 # Measured in its first form (notes/probes/flash_fwd_gluon.py: the same loop for dense inputs only, on
 # the H200): 0.95-1.13x cuDNN and 1.10-1.21x the tl kernel at D=128 over MHA, GQA and MQA, causal and
 # not, N 4k-16k. In this file, by the benchmark: 0.94-1.20x cuDNN at D=128 MHA with N >= 4k, 0.89-1.06x
 # GQA 32/8 and MQA, 1.04-1.24x the tl kernel (results/06_flash.json, e9b7646); 0.95-1.09x, 0.90-1.04x
-# and 1.03-1.21x at 6a0226f, 0.95-1.18x, 0.84-1.09x and 1.04-1.24x at 09a5714 (the same loop each time).
+# and 1.03-1.21x at 6a0226f, 0.95-1.18x, 0.84-1.09x and 1.04-1.24x at 09a5714 (the same loop each time);
+# as medians of three interleaved rounds (BenchConfig.rounds), 0.97-1.18x, 0.87-1.01x (0.96-1.01x at
+# N >= 4k) and 1.04-1.25x at 2ac9f0b.
 # cuDNN itself moves between runs by up to 10% on one shape (GQA full 8k: 602 TFLOP/s at 1e677be, 667 at
 # 8090cd9, 683 at 09a5714, 644 at 6a0226f; its 8k rows read from 559 to 614 over three rounds of
 # notes/probes/flash_fwd_gqa_size.py, ours from 611 to 624, where GQA 32/8 ran level with MHA 32/32 of
 # the same size: the GQA row's earlier 0.91x was cuDNN's good run, not a GQA cost). At D=64 it was
-# no faster than the tl kernel (the softmax outweighs the matmuls there), so D=64 and every other case
-# stays on the tl kernel: head dims other than 128, strided inputs, GPUs other than sm_90, and the CPU
-# interpreter (Gluon has none; tests/test_flash.py checks the dispatch).
+# no faster than the tl kernel (the softmax outweighs the matmuls there), nor with ping-pong turns or
+# three consumer warpgroups (0.82-1.04x cuDNN against the tl kernel's 0.93-1.02x in the same rounds,
+# flash_fwd_pingpong.py), nor rescaling O only when a row's max moves (0.91-0.97x of it at D=64 and
+# 128, flash_fwd_lazy_rescale.py: the warpgroup-wide test costs more than the multiplies it saves), so
+# D=64 and every other case stays on the tl kernel: head dims other than 128, strided inputs, GPUs
+# other than sm_90, and the CPU interpreter (Gluon has none; tests/test_flash.py checks the dispatch).
 # Two details ptxas needed (found by compiling for sm_90a offline, notes/06_flash.md, session 10):
 #   - it hoists a wgmma wait to the top of the basic block that holds it, so the wait for P V has to
 #     start a block of its own: the whole softmax step sits in both arms of its mask branch;
@@ -956,9 +963,10 @@ def _bwd_dq_kernel(Q, K, V, DO, LD, DQ, CU_Q, CU_K,
 #     1.14x the two-kernel road at D=128 MHA 4k-16k, GQA 32/8 8k and MQA 4k (1.00x MQA causal, in shares
 #     of 4). Shorter, its fixed costs (a head's programs settling into order, the second buffer) lose to
 #     the two kernels, which take those lengths (_ordered_pays). Compiled: 168 registers, no spills, a
-#     loop of 402 instructions (563 causal). By the benchmark (results/06_flash.json, 8c5b839) the
-#     default backward runs 0.87-0.96x cuDNN at D=128 MHA with N >= 4k, 0.90-0.97x GQA 32/8, 0.95-0.96x
-#     MQA; at causal 4k the profile has 1,514 us (the kernel 1,401) against cuDNN's 1,407.
+#     loop of 402 instructions (563 causal). By the benchmark (results/06_flash.json, 2ac9f0b, medians
+#     of three rounds) the default backward runs 0.91-0.99x cuDNN at D=128 MHA with N >= 4k, 0.89-1.01x
+#     GQA 32/8, 0.93-0.94x MQA; at causal 4k the profile has 1,515 us (the kernel 1,402) against cuDNN's
+#     1,400.
 # Where they run: dense inputs under gluon_ok's rules. Where dkdv_splits shares a kv head's query group
 # among programs (MQA), each dK/dV (or fused) program walks its share of the heads and stores fp32
 # partial sums, added up afterwards, as in the tl kernel. Varlen takes the tl kernels.

@@ -16,6 +16,12 @@ through the Gluon kernel directly (06 takes the tl kernel there).
 Prediction: where the softmax phase is issue-bound (D=64, session 8) dropping ~8% of its instructions
 gains up to ~5%; at D=128 (MUFU-bound within 10%) 0-3%; less whatever the per-block reduction and branch
 cost.
+Measured (session 15, call 2, at c158b0e; notes/logs/flash_fwd_lazy_rescale_c158b0e_h200.log): every
+check passed (within 2.7e-3 of the tl kernel, the late-moving max included). Prediction missed: lazy ran
+0.91-0.97x of the same Gluon kernel without it at D=64 and 0.96x at D=128. The branch needs the
+warpgroup's four warps to agree (a shared-memory reduction and a barrier each block, between S_j's
+issue and P V's), which costs more than the 32-64 multiplies a thread it saves; at D=128 the branch also
+raised the spills (16 -> 52 bytes without a mask). Not kept.
 GPU only:  python -u notes/probes/flash_fwd_lazy_rescale.py   (ROUNDS=3 by default)
 Offline:   python notes/probes/flash_fwd_lazy_rescale.py --compile   (Triton 3.6; registers, loops)"""
 
