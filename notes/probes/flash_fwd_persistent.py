@@ -1,0 +1,291 @@
+"""H200 probe (issue 19, session 15): a persistent Gluon forward, whose producer loads the next tile's Q,
+K and V while the consumers finish the last one.
+
+06's Gluon forward launches one program per (query block, head): each pays its own start (its first
+TMA loads wait on HBM with nothing to overlap) and its own end (the last P V and the O store, with the
+producer idle). At D=64 its 4k rows ran ~4% below its 16k rows (notes/06_flash.md, session 15), and the
+issue's last target, D=64's forward >= 1.0x cuDNN, is 2-7% away. Here the same consumer loop runs in
+one program per SM, walking tiles t = program, program + programs, ... (head-major, each head's query
+blocks heaviest first when causal, as 06's launch runs them). The K and V ring and its mbarrier phases
+run on across tiles; each consumer warpgroup frees its Q tile (q_empty) once its last S = Q K^T is done,
+so the producer loads the next tile's Q and first K and V blocks during that warpgroup's last P V and
+O store. Dense inputs only.
+Checks first: against 06's tl kernel on ragged and aligned N, causal and not, MHA and GQA, at D=64 and
+128. Then the forward beside 06, its Gluon kernel and cuDNN, by 06's own timing (_time: CUDA-graph
+replay, L2 flushed), interleaved over ROUNDS rounds.
+Prediction: +2-5% over the Gluon kernel at 4k, +0-2% at 16k (a tile's fixed cost is ~2 blocks of its
+32-128); causal less, since a static round-robin balances tiles of unequal weight worse than the
+hardware's launch of programs as SMs free up.
+GPU only:  python -u notes/probes/flash_fwd_persistent.py   (ROUNDS=3 by default)
+Offline:   python notes/probes/flash_fwd_persistent.py --compile   (Triton 3.6; registers, spills, loops)"""
+
+import os
+import sys
+from pathlib import Path
+
+if "--compile" in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "0"  # before harness: compile for sm_90a, do not interpret
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from flash_rounds import interleaved  # noqa: E402  (this folder is on sys.path)
+from triton.experimental import gluon  # noqa: E402
+from triton.experimental.gluon import language as gl  # noqa: E402
+from triton.experimental.gluon.language.nvidia.hopper import (  # noqa: E402
+    fence_async_shared,
+    mbarrier,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+fa = harness.load_build("06_flash")
+ROUNDS = int(os.environ.get("ROUNDS", "3"))
+
+
+@gluon.jit
+def _tile(t, geom, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    """Tile t's (head, first query row, kv head, key blocks): head-major, heaviest query block first."""
+    n_q, n_k, H, GROUP, n_m, n_tiles = geom
+    bh = t // n_m
+    m = t % n_m
+    if CAUSAL:
+        m = n_m - 1 - m
+    start_m = m * BLOCK_M
+    if CAUSAL:
+        hi = gl.minimum(n_k, start_m + BLOCK_M + n_k - n_q)
+    else:
+        hi = n_k
+    kv = (bh // H) * (H // GROUP) + (bh % H) // GROUP
+    return bh, start_m, kv, gl.cdiv(hi, BLOCK_N)
+
+
+@gluon.jit
+def _p_producer(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    q_desc, k_desc, v_desc = descs
+    q_smem, k_smem, v_smem = smem
+    q_ready, q_empty, k_ready, v_ready, k_empty, v_empty = bars
+    STAGES: gl.constexpr = k_smem.type.shape[0]
+    HALF: gl.constexpr = q_smem.type.shape[1]
+    n_tiles = geom[5]
+    base = 0  # key blocks loaded so far: the ring's position
+    i = 0  # tiles so far
+    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        bh, start_m, kv, n_blocks = _tile(t, geom, 2 * HALF, BLOCK_N, CAUSAL)
+        for w in gl.static_range(2):
+            mbarrier.wait(q_empty.index(w), (i & 1) ^ 1)  # warpgroup w's last S of the tile before
+            mbarrier.expect(q_ready.index(w), q_desc.block_type.nbytes)
+            fa._g_load(q_desc, start_m + w * HALF, bh, q_ready.index(w), q_smem.index(w))
+        for j in range(n_blocks):
+            c = base + j
+            slot = c % STAGES
+            free = (c // STAGES & 1) ^ 1
+            mbarrier.wait(k_empty.index(slot), free)
+            mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
+            fa._g_load(k_desc, j * BLOCK_N, kv, k_ready.index(slot), k_smem.index(slot))
+            mbarrier.wait(v_empty.index(slot), free)
+            mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
+            fa._g_load(v_desc, j * BLOCK_N, kv, v_ready.index(slot), v_smem.index(slot))
+        base += n_blocks
+        i += 1
+
+
+@gluon.jit
+def _p_consumer(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+                WG: gl.constexpr):  # fmt: skip
+    """06's _g_consumer over every tile of this program, the ring's phases counted on across tiles."""
+    q_smem, k_smem, v_smem = smem
+    q_ready, q_empty, k_ready, v_ready, k_empty, v_empty = bars
+    n_q, n_k, H, GROUP, n_m, n_tiles = geom
+    O, LSE = out
+    dtype: gl.constexpr = q_smem.dtype
+    STAGES: gl.constexpr = k_smem.type.shape[0]
+    HALF: gl.constexpr = q_smem.type.shape[1]
+    HEAD_DIM: gl.constexpr = q_smem.type.shape[2]
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])  # fmt: skip
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])  # fmt: skip
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    diag = n_k - n_q
+    q_tile = q_smem.index(WG)
+    base = 0
+    i = 0
+    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        bh, start_m, kv, n_blocks = _tile(t, geom, 2 * HALF, BLOCK_N, CAUSAL)
+        row0 = start_m + WG * HALF
+        if CAUSAL:
+            unmasked = (row0 + diag + 1) // BLOCK_N * BLOCK_N
+        else:
+            unmasked = n_k // BLOCK_N * BLOCK_N
+        offs_m = row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, s_layout))
+        m_i = gl.full([HALF], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([HALF], gl.float32, gl.SliceLayout(1, s_layout))
+        acc = gl.zeros([HALF, HEAD_DIM], gl.float32, o_layout)
+        mbarrier.wait(q_ready.index(WG), i & 1)
+        first = base % STAGES
+        mbarrier.wait(k_ready.index(first), base // STAGES & 1)
+        s = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
+        s = warpgroup_mma(q_tile, k_smem.index(first).permute((1, 0)), s, use_acc=False)
+        mbarrier.arrive(k_empty.index(first), count=1)
+        p, m_i, alpha, l_i = fa._g_softmax(s, m_i, l_i, 0, unmasked, offs_m, n_k, diag, qk_scale, BLOCK_N,
+                                           CAUSAL)  # fmt: skip
+        for j in range(1, n_blocks):
+            c = base + j
+            slot = c % STAGES
+            prev = (c - 1) % STAGES
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            mbarrier.wait(k_ready.index(slot), c // STAGES & 1)
+            s_tok = warpgroup_mma(q_tile, k_smem.index(slot).permute((1, 0)), s, use_acc=False, is_async=True)
+            acc = acc * gl.convert_layout(alpha, rows_o)[:, None]
+            mbarrier.wait(v_ready.index(prev), (c - 1) // STAGES & 1)
+            o_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+            s = warpgroup_mma_wait(1, deps=[s_tok])
+            mbarrier.arrive(k_empty.index(slot), count=1)
+            p, m_i, alpha, l_i = fa._g_softmax(s, m_i, l_i, j * BLOCK_N, unmasked, offs_m, n_k, diag,
+                                               qk_scale, BLOCK_N, CAUSAL)  # fmt: skip
+            acc, p_op = warpgroup_mma_wait(0, deps=[o_tok, p_op])
+            mbarrier.arrive(v_empty.index(prev), count=1)
+        mbarrier.arrive(q_empty.index(WG), count=1)  # every S of this tile is done: Q may be replaced
+        c_last = base + n_blocks - 1
+        last = c_last % STAGES
+        acc = acc * gl.convert_layout(alpha, rows_o)[:, None]
+        mbarrier.wait(v_ready.index(last), c_last // STAGES & 1)
+        acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(last), acc)
+        mbarrier.arrive(v_empty.index(last), count=1)
+        o = acc / gl.convert_layout(l_i, rows_o)[:, None]
+        offs_mo = row0 + gl.arange(0, HALF, layout=rows_o)
+        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        o_rows = (bh.to(gl.int64) * n_q + offs_mo) * HEAD_DIM
+        gl.store(O + o_rows[:, None] + offs_d[None, :], o.to(dtype), mask=(offs_mo < n_q)[:, None])
+        gl.store(LSE + bh.to(gl.int64) * n_q + offs_m, m_i + gl.log2(l_i), mask=offs_m < n_q)
+        base += n_blocks
+        i += 1
+
+
+@gluon.jit
+def _p_consumer1(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    _p_consumer(descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL, 1)
+
+
+@gluon.jit
+def _fwd_persistent(q_desc, k_desc, v_desc, O, LSE, n_q, n_k, H, GROUP, n_m, n_tiles, qk_scale,
+                    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                    STAGES: gl.constexpr, CAUSAL: gl.constexpr):  # fmt: skip
+    dtype: gl.constexpr = q_desc.dtype
+    tile: gl.constexpr = fa._g_tile_layout(q_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M // 2, HEAD_DIM], tile)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], tile)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], tile)
+    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(q_ready.index(i), count=1)
+        mbarrier.init(q_empty.index(i), count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)
+        mbarrier.init(v_empty.index(i), count=2)
+    fence_async_shared()
+    descs = (q_desc, k_desc, v_desc)
+    smem = (q_smem, k_smem, v_smem)
+    bars = (q_ready, q_empty, k_ready, v_ready, k_empty, v_empty)
+    geom = (n_q, n_k, H, GROUP, n_m, n_tiles)
+    out = (O, LSE)
+    gl.warp_specialize([
+        (_p_consumer, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL, 0)),
+        (_p_consumer1, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL)),
+        (_p_producer, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL)),
+    ], [4, 1], [240, 24])  # fmt: skip
+
+
+def persistent_fwd(q, k, v, causal, launch=None, programs=None):
+    """o, lse of dense contiguous q, k, v (B, H, N, D) through _fwd_persistent, 06's Gluon launch shape
+    (128 query rows a program, 128-key blocks, two ring slots), one program per SM."""
+    B, H, n_q, D = q.shape
+    n_k = k.shape[2]
+    bm, bn = fa.GLUON_FWD["BLOCK_M"], fa.GLUON_FWD["BLOCK_N"]
+    tiles = ((q, bm // 2), (k, bn), (v, bn))
+    descs = [fa._gluon_desc(t.view(-1, t.shape[2], D), [1, rows, D]) for t, rows in tiles]
+    o = torch.empty_like(q)
+    lse = torch.empty(B, H, n_q, device=q.device, dtype=torch.float32)
+    n_m = triton.cdiv(n_q, bm)
+    n_tiles = n_m * B * H
+    if launch is None:
+        programs = programs or torch.cuda.get_device_properties(q.device).multi_processor_count
+        launch = _fwd_persistent[(min(n_tiles, programs),)]
+    launch(*descs, o, lse, n_q, n_k, H, H // k.shape[1], n_m, n_tiles, D**-0.5 * fa.LOG2E, D, bm, bn,
+           fa.GLUON_FWD["STAGES"], causal, num_warps=4, maxnreg=168)  # fmt: skip
+    return o, lse
+
+
+def compile_only():
+    """The kernel for sm_90a, bf16, D=64 and 128, causal and not: registers, spills, loops."""
+    import flash_ptxas
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import create_function_from_signature
+
+    def launch(*args, **meta):
+        fn, backend = _fwd_persistent, flash_ptxas.BACKEND
+        bound, spec, options = create_function_from_signature(fn.signature, fn.params, backend)(*args, **meta)
+        options, sig, constexprs, attrs = fn._pack_args(backend, meta, bound, spec, options)
+        source = GluonASTSource(fn, sig, constexprs, attrs)
+        compiled = triton.compile(source, target=flash_ptxas.TARGET, options=options.__dict__)
+        asm = compiled.asm | {"shared": compiled.metadata.shared}
+        print(flash_ptxas.ptxas_report(asm, None, "fwd", loops=True), flush=True)
+
+    for D in (64, 128):
+        for causal in (False, True):
+            print(f"persistent D={D} {'causal' if causal else 'full'}:", flush=True)
+            q, k = (torch.empty(1, h, 1000, D, dtype=torch.bfloat16) for h in (4, 2))
+            persistent_fwd(q, k, k, causal, launch)
+
+
+def gluon_fwd(q, k, v, causal):
+    """06's Gluon forward (not persistent) on dense q, k, v at any D it compiles for."""
+    o = torch.empty_like(q)
+    lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
+    n, scale = q.shape[2], q.shape[-1] ** -0.5
+    fa._fwd_gluon(q, k, v, o, lse, q, q, lse.stride()[:2], q.shape[0], n, n, causal, scale, False)
+    return o
+
+
+def main():
+    device = torch.device("cuda")
+    print(harness.env_line(device, torch.bfloat16), flush=True)
+    for D in (64, 128):
+        cases = [(2, 4, 4, 1000, True, None), (1, 8, 2, 777, False, None), (2, 4, 4, 1024, False, 3),
+                 (1, 4, 1, 300, True, 2), (1, 4, 4, 64, True, None), (3, 4, 2, 2048, True, 7)]  # fmt: skip
+        for B, H, H_KV, N, causal, programs in cases:
+            q = torch.randn(B, H, N, D, device=device, dtype=torch.bfloat16)
+            k, v = (torch.randn(B, H_KV, N, D, device=device, dtype=torch.bfloat16) for _ in range(2))
+            with fa.tl_kernels():
+                ref = fa.flash_attention(q, k, v, causal)
+            o, _ = persistent_fwd(q, k, v, causal, programs=programs)
+            err = harness.rel_err(o, ref)
+            print(f"check D={D} {(B, H, H_KV, N, causal)} on {programs or 'every SM'} programs: vs 06's tl "
+                  f"kernel {err:.1e} {'ok' if err < 1e-2 else 'FAILED'}", flush=True)  # fmt: skip
+    shapes = [(64, 4, 32, 4096, False), (64, 4, 32, 4096, True), (64, 2, 32, 8192, False),
+              (64, 2, 32, 8192, True), (64, 1, 32, 16384, False), (64, 1, 32, 16384, True),
+              (128, 4, 16, 4096, False), (128, 4, 16, 4096, True), (128, 1, 16, 16384, False)]  # fmt: skip
+    for D, B, H, N, causal in shapes:
+        q, k, v, do = (torch.randn(B, H, N, D, device=device, dtype=torch.bfloat16) for _ in range(4))
+        impls = fa._impls(causal)
+        runs = [("cudnn", *impls["cudnn"]), ("06", *impls["ours"])]
+        runs.append(("gluon", lambda q, k, v, c=causal: gluon_fwd(q, k, v, c), None))
+        runs.append(("persistent", lambda q, k, v, c=causal: persistent_fwd(q, k, v, c)[0], None))
+        flops = 4 * B * H * N * N * D * (0.5 if causal else 1.0)
+        interleaved(f"D={D} {(B, H, N, causal)} forward", runs, flops, ROUNDS, fa._time,
+                    (q, k, v, do, device, False), 0)  # fmt: skip
+
+
+if __name__ == "__main__":
+    compile_only() if "--compile" in sys.argv else main()
