@@ -39,7 +39,7 @@ import harness  # noqa: E402
 
 import torch  # noqa: E402
 from flash_dkdv_serial import edit, load_variants  # noqa: E402  (this folder is on sys.path)
-from flash_rounds import interleaved  # noqa: E402  (this folder is on sys.path)
+from flash_rounds import check_forwards, gluon_fwd, interleaved  # noqa: E402  (this folder is on sys.path)
 
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 STEP = "    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)\n"
@@ -59,20 +59,6 @@ def lazy(src: str) -> str:
 
 
 VARIANTS = {"06": lambda s: s, "lazy": lazy}
-
-
-def gluon_fwd(fa, q, k, v, causal, cu=None):
-    """o of fa's Gluon forward: dense (B, H, N, D), or packed (T, H, D) with cu = (cu_q, cu_k, max_len)."""
-    varlen = cu is not None
-    o = torch.empty_like(q)
-    if varlen:
-        lse = torch.empty(q.shape[1], q.shape[0], device=q.device, dtype=torch.float32)
-        B, n, lse_bh, cu_q, cu_k = cu[0].numel() - 1, cu[2], (0, lse.stride(0)), cu[0], cu[1]
-    else:
-        lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
-        B, n, lse_bh, cu_q, cu_k = q.shape[0], q.shape[2], lse.stride()[:2], q, q
-    fa._fwd_gluon(q, k, v, o, lse, cu_q, cu_k, lse_bh, B, n, n, causal, q.shape[-1] ** -0.5, varlen)
-    return o, lse
 
 
 def compile_only(mods):
@@ -107,39 +93,14 @@ def compile_only(mods):
                 gluon_fwd(fa, q, k, k, causal)
 
 
-def check(mods, device):
-    base = mods["06"]
-    for D in (128, 64):
-        cases = [(2, 4, 4, 1000, True), (1, 8, 2, 777, False), (2, 4, 4, 1024, False), (1, 4, 1, 300, True)]
-        for B, H, H_KV, N, causal in cases + [(1, 4, 4, 2048, False), (1, 4, 4, 2048, True)]:
-            q = torch.randn(B, H, N, D, device=device, dtype=torch.bfloat16)
-            k, v = (torch.randn(B, H_KV, N, D, device=device, dtype=torch.bfloat16) for _ in range(2))
-            if N == 2048:  # scores that grow along the keys: the max moves by more than 2^8 late
-                k = k * torch.linspace(0.1, 4.0, N, device=device)[:, None].to(k.dtype)
-            with base.tl_kernels():
-                ref = base.flash_attention(q, k, v, causal)
-            for name, fa in mods.items():
-                o, _ = gluon_fwd(fa, q, k, v, causal)
-                err = harness.rel_err(o, ref)
-                print(f"check D={D} {name} {(B, H, H_KV, N, causal)}: vs 06's tl kernel {err:.1e} "
-                      f"{'ok' if err < 1e-2 else 'FAILED'}", flush=True)  # fmt: skip
-        lens = [300, 1, 1024, 77, 513]
-        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device=device, dtype=torch.int32)
-        q, k, v = (torch.randn(sum(lens), 4, D, device=device, dtype=torch.bfloat16) for _ in range(3))
-        for causal in (False, True):
-            with base.tl_kernels():
-                ref = base.flash_attention_varlen(q, k, v, cu, cu, max(lens), max(lens), causal)
-            for name, fa in mods.items():
-                o, _ = gluon_fwd(fa, q, k, v, causal, (cu, cu, max(lens)))
-                err = harness.rel_err(o, ref)
-                print(f"check D={D} {name} varlen causal={causal}: vs 06's tl kernel {err:.1e} "
-                      f"{'ok' if err < 1e-2 else 'FAILED'}", flush=True)  # fmt: skip
-
-
 def main(mods):
     device = torch.device("cuda")
     print(harness.env_line(device, torch.bfloat16), flush=True)
-    check(mods, device)
+    cases = [(2, 4, 4, 1000, True), (1, 8, 2, 777, False), (2, 4, 4, 1024, False), (1, 4, 1, 300, True),
+             (1, 4, 4, 2048, False, True), (1, 4, 4, 2048, True, True)]  # fmt: skip
+    fwds = {name: lambda q, k, v, c, cu, fa=fa: gluon_fwd(fa, q, k, v, c, cu)[0] for name, fa in mods.items()}
+    for D in (128, 64):
+        check_forwards(fwds, mods["06"], D, device, cases)
     base = mods["06"]
     shapes = [(64, 4, 32, 4096, False), (64, 4, 32, 4096, True), (64, 2, 32, 8192, True),
               (64, 1, 32, 16384, False), (128, 4, 16, 4096, False), (128, 4, 16, 4096, True),

@@ -37,7 +37,7 @@ import harness  # noqa: E402
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from flash_rounds import interleaved  # noqa: E402  (this folder is on sys.path)
+from flash_rounds import gluon_fwd, interleaved  # noqa: E402  (this folder is on sys.path)
 from triton.experimental import gluon  # noqa: E402
 from triton.experimental.gluon import language as gl  # noqa: E402
 from triton.experimental.gluon.language.nvidia.hopper import (  # noqa: E402
@@ -255,15 +255,6 @@ def compile_only():
             persistent_fwd(q, k, k, causal, launch)
 
 
-def gluon_fwd(q, k, v, causal):
-    """06's Gluon forward (not persistent) on dense q, k, v at any D it compiles for."""
-    o = torch.empty_like(q)
-    lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
-    n, scale = q.shape[2], q.shape[-1] ** -0.5
-    fa._fwd_gluon(q, k, v, o, lse, q, q, lse.stride()[:2], q.shape[0], n, n, causal, scale, False)
-    return o
-
-
 def main():
     device = torch.device("cuda")
     print(harness.env_line(device, torch.bfloat16), flush=True)
@@ -286,7 +277,7 @@ def main():
         q, k, v, do = (torch.randn(B, H, N, D, device=device, dtype=torch.bfloat16) for _ in range(4))
         impls = fa._impls(causal)
         runs = [("cudnn", *impls["cudnn"]), ("06", *impls["ours"])]
-        runs.append(("gluon", lambda q, k, v, c=causal: gluon_fwd(q, k, v, c), None))
+        runs.append(("gluon", lambda q, k, v, c=causal: gluon_fwd(fa, q, k, v, c)[0], None))
         runs.append(("persistent", lambda q, k, v, c=causal: persistent_fwd(q, k, v, c)[0], None))
         flops = 4 * B * H * N * N * D * (0.5 if causal else 1.0)
         interleaved(f"D={D} {(B, H, N, causal)} forward", runs, flops, ROUNDS, fa._time,

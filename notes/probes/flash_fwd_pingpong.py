@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 import torch  # noqa: E402
-from flash_rounds import interleaved  # noqa: E402  (this folder is on sys.path)
+from flash_rounds import check_forwards, gluon_fwd, interleaved  # noqa: E402  (this folder is on sys.path)
 
 
 def load_patched():
@@ -83,21 +83,14 @@ def config(name):
         fa.GLUON_FWD.update(before)
 
 
-def gluon_fwd(q, k, v, causal, name, cu=None):
-    """o of 06's Gluon forward under configuration name: dense (B, H, N, D), or packed (T, H, D) with
-    cu = (cu_q, cu_k, max_len)."""
-    varlen = cu is not None
-    o = torch.empty_like(q)
-    if varlen:
-        lse = torch.empty(q.shape[1], q.shape[0], device=q.device, dtype=torch.float32)
-        B, n, lse_bh = cu[0].numel() - 1, cu[2], (0, lse.stride(0))
-        cu_q, cu_k = cu[0], cu[1]
-    else:
-        lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
-        B, n, lse_bh, cu_q, cu_k = q.shape[0], q.shape[2], lse.stride()[:2], q, q
-    with config(name):
-        fa._fwd_gluon(q, k, v, o, lse, cu_q, cu_k, lse_bh, B, n, n, causal, q.shape[-1] ** -0.5, varlen)
-    return o
+def configured(name):
+    """fn(q, k, v, causal, cu) -> o: the Gluon forward under configuration name (flash_rounds.gluon_fwd)."""
+
+    def fwd(q, k, v, causal, cu=None):
+        with config(name):
+            return gluon_fwd(fa, q, k, v, causal, cu)[0]
+
+    return fwd
 
 
 def compile_only():
@@ -131,37 +124,16 @@ def compile_only():
             for causal in (False, True):
                 q, k = (torch.empty(1, h, 1000, D, dtype=torch.bfloat16) for h in (4, 2))
                 print(f"D={D} {name} {CONFIGS[name]}, {'causal' if causal else 'full'}:", flush=True)
-                gluon_fwd(q, k, k, causal, name)
-
-
-def check(device):
-    for D in FOR_D:
-        for B, H, H_KV, N, causal in [(2, 4, 4, 1000, True), (1, 8, 2, 777, False), (2, 4, 4, 1024, False),
-                                      (1, 4, 1, 300, True), (1, 4, 4, 64, True)]:  # fmt: skip
-            q = torch.randn(B, H, N, D, device=device, dtype=torch.bfloat16)
-            k, v = (torch.randn(B, H_KV, N, D, device=device, dtype=torch.bfloat16) for _ in range(2))
-            with fa.tl_kernels():
-                ref = fa.flash_attention(q, k, v, causal)
-            for name in FOR_D[D]:
-                err = harness.rel_err(gluon_fwd(q, k, v, causal, name), ref)
-                print(f"check D={D} {name} {(B, H, H_KV, N, causal)}: vs 06's tl kernel {err:.1e} "
-                      f"{'ok' if err < 1e-2 else 'FAILED'}", flush=True)  # fmt: skip
-        lens = [300, 1, 1024, 77, 513]
-        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device=device, dtype=torch.int32)
-        q, k, v = (torch.randn(sum(lens), 4, D, device=device, dtype=torch.bfloat16) for _ in range(3))
-        for causal in (False, True):
-            with fa.tl_kernels():
-                ref = fa.flash_attention_varlen(q, k, v, cu, cu, max(lens), max(lens), causal)
-            for name in FOR_D[D]:
-                err = harness.rel_err(gluon_fwd(q, k, v, causal, name, (cu, cu, max(lens))), ref)
-                print(f"check D={D} {name} varlen {lens} causal={causal}: vs 06's tl kernel {err:.1e} "
-                      f"{'ok' if err < 1e-2 else 'FAILED'}", flush=True)  # fmt: skip
+                configured(name)(q, k, k, causal)
 
 
 def main():
     device = torch.device("cuda")
     print(harness.env_line(device, torch.bfloat16), flush=True)
-    check(device)
+    cases = [(2, 4, 4, 1000, True), (1, 8, 2, 777, False), (2, 4, 4, 1024, False), (1, 4, 1, 300, True),
+             (1, 4, 4, 64, True)]  # fmt: skip
+    for D, names in FOR_D.items():
+        check_forwards({name: configured(name) for name in names}, fa, D, device, cases)
     shapes = [(64, 4, 32, 4096, False), (64, 4, 32, 4096, True), (64, 2, 32, 8192, False),
               (64, 2, 32, 8192, True), (64, 1, 32, 16384, False), (64, 1, 32, 16384, True),
               (128, 4, 16, 4096, False), (128, 4, 16, 4096, True), (128, 1, 16, 16384, True)]  # fmt: skip
@@ -170,8 +142,7 @@ def main():
         impls = fa._impls(causal)
         runs = [("cudnn", *impls["cudnn"]), ("06", *impls["ours"])]
         for name in FOR_D[D]:
-            fwd = lambda q, k, v, c=causal, n=name: gluon_fwd(q, k, v, c, n)  # noqa: E731
-            runs.append((name, fwd, None))
+            runs.append((name, lambda q, k, v, c=causal, n=name: configured(n)(q, k, v, c), None))
         flops = 4 * B * H * N * N * D * (0.5 if causal else 1.0)
         interleaved(f"D={D} {(B, H, N, causal)} forward", runs, flops, ROUNDS, fa._time,
                     (q, k, v, do, device, False), 0)  # fmt: skip

@@ -1,8 +1,14 @@
-"""Interleaved timing rounds for the flash probes: each implementation once a round, in turn, so that a
-drifting clock hits them all alike; each round's TFLOP/s, then the median round's with every one's
-ratio to the first (cuDNN in these probes)."""
+"""Shared pieces of the flash probes. Interleaved timing rounds: each implementation once a round, in
+turn, so that a drifting clock hits them all alike; each round's TFLOP/s, then the median round's with
+every one's ratio to the first (cuDNN in these probes). And for the forward probes: 06's Gluon forward
+called directly (at any head dim it compiles for), and the checks of forward variants against 06's tl
+kernel."""
 
 import statistics
+
+import harness
+
+import torch
 
 
 def interleaved(label: str, runs: list, flops: float, rounds: int, time, args: tuple, pick: int) -> dict:
@@ -19,3 +25,47 @@ def interleaved(label: str, runs: list, flops: float, rounds: int, time, args: t
     got = ", ".join(f"{n} {flops / t / 1e9:.0f} (x{first / t:.2f})" for n, t in med.items())
     print(f"{label} TFLOP/s, median round (x {runs[0][0]}): {got}", flush=True)
     return med
+
+
+def gluon_fwd(fa, q, k, v, causal, cu=None):
+    """o, lse of the Gluon forward of fa (06's module or a variant of it): dense (B, H, N, D), or packed
+    (T, H, D) with cu = (cu_q, cu_k, max_len)."""
+    varlen = cu is not None
+    o = torch.empty_like(q)
+    if varlen:
+        lse = torch.empty(q.shape[1], q.shape[0], device=q.device, dtype=torch.float32)
+        B, n, lse_bh, cu_q, cu_k = cu[0].numel() - 1, cu[2], (0, lse.stride(0)), cu[0], cu[1]
+    else:
+        lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
+        B, n, lse_bh, cu_q, cu_k = q.shape[0], q.shape[2], lse.stride()[:2], q, q
+    fa._fwd_gluon(q, k, v, o, lse, cu_q, cu_k, lse_bh, B, n, n, causal, q.shape[-1] ** -0.5, varlen)
+    return o, lse
+
+
+def check_forwards(fwds: dict, ref, D: int, device, cases: list, varlen: bool = True) -> None:
+    """Each of fwds (name -> fn(q, k, v, causal, cu) -> o) against ref's tl kernel (ref: 06's module),
+    bf16, on cases (B, H, H_KV, N, causal[, grow]); grow scales the keys up along N, so that a row's max
+    moves late. varlen: also packed sequences of mixed lengths, causal and not. One line per check."""
+    for B, H, H_KV, N, causal, *grow in cases:
+        q = torch.randn(B, H, N, D, device=device, dtype=torch.bfloat16)
+        k, v = (torch.randn(B, H_KV, N, D, device=device, dtype=torch.bfloat16) for _ in range(2))
+        if grow and grow[0]:
+            k = k * torch.linspace(0.1, 4.0, N, device=device)[:, None].to(k.dtype)
+        with ref.tl_kernels():
+            want = ref.flash_attention(q, k, v, causal)
+        for name, fwd in fwds.items():
+            err = harness.rel_err(fwd(q, k, v, causal, None), want)
+            print(f"check D={D} {name} {(B, H, H_KV, N, causal)}: vs 06's tl kernel {err:.1e} "
+                  f"{'ok' if err < 1e-2 else 'FAILED'}", flush=True)  # fmt: skip
+    if not varlen:
+        return
+    lens = [300, 1, 1024, 77, 513]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device=device, dtype=torch.int32)
+    q, k, v = (torch.randn(sum(lens), 4, D, device=device, dtype=torch.bfloat16) for _ in range(3))
+    for causal in (False, True):
+        with ref.tl_kernels():
+            want = ref.flash_attention_varlen(q, k, v, cu, cu, max(lens), max(lens), causal)
+        for name, fwd in fwds.items():
+            err = harness.rel_err(fwd(q, k, v, causal, (cu, cu, max(lens))), want)
+            print(f"check D={D} {name} varlen {lens} causal={causal}: vs 06's tl kernel {err:.1e} "
+                  f"{'ok' if err < 1e-2 else 'FAILED'}", flush=True)  # fmt: skip
