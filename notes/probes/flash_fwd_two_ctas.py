@@ -14,6 +14,10 @@ Checks first (against 06's tl kernel, dense and packed, causal and not, MHA and 
 beside 06, its Gluon kernel as it is, and cuDNN, by 06's own timing, interleaved over ROUNDS rounds.
 Prediction: level with the tl kernel to +5% (the same occupancy, plus the Gluon loop's overlap of S_j
 with P_j-1 V within a warpgroup), less what the spills cost.
+Measured (session 15, call 6; notes/logs/flash_fwd_two_ctas_8646357_h200.log): 14 checks ok. Two programs
+an SM ran 0.87-0.97x of the Gluon kernel as it is (0.84-0.86x cuDNN, where 06's tl kernel read
+0.94-0.98x and the Gluon kernel 0.89-0.99x in the same rounds). Prediction missed: the spills and the
+64-key blocks' per-block costs outweigh the second program's overlap. Not kept.
 GPU only:  python -u notes/probes/flash_fwd_two_ctas.py   (ROUNDS=3 by default)"""
 
 import os
