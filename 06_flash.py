@@ -345,9 +345,11 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, K_DESC, V_DESC,
 # no faster than the tl kernel (the softmax outweighs the matmuls there), nor with ping-pong turns or
 # three consumer warpgroups (0.82-1.04x cuDNN against the tl kernel's 0.93-1.02x in the same rounds,
 # flash_fwd_pingpong.py), nor rescaling O only when a row's max moves (0.91-0.97x of it at D=64 and
-# 128, flash_fwd_lazy_rescale.py: the warpgroup-wide test costs more than the multiplies it saves), so
-# D=64 and every other case stays on the tl kernel: head dims other than 128, strided inputs, GPUs
-# other than sm_90, and the CPU interpreter (Gluon has none; tests/test_flash.py checks the dispatch).
+# 128, flash_fwd_lazy_rescale.py: the warpgroup-wide test costs more than the multiplies it saves), nor
+# as one persistent program an SM (0.96-0.98x cuDNN without a mask, slower causal) or two programs an SM
+# (0.84-0.86x; flash_fwd_persistent.py, flash_fwd_two_ctas.py), so D=64 and every other case stays on
+# the tl kernel: head dims other than 128, strided inputs, GPUs other than sm_90, and the CPU
+# interpreter (Gluon has none; tests/test_flash.py checks the dispatch).
 # Two details ptxas needed (found by compiling for sm_90a offline, notes/06_flash.md, session 10):
 #   - it hoists a wgmma wait to the top of the basic block that holds it, so the wait for P V has to
 #     start a block of its own: the whole softmax step sits in both arms of its mask branch;
