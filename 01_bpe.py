@@ -81,8 +81,9 @@ GPT4_SPLIT_PATTERN = (
 # points (hex ranges; Small Seal script at 3D000-3FC3F, CJK Extension J at 323B0-33479, letters and digits
 # added to older scripts) are letters or digits to `regex` and unassigned symbols to tiktoken, so a word
 # with one of them splits differently. _split_stages stands each in for U+E000 (private use: a symbol to
-# both) while a pattern runs. tests/test_bpe.py compares every code point with tiktoken. (`regex`
-# 2025.9.18 agreed with tiktoken everywhere, but transformers, the GGUF reference, needs a later one.)
+# both) while a pattern runs. tests/test_bpe.py compares every code point with tiktoken and with Hugging
+# Face's ByteLevel (Oniguruma's tables), which agree with each other. (`regex` 2025.9.18 agreed with
+# tiktoken everywhere, but transformers, the GGUF reference, needs a later one.)
 NEWER_LETTERS = """
 558 58B-58C 88F C5C CDC 208F 209D-209F A7CE-A7CF A7D2 A7D4 A7DD A7E2 A7F1 AB6C-AB6D 107BB-107BF
 10940-10959 10EC5-10EC7 10ED9-10EEE 11B0A 11DB0-11DDB 11DE0-11DE9 11DF1 1246F 12475-1247F

@@ -160,6 +160,23 @@ def test_letters_and_digits_split_like_tiktoken_at_every_code_point(ours, enc):
     assert not differ, f"{len(differ)} code points split unlike tiktoken, the first {differ[:8]}"
 
 
+def test_letters_and_digits_split_like_hf_byte_level_at_every_code_point():
+    """The same through GPT-2's pattern against Hugging Face's ByteLevel pre-tokenizer (Rust, Oniguruma's
+    tables), which also takes NEWER_LETTERS for symbols: c + "{x" is three pieces after a letter or digit."""
+    from tokenizers import pre_tokenizers
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    stages = bpe._compile_stages(bpe.GPT2_SPLIT_PATTERN)
+    differ = []
+    for cp in range(0x110000):
+        c = chr(cp)
+        if 0xD800 <= cp <= 0xDFFF or c.isspace() or c == "'":
+            continue
+        if len(byte_level.pre_tokenize_str(c + "{x")) != len(bpe._split_stages(stages, c + "{x")):
+            differ.append(f"U+{cp:04X}")
+    assert not differ, f"{len(differ)} code points split unlike HF ByteLevel, the first {differ[:8]}"
+
+
 def test_decode_invalid_utf8_like_tiktoken(ours, enc):
     ids = ours.encode("é🙂")
     partial = [ours.encode_ordinary("é")[0], ours._byte_ids[0xF0]]  # a 4-byte lead byte on its own
