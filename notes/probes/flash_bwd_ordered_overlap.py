@@ -46,7 +46,7 @@ import harness  # noqa: E402
 
 import torch  # noqa: E402
 from flash_dkdv_serial import edit, load_variants  # noqa: E402  (this folder is on sys.path)
-from flash_rounds import interleaved  # noqa: E402  (this folder is on sys.path)
+from flash_rounds import Compiling, interleaved  # noqa: E402  (this folder is on sys.path)
 
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 DONE = "cp.async.bulk.wait_group 0; fence.proxy.async.global;"  # _adds_done's wait
@@ -93,35 +93,10 @@ SHAPES = [(4, 16, 16, 4096, False), (4, 16, 16, 4096, True), (1, 16, 16, 16384, 
           (2, 32, 8, 8192, False), (2, 32, 8, 8192, True)]  # fmt: skip
 
 
-class Compile:
-    """Stands in for a variant's _bwd_dkdv_gluon[grid]: compiles the launch's specialisation for sm_90a
-    (flash_ptxas.py's way) and prints its registers and spills, runs nothing."""
-
-    def __init__(self, name, kernel):
-        self.name, self.kernel = name, kernel
-
-    def __getitem__(self, grid):
-        return self.compile
-
-    def compile(self, *args, **meta):
-        import flash_ptxas
-        import triton
-        from triton.experimental.gluon._runtime import GluonASTSource
-        from triton.runtime.jit import create_function_from_signature
-
-        fn, backend = self.kernel, flash_ptxas.BACKEND
-        bound, spec, options = create_function_from_signature(fn.signature, fn.params, backend)(*args, **meta)
-        options, sig, constexprs, attrs = fn._pack_args(backend, meta, bound, spec, options)
-        source = GluonASTSource(fn, sig, constexprs, attrs)
-        compiled = triton.compile(source, target=flash_ptxas.TARGET, options=options.__dict__)
-        asm = compiled.asm | {"shared": compiled.metadata.shared}
-        print(f"{self.name}: " + flash_ptxas.ptxas_report(asm, None, self.name, loops=True).splitlines()[0])
-
-
 def compile_only(mods):
     """The ordered kernel of each variant for sm_90a, bf16, causal and not: registers and spills."""
     for name, fa in mods.items():
-        fa._bwd_dkdv_gluon = Compile(name, fa._bwd_dkdv_gluon)
+        fa._bwd_dkdv_gluon = Compiling(fa._bwd_dkdv_gluon, name)
         for causal in (False, True):
             q, k = (torch.empty(1, h, 1000, 128, dtype=torch.bfloat16) for h in (4, 2))
             descs, ld = fa._gluon_bwd_descs(q, k, k, q), torch.empty(1, 4, 1000, 2)

@@ -39,7 +39,7 @@ import harness  # noqa: E402
 
 import torch  # noqa: E402
 from flash_dkdv_serial import edit, load_variants  # noqa: E402  (this folder is on sys.path)
-from flash_rounds import check_forwards, gluon_fwd, interleaved  # noqa: E402  (this folder is on sys.path)
+from flash_rounds import Compiling, check_forwards, gluon_fwd, interleaved  # noqa: E402  (this folder is on sys.path)
 
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 STEP = "    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)\n"
@@ -63,29 +63,8 @@ VARIANTS = {"06": lambda s: s, "lazy": lazy}
 
 def compile_only(mods):
     """Each variant's Gluon forward for sm_90a, bf16, D=64 and 128, causal and not: registers, loops."""
-    import flash_ptxas
-    import triton
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import create_function_from_signature
-
     for name, fa in mods.items():
-        fn = fa._fwd_kernel_gluon
-
-        class Compile:
-            def __getitem__(self, grid, fn=fn):
-                def launch(*args, **meta):
-                    backend = flash_ptxas.BACKEND
-                    binder = create_function_from_signature(fn.signature, fn.params, backend)
-                    bound, spec, options = binder(*args, **meta)
-                    options, sig, constexprs, attrs = fn._pack_args(backend, meta, bound, spec, options)
-                    source = GluonASTSource(fn, sig, constexprs, attrs)
-                    compiled = triton.compile(source, target=flash_ptxas.TARGET, options=options.__dict__)
-                    asm = compiled.asm | {"shared": compiled.metadata.shared}
-                    print(flash_ptxas.ptxas_report(asm, None, "fwd", loops=True), flush=True)
-
-                return launch
-
-        fa._fwd_kernel_gluon = Compile()
+        fa._fwd_kernel_gluon = Compiling(fa._fwd_kernel_gluon)
         for D in (128, 64):
             for causal in (False, True):
                 print(f"{name} D={D} {'causal' if causal else 'full'}:", flush=True)

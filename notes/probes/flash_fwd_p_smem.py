@@ -38,7 +38,7 @@ import harness  # noqa: E402
 
 import torch  # noqa: E402
 from flash_dkdv_serial import edit  # noqa: E402  (this folder is on sys.path)
-from flash_rounds import check_forwards, gluon_fwd, interleaved  # noqa: E402  (this folder is on sys.path)
+from flash_rounds import Compiling, check_forwards, d64_forward_rounds, gluon_fwd  # noqa: E402  (this folder is on sys.path)
 
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 # name -> (BLOCK_M, BLOCK_N, P through shared memory)
@@ -124,30 +124,9 @@ def variants():
 
 def compile_only():
     """Each configuration for sm_90a, bf16, D=64, causal and not: registers, spills, loops."""
-    import flash_ptxas
-    import triton
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import create_function_from_signature
-
     mods, fwds = variants()
     for name, fa in mods.items():
-        fn = fa._fwd_kernel_gluon
-
-        class Compile:
-            def __getitem__(self, grid, fn=fn):
-                def launch(*args, **meta):
-                    backend = flash_ptxas.BACKEND
-                    binder = create_function_from_signature(fn.signature, fn.params, backend)
-                    bound, spec, options = binder(*args, **meta)
-                    options, sig, constexprs, attrs = fn._pack_args(backend, meta, bound, spec, options)
-                    source = GluonASTSource(fn, sig, constexprs, attrs)
-                    compiled = triton.compile(source, target=flash_ptxas.TARGET, options=options.__dict__)
-                    asm = compiled.asm | {"shared": compiled.metadata.shared}
-                    print(flash_ptxas.ptxas_report(asm, None, "fwd", loops=True), flush=True)
-
-                return launch
-
-        fa._fwd_kernel_gluon = Compile()
+        fa._fwd_kernel_gluon = Compiling(fa._fwd_kernel_gluon)
         for causal in (False, True):
             print(f"{name} {CONFIGS[name]} D=64 {'causal' if causal else 'full'}:", flush=True)
             q, k = (torch.empty(1, h, 1000, 64, dtype=torch.bfloat16) for h in (4, 2))
@@ -162,16 +141,7 @@ def main():
     cases = [(2, 4, 4, 1000, True), (1, 8, 2, 777, False), (2, 4, 4, 1024, False), (1, 4, 1, 300, True),
              (1, 4, 4, 64, True)]  # fmt: skip
     check_forwards(fwds, base, 64, device, cases)
-    shapes = [(4, 32, 4096, False), (4, 32, 4096, True), (2, 32, 8192, False), (2, 32, 8192, True),
-              (1, 32, 16384, False), (1, 32, 16384, True)]  # fmt: skip
-    for B, H, N, causal in shapes:
-        q, k, v, do = (torch.randn(B, H, N, 64, device=device, dtype=torch.bfloat16) for _ in range(4))
-        impls = base._impls(causal)
-        runs = [("cudnn", *impls["cudnn"]), ("06", *impls["ours"])]
-        runs += [(name, lambda q, k, v, c=causal, f=f: f(q, k, v, c), None) for name, f in fwds.items()]
-        flops = 4 * B * H * N * N * 64 * (0.5 if causal else 1.0)
-        interleaved(f"D=64 {(B, H, N, causal)} forward", runs, flops, ROUNDS, base._time,
-                    (q, k, v, do, device, False), 0)  # fmt: skip
+    d64_forward_rounds(base, fwds, device, ROUNDS)
 
 
 if __name__ == "__main__":

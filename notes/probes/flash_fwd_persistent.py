@@ -37,7 +37,7 @@ import harness  # noqa: E402
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from flash_rounds import gluon_fwd, interleaved  # noqa: E402  (this folder is on sys.path)
+from flash_rounds import Compiling, gluon_fwd, interleaved  # noqa: E402  (this folder is on sys.path)
 from triton.experimental import gluon  # noqa: E402
 from triton.experimental.gluon import language as gl  # noqa: E402
 from triton.experimental.gluon.language.nvidia.hopper import (  # noqa: E402
@@ -235,19 +235,7 @@ def persistent_fwd(q, k, v, causal, launch=None, programs=None):
 
 def compile_only():
     """The kernel for sm_90a, bf16, D=64 and 128, causal and not: registers, spills, loops."""
-    import flash_ptxas
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import create_function_from_signature
-
-    def launch(*args, **meta):
-        fn, backend = _fwd_persistent, flash_ptxas.BACKEND
-        bound, spec, options = create_function_from_signature(fn.signature, fn.params, backend)(*args, **meta)
-        options, sig, constexprs, attrs = fn._pack_args(backend, meta, bound, spec, options)
-        source = GluonASTSource(fn, sig, constexprs, attrs)
-        compiled = triton.compile(source, target=flash_ptxas.TARGET, options=options.__dict__)
-        asm = compiled.asm | {"shared": compiled.metadata.shared}
-        print(flash_ptxas.ptxas_report(asm, None, "fwd", loops=True), flush=True)
-
+    launch = Compiling(_fwd_persistent)[None]
     for D in (64, 128):
         for causal in (False, True):
             print(f"persistent D={D} {'causal' if causal else 'full'}:", flush=True)

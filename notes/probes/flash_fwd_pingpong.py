@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 import torch  # noqa: E402
-from flash_rounds import check_forwards, gluon_fwd, interleaved  # noqa: E402  (this folder is on sys.path)
+from flash_rounds import Compiling, check_forwards, gluon_fwd, interleaved  # noqa: E402  (this folder is on sys.path)
 
 
 def load_patched():
@@ -95,30 +95,7 @@ def configured(name):
 
 def compile_only():
     """Each configuration for sm_90a, bf16, causal and not, D=64 and 128: registers, spills, loops."""
-    import flash_ptxas
-    import triton
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import create_function_from_signature
-
-    class Compile:
-        def __init__(self, fn):
-            self.fn = fn
-
-        def __getitem__(self, grid):
-            return self.launch
-
-        def launch(self, *args, **meta):
-            fn, backend = self.fn, flash_ptxas.BACKEND
-            bound, spec, options = create_function_from_signature(fn.signature, fn.params, backend)(
-                *args, **meta
-            )
-            options, sig, constexprs, attrs = fn._pack_args(backend, meta, bound, spec, options)
-            compiled = triton.compile(GluonASTSource(fn, sig, constexprs, attrs), target=flash_ptxas.TARGET,
-                                      options=options.__dict__)  # fmt: skip
-            asm = compiled.asm | {"shared": compiled.metadata.shared}
-            print(flash_ptxas.ptxas_report(asm, None, "fwd", loops=True), flush=True)
-
-    fa._fwd_kernel_gluon = Compile(fa._fwd_kernel_gluon)
+    fa._fwd_kernel_gluon = Compiling(fa._fwd_kernel_gluon)
     for D, names in FOR_D.items():
         for name in names:
             for causal in (False, True):

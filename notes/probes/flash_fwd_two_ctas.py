@@ -32,7 +32,7 @@ import harness  # noqa: E402
 
 import torch  # noqa: E402
 from flash_dkdv_serial import edit, load_variants  # noqa: E402  (this folder is on sys.path)
-from flash_rounds import check_forwards, gluon_fwd, interleaved  # noqa: E402  (this folder is on sys.path)
+from flash_rounds import check_forwards, d64_forward_rounds, gluon_fwd  # noqa: E402  (this folder is on sys.path)
 
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 WORKERS = (
@@ -59,16 +59,7 @@ def main(mods):
     cases = [(2, 4, 4, 1000, True), (1, 8, 2, 777, False), (2, 4, 4, 1024, False), (1, 4, 1, 300, True),
              (1, 4, 4, 64, True)]  # fmt: skip
     check_forwards(fwds, base, 64, device, cases)
-    shapes = [(4, 32, 4096, False), (4, 32, 4096, True), (2, 32, 8192, False), (2, 32, 8192, True),
-              (1, 32, 16384, False), (1, 32, 16384, True)]  # fmt: skip
-    for B, H, N, causal in shapes:
-        q, k, v, do = (torch.randn(B, H, N, 64, device=device, dtype=torch.bfloat16) for _ in range(4))
-        impls = base._impls(causal)
-        runs = [("cudnn", *impls["cudnn"]), ("06", *impls["ours"])]
-        runs += [(name, lambda q, k, v, c=causal, f=f: f(q, k, v, c, None), None) for name, f in fwds.items()]
-        flops = 4 * B * H * N * N * 64 * (0.5 if causal else 1.0)
-        interleaved(f"D=64 {(B, H, N, causal)} forward", runs, flops, ROUNDS, base._time,
-                    (q, k, v, do, device, False), 0)  # fmt: skip
+    d64_forward_rounds(base, fwds, device, ROUNDS)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Shared pieces of the flash probes. Interleaved timing rounds: each implementation once a round, in
 turn, so that a drifting clock hits them all alike; each round's TFLOP/s, then the median round's with
 every one's ratio to the first (cuDNN in these probes). And for the forward probes: 06's Gluon forward
-called directly (at any head dim it compiles for), and the checks of forward variants against 06's tl
-kernel."""
+called directly (at any head dim it compiles for), the checks of forward variants against 06's tl
+kernel, their timing beside cuDNN and 06 at D=64, and compiling a Gluon kernel for sm_90a without a GPU."""
 
 import statistics
 
@@ -69,3 +69,45 @@ def check_forwards(fwds: dict, ref, D: int, device, cases: list, varlen: bool = 
             err = harness.rel_err(fwd(q, k, v, causal, (cu, cu, max(lens))), want)
             print(f"check D={D} {name} varlen {lens} causal={causal}: vs 06's tl kernel {err:.1e} "
                   f"{'ok' if err < 1e-2 else 'FAILED'}", flush=True)  # fmt: skip
+
+
+def d64_forward_rounds(base, fwds: dict, device, rounds: int) -> None:
+    """Each of fwds (name -> fn(q, k, v, causal, cu) -> o) beside cuDNN and 06's default (base: 06's
+    module) on 06's D=64 benchmark shapes at N >= 4k, bf16, forward only, in interleaved rounds."""
+    shapes = [(4, 32, 4096, False), (4, 32, 4096, True), (2, 32, 8192, False), (2, 32, 8192, True),
+              (1, 32, 16384, False), (1, 32, 16384, True)]  # fmt: skip
+    for B, H, N, causal in shapes:
+        q, k, v, do = (torch.randn(B, H, N, 64, device=device, dtype=torch.bfloat16) for _ in range(4))
+        impls = base._impls(causal)
+        runs = [("cudnn", *impls["cudnn"]), ("06", *impls["ours"])]
+        runs += [(name, lambda q, k, v, c=causal, f=f: f(q, k, v, c, None), None) for name, f in fwds.items()]
+        flops = 4 * B * H * N * N * 64 * (0.5 if causal else 1.0)
+        interleaved(f"D=64 {(B, H, N, causal)} forward", runs, flops, rounds, base._time,
+                    (q, k, v, do, device, False), 0)  # fmt: skip
+
+
+class Compiling:
+    """Stands in for a Gluon kernel's kernel[grid]: compiles the launch's specialisation for sm_90a
+    (flash_ptxas.py's way, with Triton 3.6) and prints its registers, spills, shared memory and each
+    loop's SASS counts, after label when given; runs nothing."""
+
+    def __init__(self, fn, label: str = ""):
+        self.fn, self.label = fn, label
+
+    def __getitem__(self, grid):
+        return self.launch
+
+    def launch(self, *args, **meta):
+        import flash_ptxas  # here: importing it makes Triton compile rather than interpret
+        import triton
+        from triton.experimental.gluon._runtime import GluonASTSource
+        from triton.runtime.jit import create_function_from_signature
+
+        fn, backend = self.fn, flash_ptxas.BACKEND
+        bound, spec, options = create_function_from_signature(fn.signature, fn.params, backend)(*args, **meta)
+        options, sig, constexprs, attrs = fn._pack_args(backend, meta, bound, spec, options)
+        source = GluonASTSource(fn, sig, constexprs, attrs)
+        compiled = triton.compile(source, target=flash_ptxas.TARGET, options=options.__dict__)
+        asm = compiled.asm | {"shared": compiled.metadata.shared}
+        report = flash_ptxas.ptxas_report(asm, None, self.label, loops=True)
+        print(f"{self.label}: {report}" if self.label else report, flush=True)
