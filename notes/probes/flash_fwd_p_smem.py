@@ -10,7 +10,7 @@ shared memory instead. Here, on top of flash_fwd_pingpong.patch (06 with BLOCK_M
 stores P_j-1 into a (64, BLOCK_N) shared tile of its own (fence, then the warpgroup's barrier) and the
 matmul reads it there, so P holds no registers across the S_j matmul; the wait after P V no longer
 names P's registers. Configurations: two or three warpgroups, 128-key blocks, P in registers (06) or in
-shared memory.
+shared memory, two or three K and V ring slots (three: 172 KB of shared memory, no spills).
 Checks first (flash_rounds.check_forwards against 06's tl kernel, dense and packed), then the forward
 beside 06 and cuDNN at D=64, interleaved over ROUNDS rounds.
 Compiled offline (Triton 3.6, sm_90a): no spills in any configuration; three warpgroups at 160
@@ -41,8 +41,13 @@ from flash_dkdv_serial import edit  # noqa: E402  (this folder is on sys.path)
 from flash_rounds import Compiling, check_forwards, d64_forward_rounds, gluon_fwd  # noqa: E402  (this folder is on sys.path)
 
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
-# name -> (BLOCK_M, BLOCK_N, P through shared memory)
-CONFIGS = {"g2": (128, 128, False), "g2 p_smem": (128, 128, True), "g3 p_smem": (192, 128, True)}
+# name -> (BLOCK_M, BLOCK_N, K and V ring slots, P through shared memory)
+CONFIGS = {
+    "g2": (128, 128, 2, False),
+    "g2 p_smem": (128, 128, 2, True),
+    "g3 p_smem": (192, 128, 2, True),
+    "g3 p_smem s3": (192, 128, 3, True),
+}
 P_EDITS = [
     # the producer's and the consumer's
     ("    q_smem, k_smem, v_smem = smem\n", "    q_smem, k_smem, v_smem, p_smem = smem\n"),
@@ -97,9 +102,9 @@ def load(source: str, name: str, p_smem: bool):
 
 
 @contextlib.contextmanager
-def config(fa, bm, bn):
+def config(fa, bm, bn, stages):
     before = dict(fa.GLUON_FWD)
-    fa.GLUON_FWD.update(BLOCK_M=bm, BLOCK_N=bn, STAGES=2, PINGPONG=False)
+    fa.GLUON_FWD.update(BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, PINGPONG=False)
     try:
         yield
     finally:
@@ -108,13 +113,13 @@ def config(fa, bm, bn):
 
 def variants():
     source = (HERE.parents[1] / "06_flash.py").read_text()
-    mods = {name: load(source, name, p) for name, (_, _, p) in CONFIGS.items()}
+    mods = {name: load(source, name, p) for name, (*_, p) in CONFIGS.items()}
 
     def fwd(name):
-        fa, (bm, bn, _) = mods[name], CONFIGS[name]
+        fa, (bm, bn, stages, _) = mods[name], CONFIGS[name]
 
         def run(q, k, v, causal, cu=None):
-            with config(fa, bm, bn):
+            with config(fa, bm, bn, stages):
                 return gluon_fwd(fa, q, k, v, causal, cu)[0]
 
         return run
