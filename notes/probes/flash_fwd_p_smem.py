@@ -21,12 +21,8 @@ P in shared memory lose 0-3%.
 GPU only:  python -u notes/probes/flash_fwd_p_smem.py   (ROUNDS=3 by default)
 Offline:   python notes/probes/flash_fwd_p_smem.py --compile   (Triton 3.6; registers, spills, loops)"""
 
-import contextlib
-import importlib.util
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 if "--compile" in sys.argv:
@@ -38,7 +34,14 @@ import harness  # noqa: E402
 
 import torch  # noqa: E402
 from flash_dkdv_serial import edit  # noqa: E402  (this folder is on sys.path)
-from flash_rounds import Compiling, check_forwards, d64_forward_rounds, gluon_fwd  # noqa: E402  (this folder is on sys.path)
+from flash_rounds import (  # noqa: E402  (this folder is on sys.path)
+    Compiling,
+    check_forwards,
+    d64_forward_rounds,
+    gluon_config,
+    gluon_fwd,
+    load_pingpong,
+)
 
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 # name -> (BLOCK_M, BLOCK_N, K and V ring slots, P through shared memory)
@@ -83,43 +86,21 @@ P_EDITS = [
 ]
 
 
-def load(source: str, name: str, p_smem: bool):
-    """06 with flash_fwd_pingpong.patch applied (and the P edits when p_smem), as a module of its own."""
-    tmp = Path(tempfile.mkdtemp())
-    (tmp / "06.py").write_text(source)
-    with open(HERE / "flash_fwd_pingpong.patch") as diff:
-        subprocess.run(["patch", "-s", "-o", tmp / "pp.py", tmp / "06.py"], stdin=diff, check=True)
-    src = (tmp / "pp.py").read_text()
-    if p_smem:
-        for old, new in P_EDITS:
-            src = src.replace(old, new) if src.count(old) == 2 else edit(src, old, new)
-    path = tmp / f"flash_{name.replace(' ', '_')}.py"
-    path.write_text(src)
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@contextlib.contextmanager
-def config(fa, bm, bn, stages):
-    before = dict(fa.GLUON_FWD)
-    fa.GLUON_FWD.update(BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, PINGPONG=False)
-    try:
-        yield
-    finally:
-        fa.GLUON_FWD.update(before)
+def with_p_smem(src: str) -> str:
+    """The P edits on the patched source (the smem unpacking twice: producer and consumer)."""
+    for old, new in P_EDITS:
+        src = src.replace(old, new) if src.count(old) == 2 else edit(src, old, new)
+    return src
 
 
 def variants():
-    source = (HERE.parents[1] / "06_flash.py").read_text()
-    mods = {name: load(source, name, p) for name, (*_, p) in CONFIGS.items()}
+    mods = {name: load_pingpong(name, with_p_smem if p else None) for name, (*_, p) in CONFIGS.items()}
 
     def fwd(name):
         fa, (bm, bn, stages, _) = mods[name], CONFIGS[name]
 
         def run(q, k, v, causal, cu=None):
-            with config(fa, bm, bn, stages):
+            with gluon_config(fa, bm, bn, stages, False):
                 return gluon_fwd(fa, q, k, v, causal, cu)[0]
 
         return run

@@ -30,12 +30,8 @@ D=64 0.98-1.00x; three warpgroups with 64-key blocks 0.92-1.01x of two with 128-
 GPU only:  python -u notes/probes/flash_fwd_pingpong.py   (ROUNDS=3 by default)
 Offline:   python notes/probes/flash_fwd_pingpong.py --compile   (Triton 3.6; registers, spills, loops)"""
 
-import contextlib
-import importlib.util
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 if "--compile" in sys.argv:
@@ -45,22 +41,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 import torch  # noqa: E402
-from flash_rounds import Compiling, check_forwards, gluon_fwd, interleaved  # noqa: E402  (this folder is on sys.path)
+from flash_rounds import (  # noqa: E402  (this folder is on sys.path)
+    Compiling,
+    check_forwards,
+    gluon_config,
+    gluon_fwd,
+    interleaved,
+    load_pingpong,
+)
 
-
-def load_patched():
-    """06's source with flash_fwd_pingpong.patch applied, imported as a module of its own."""
-    here = Path(__file__).resolve()
-    path = Path(tempfile.mkdtemp()) / "flash_pingpong.py"
-    with open(here.with_suffix(".patch")) as diff:
-        subprocess.run(["patch", "-s", "-o", path, here.parents[2] / "06_flash.py"], stdin=diff, check=True)
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-fa = load_patched()
+fa = load_pingpong()
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 # name -> 06's GLUON_FWD: (BLOCK_M, BLOCK_N, STAGES, PINGPONG)
 CONFIGS = {
@@ -73,21 +63,11 @@ CONFIGS = {
 FOR_D = {128: ["g2 pp"], 64: list(CONFIGS)}
 
 
-@contextlib.contextmanager
-def config(name):
-    before = dict(fa.GLUON_FWD)
-    fa.GLUON_FWD.update(zip(("BLOCK_M", "BLOCK_N", "STAGES", "PINGPONG"), CONFIGS[name], strict=True))
-    try:
-        yield
-    finally:
-        fa.GLUON_FWD.update(before)
-
-
 def configured(name):
     """fn(q, k, v, causal, cu) -> o: the Gluon forward under configuration name (flash_rounds.gluon_fwd)."""
 
     def fwd(q, k, v, causal, cu=None):
-        with config(name):
+        with gluon_config(fa, *CONFIGS[name]):
             return gluon_fwd(fa, q, k, v, causal, cu)[0]
 
     return fwd

@@ -2,13 +2,22 @@
 turn, so that a drifting clock hits them all alike; each round's TFLOP/s, then the median round's with
 every one's ratio to the first (cuDNN in these probes). And for the forward probes: 06's Gluon forward
 called directly (at any head dim it compiles for), the checks of forward variants against 06's tl
-kernel, their timing beside cuDNN and 06 at D=64, and compiling a Gluon kernel for sm_90a without a GPU."""
+kernel, their timing beside cuDNN and 06 at D=64, compiling a Gluon kernel for sm_90a without a GPU, and
+06 with flash_fwd_pingpong.patch (the Gluon forward with BLOCK_M = 192 and PINGPONG) under a launch
+configuration."""
 
+import contextlib
+import importlib.util
 import statistics
+import subprocess
+import tempfile
+from pathlib import Path
 
 import harness
 
 import torch
+
+HERE = Path(__file__).resolve().parent
 
 
 def interleaved(label: str, runs: list, flops: float, rounds: int, time, args: tuple, pick: int) -> dict:
@@ -111,3 +120,31 @@ class Compiling:
         asm = compiled.asm | {"shared": compiled.metadata.shared}
         report = flash_ptxas.ptxas_report(asm, None, self.label, loops=True)
         print(f"{self.label}: {report}" if self.label else report, flush=True)
+
+
+def load_pingpong(name: str = "pingpong", edit=None):
+    """06's source with flash_fwd_pingpong.patch applied, then edit (source -> source) if given, imported
+    as a module of its own named flash_<name>."""
+    tmp = Path(tempfile.mkdtemp())
+    patched = tmp / "patched.py"
+    with open(HERE / "flash_fwd_pingpong.patch") as diff:
+        subprocess.run(
+            ["patch", "-s", "-o", patched, HERE.parents[1] / "06_flash.py"], stdin=diff, check=True
+        )
+    path = tmp / f"flash_{name.replace(' ', '_')}.py"
+    path.write_text(edit(patched.read_text()) if edit else patched.read_text())
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@contextlib.contextmanager
+def gluon_config(fa, block_m, block_n, stages, pingpong):
+    """fa's Gluon forward (a module from load_pingpong) launched with this configuration inside."""
+    before = dict(fa.GLUON_FWD)
+    fa.GLUON_FWD.update(BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, PINGPONG=pingpong)
+    try:
+        yield
+    finally:
+        fa.GLUON_FWD.update(before)
