@@ -38,7 +38,8 @@ EDITS = [
      "        p = p.to(v.dtype)\n"
      "        acc = tl.dot(p, v, acc * alpha[:, None])  # acc = alpha * acc + p v\n"
      "        l_i = tl.dot(p, tl.full([BLOCK_N, 16], 1.0, v.dtype), l_i * alpha[:, None])\n"),
-    ("        l_i = tl.zeros([BLOCK_M], tl.float32)\n", "        l_i = tl.zeros([BLOCK_M, 16], tl.float32)\n"),
+    ("        l_i = tl.zeros([BLOCK_M], tl.float32)\n",
+     "        l_i = tl.zeros([BLOCK_M, 16], tl.float32)\n"),
     ("        o = acc / l_i[:, None]\n", "        l_i = tl.max(l_i, 1)  # its 16 columns are equal\n"
      "        o = acc / l_i[:, None]\n"),
 ]  # fmt: skip
