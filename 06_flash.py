@@ -341,20 +341,23 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, K_DESC, V_DESC,
 # cuDNN itself moves between runs by up to 10% on one shape (GQA full 8k: 602 TFLOP/s at 1e677be, 667 at
 # 8090cd9, 683 at 09a5714, 644 at 6a0226f; its 8k rows read from 559 to 614 over three rounds of
 # notes/probes/flash_fwd_gqa_size.py, ours from 611 to 624, where GQA 32/8 ran level with MHA 32/32 of
-# the same size: the GQA row's earlier 0.91x was cuDNN's good run, not a GQA cost). At D=64 it was
-# no faster than the tl kernel (the softmax outweighs the matmuls there), nor with ping-pong turns or
-# three consumer warpgroups (0.82-1.04x cuDNN against the tl kernel's 0.93-1.02x in the same rounds,
-# flash_fwd_pingpong.py), nor rescaling O only when a row's max moves (0.91-0.97x of it at D=64 and
-# 128, flash_fwd_lazy_rescale.py: the warpgroup-wide test costs more than the multiplies it saves), nor
-# as one persistent program an SM (0.96-0.98x cuDNN without a mask, slower causal) or two programs an SM
-# (0.84-0.86x; flash_fwd_persistent.py, flash_fwd_two_ctas.py), so D=64 and every other case stays on
-# the tl kernel: head dims other than 128, strided inputs, GPUs other than sm_90, and the CPU
-# interpreter (Gluon has none; tests/test_flash.py checks the dispatch).
-# Two details ptxas needed (found by compiling for sm_90a offline, notes/06_flash.md, session 10):
+# the same size: the GQA row's earlier 0.91x was cuDNN's good run, not a GQA cost).
+# At D=64 the softmax outweighs the matmuls, and two consumer warpgroups were no faster than the tl
+# kernel (0.93-0.99x cuDNN), nor with ping-pong turns, rescaling O only when a row's max moves, one
+# persistent program an SM, or two programs an SM (0.84-0.98x; notes/06_flash.md, session 15). What
+# gains there is FlashAttention-3's D=64 tile: three consumer warpgroups of 64 rows (192 a program) with
+# 128-key blocks, 1.04-1.09x two warpgroups, 0.95-1.07x cuDNN at N = 4k-16k (GLUON_FWD, below). Every
+# other case stays on the tl kernel: head dims other than 64 and 128, strided inputs, GPUs other than
+# sm_90, and the CPU interpreter (Gluon has none; tests/test_flash.py checks the dispatch).
+# Two details ptxas needed (found by compiling for sm_90a offline, notes/06_flash.md, sessions 10, 16):
 #   - it hoists a wgmma wait to the top of the basic block that holds it, so the wait for P V has to
 #     start a block of its own: the whole softmax step sits in both arms of its mask branch;
-#   - P is converted to bf16 at the top of the next block, where no matmul reads P's registers; converted
-#     after the softmax, its conversions were interleaved with the exponentials and forced the wait early.
+#   - P is packed to bf16 at the end of its step, after the previous P V's wait (converted right after
+#     the softmax, its conversions were interleaved with the exponentials and forced that wait early),
+#     and before the loop's back edge, which ptxas does not move code across. Converted at the top of
+#     the next step instead, as it first was, the pairs were packed only where P V reads them, after S_j
+#     is issued into the registers the scores had held, so P's 64 fp32 values lived elsewhere meanwhile:
+#     harmless at 240 registers, but at three warpgroups' 160 they spilled ~3 KB a thread; now none.
 # Tails: TMA reads whole tiles. Rows past the last query are computed and not stored, and keys past the
 # last key get a score of -inf (a select, so even an inf or NaN key is dropped), so P = 0 for them. But
 # P V still reads those V rows, and 0 * inf is NaN: a non-finite value there would reach this head's
@@ -472,7 +475,7 @@ def _g_producer(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, C
 @gluon.jit
 def _g_consumer(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
                 WG: gl.constexpr):  # fmt: skip
-    """One warpgroup's 64 query rows (WG 0 or 1 of the program's 128)."""
+    """One warpgroup's 64 query rows (WG 0, 1 or 2 of the program's 128 or 192)."""
     q_smem, k_smem, v_smem = smem
     q_bars, k_ready, v_ready, k_empty, v_empty = bars
     q_row, q_at, kv_row, kv_at, start_m, seq_q, seq_k, n_blocks = geom
@@ -505,10 +508,10 @@ def _g_consumer(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, C
     s = warpgroup_mma(q_tile, k_smem.index(0).permute((1, 0)), s, use_acc=False)
     mbarrier.arrive(k_empty.index(0), count=1)
     p, m_i, alpha, l_i = _g_softmax(s, m_i, l_i, 0, unmasked, offs_m, seq_k, diag, qk_scale, BLOCK_N, CAUSAL)
+    p_op = gl.convert_layout(p.to(dtype), p_layout)
     for j in range(1, n_blocks):
         slot = j % STAGES
         prev = (j - 1) % STAGES
-        p_op = gl.convert_layout(p.to(dtype), p_layout)  # block j-1's P: no matmul reads P's registers now
         mbarrier.wait(k_ready.index(slot), j // STAGES & 1)
         s_tok = warpgroup_mma(q_tile, k_smem.index(slot).permute((1, 0)), s, use_acc=False, is_async=True)
         acc = acc * gl.convert_layout(alpha, rows_o)[:, None]  # block j-1's rescale, while S_j runs
@@ -520,6 +523,7 @@ def _g_consumer(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, C
                                         BLOCK_N, CAUSAL)  # fmt: skip
         acc, p_op = warpgroup_mma_wait(0, deps=[o_tok, p_op])
         mbarrier.arrive(v_empty.index(prev), count=1)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)  # block j's P, packed before S_j+1 is issued
     last = (n_blocks - 1) % STAGES
     acc = acc * gl.convert_layout(alpha, rows_o)[:, None]
     mbarrier.wait(v_ready.index(last), (n_blocks - 1) // STAGES & 1)
@@ -527,7 +531,7 @@ def _g_consumer(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, C
     PACKED: gl.constexpr = len(descs[2].block_type.shape) == 2
     if PACKED and n_blocks * BLOCK_N > seq_k:  # V rows past the last key: zeros, not the next sequence's
         _g_zero_rows(v_last, seq_k - (n_blocks - 1) * BLOCK_N)
-    acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_last, acc)
+    acc = warpgroup_mma(p_op, v_last, acc)
     mbarrier.arrive(v_empty.index(last), count=1)
 
     o = acc / gl.convert_layout(l_i, rows_o)[:, None]
@@ -544,11 +548,18 @@ def _g_consumer1(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, 
 
 
 @gluon.jit
+def _g_consumer2(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    _g_consumer(descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL, 2)
+
+
+@gluon.jit
 def _fwd_kernel_gluon(q_desc, k_desc, v_desc, O, LSE, CU_Q, CU_K, n_q, n_k, H, GROUP, stride_lb, stride_lh,
                       qk_scale, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                       STAGES: gl.constexpr, CAUSAL: gl.constexpr, IS_VARLEN: gl.constexpr):  # fmt: skip
-    """Launched with 4 warps (warpgroup 0) plus the workers' 4 (warpgroup 1) and 1 (producer). The
-    descriptors are _fwd_gluon's: (B*H, N, D) dense, (T, H*D) packed."""
+    """Launched with 4 warps (warpgroup 0) plus the workers': 4 for each further consumer warpgroup (one
+    per 64 query rows of BLOCK_M, 128 or 192) and 1 (producer). The descriptors are _fwd_gluon's: (B*H, N,
+    D) dense, (T, H*D) packed."""
+    WGS: gl.constexpr = BLOCK_M // 64
     pid_m = gl.program_id(0)
     if CAUSAL:  # heaviest query blocks first, as in the tl kernel
         pid_m = gl.num_programs(0) - 1 - pid_m
@@ -579,21 +590,21 @@ def _fwd_kernel_gluon(q_desc, k_desc, v_desc, O, LSE, CU_Q, CU_K, n_q, n_k, H, G
         lse_off = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + q_start
         dtype: gl.constexpr = q_desc.dtype
         tile: gl.constexpr = _g_tile_layout(q_desc.layout)
-        q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M // 2, HEAD_DIM], tile)
+        q_smem = gl.allocate_shared_memory(dtype, [WGS, 64, HEAD_DIM], tile)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], tile)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], tile)
-        q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        q_bars = gl.allocate_shared_memory(gl.int64, [WGS, 1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(2):
+        for i in gl.static_range(WGS):
             mbarrier.init(q_bars.index(i), count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(k_empty.index(i), count=2)  # one arrival from each consumer warpgroup
-            mbarrier.init(v_empty.index(i), count=2)
+            mbarrier.init(k_empty.index(i), count=WGS)  # one arrival from each consumer warpgroup
+            mbarrier.init(v_empty.index(i), count=WGS)
         fence_async_shared()
         descs = (q_desc, k_desc, v_desc)
         smem = (q_smem, k_smem, v_smem)
@@ -601,11 +612,19 @@ def _fwd_kernel_gluon(q_desc, k_desc, v_desc, O, LSE, CU_Q, CU_K, n_q, n_k, H, G
         geom = (q_row, q_at, kv_row, kv_at, start_m, seq_q, seq_k, n_blocks)
         out = (O, LSE, lse_off, o_row, o_col, o_stride)
         # the constexprs are written into each call: held in a tuple variable they became tensors
-        gl.warp_specialize([
-            (_g_consumer, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL, 0)),
-            (_g_consumer1, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL)),
-            (_g_producer, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL)),
-        ], [4, 1], [240, 24])  # fmt: skip
+        if WGS == 3:  # 13 warps, padded to 16 at 128 registers: 160 for each consumer thread
+            gl.warp_specialize([
+                (_g_consumer, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL, 0)),
+                (_g_consumer1, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL)),
+                (_g_consumer2, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL)),
+                (_g_producer, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL)),
+            ], [4, 4, 1], [160, 160, 24])  # fmt: skip
+        else:  # 9 warps, padded to 12 at 168 registers: 240 for each consumer thread
+            gl.warp_specialize([
+                (_g_consumer, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL, 0)),
+                (_g_consumer1, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL)),
+                (_g_producer, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL)),
+            ], [4, 1], [240, 24])  # fmt: skip
 
 
 # %% Triton kernels: backward
@@ -1552,16 +1571,16 @@ def two_kernel_backward(on: bool = True):
         _FIXED["two_kernel"] = before
 
 
-def gluon_ok(ts, varlen: bool) -> bool:
+def gluon_ok(ts, varlen: bool, head_dims: tuple = (128,)) -> bool:
     """Whether the Gluon kernels may take these tensors (q, k, v, and dO for the backward; the Gluon
-    sections say why these cases): an sm_90 GPU (Hopper's wgmma and TMA), not the interpreter, D = 128,
-    fp16 or bf16, every tensor contiguous (its rows go through TMA descriptors, which also need 16-byte
-    aligned bases) with fewer than 2^31 rows, and no context forcing the tl kernels (tl_kernels,
-    pointer_loads)."""
+    sections say why these cases): an sm_90 GPU (Hopper's wgmma and TMA), not the interpreter, D one of
+    head_dims (the backward's 128; the forward's also 64), fp16 or bf16, every tensor contiguous (its rows
+    go through TMA descriptors, which also need 16-byte aligned bases) with fewer than 2^31 rows, and no
+    context forcing the tl kernels (tl_kernels, pointer_loads)."""
     q = ts[0]
     if harness.INTERPRET or _FIXED["tl"] or _FIXED["pointers"] or q.device.type != "cuda":
         return False
-    if torch.cuda.get_device_capability(q.device) != (9, 0) or q.shape[-1] != 128:
+    if torch.cuda.get_device_capability(q.device) != (9, 0) or q.shape[-1] not in head_dims:
         return False
     if any(not t.is_contiguous() or t.data_ptr() % 16 for t in ts):
         return False
@@ -1632,7 +1651,7 @@ def _fwd(q, k, v, cu, B, n_q, n_k, causal, sm_scale, poison):
     lse = _empty((H, q.shape[0]) if varlen else (B, H, n_q), q, torch.float32, poison)
     lse_bh = (0, lse.stride(0)) if varlen else lse.stride()[:2]
     cu_q, cu_k = cu if varlen else (q, q)  # the cu_seqlens slots are unused in dense mode
-    if gluon_ok((q, k, v), varlen):
+    if gluon_ok((q, k, v), varlen, tuple(GLUON_FWD)):
         _fwd_gluon(q, k, v, o, lse, cu_q, cu_k, lse_bh, B, n_q, n_k, causal, sm_scale, varlen)
         return o, lse
     grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), B * H)  # noqa: E731
@@ -1644,10 +1663,18 @@ def _fwd(q, k, v, cu, B, n_q, n_k, causal, sm_scale, poison):
     return o, lse
 
 
-# The Gluon forward's one launch shape: 128 query rows a program (two consumer warpgroups of 64), 128-key
-# blocks, K and V rings of two slots (three measured 0.93-1.17x cuDNN against two's 0.95-1.13x; 128-key
-# blocks beat 64-key ones by 11-21% (warp-specialised): notes/06_flash.md, session 10).
-GLUON_FWD = {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 2}
+# The Gluon forward's launch shape per head dim: 128-key blocks (they beat 64-key ones by 11-21%,
+# warp-specialised) and K and V rings of two slots (three measured 0.93-1.17x cuDNN against two's
+# 0.95-1.13x at D=128, notes/06_flash.md, session 10; 0.93-1.09x against 0.95-1.07x at D=64, session 16).
+# D=128: 128 query rows a program, two consumer warpgroups of 64 with 240 registers a thread each.
+# D=64: 192 rows, three consumer warpgroups (FlashAttention-3's D=64 tile) with 160 registers each, which
+# hold S (64), P (32) and O (32) without spills only because P is packed to bf16 before the next S is
+# issued (the block comment above the consumer); 1.04-1.09x two warpgroups' TFLOP/s at N = 4k-16k, causal
+# and not (notes/probes/flash_fwd_late_convert.py).
+GLUON_FWD = {
+    128: {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 2},
+    64: {"BLOCK_M": 192, "BLOCK_N": 128, "STAGES": 2},
+}
 
 
 def _gluon_desc(t, tile):
@@ -1659,18 +1686,20 @@ def _gluon_desc(t, tile):
 
 def _fwd_gluon(q, k, v, o, lse, cu_q, cu_k, lse_bh, B, n_q, n_k, causal, sm_scale, varlen):
     """The Gluon kernel on descriptors over q, k, v: dense as (B*H, N, D) in tiles of one head's rows
-    (1, rows, D), packed as (T, H*D) in (rows, D) tiles. Launched with 4 warps plus its workers' 5
-    (padded to 12) and a 168-register cap, which the warp specialisation redistributes as 240 for each
-    consumer warpgroup and 24 for the producer's."""
+    (1, rows, D), packed as (T, H*D) in (rows, D) tiles; Q in tiles of 64 rows, one per consumer
+    warpgroup. Launched with 4 warps plus its workers' (padded to a whole warpgroup) under a register cap,
+    which the warp specialisation redistributes: 168 for 12 warps (two consumer warpgroups at 240, the
+    producer at 24), 128 for 16 (three at 160, the producer at 24)."""
     H, D = q.shape[1], q.shape[-1]
-    bm, bn = GLUON_FWD["BLOCK_M"], GLUON_FWD["BLOCK_N"]
+    cfg = GLUON_FWD[D]
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     views = [t.view(t.shape[0], -1) if varlen else t.view(-1, t.shape[2], D) for t in (q, k, v)]
-    tiles = [[rows, D] if varlen else [1, rows, D] for rows in (bm // 2, bn, bn)]
+    tiles = [[rows, D] if varlen else [1, rows, D] for rows in (64, bn, bn)]
     descs = [_gluon_desc(t, tile) for t, tile in zip(views, tiles, strict=True)]
     grid = (triton.cdiv(n_q, bm), B * H)
     _fwd_kernel_gluon[grid](*descs, o, lse, cu_q, cu_k, n_q, n_k, H, H // k.shape[1], *lse_bh,
-                            sm_scale * LOG2E, D, bm, bn, GLUON_FWD["STAGES"], causal, varlen, num_warps=4,
-                            maxnreg=168)  # fmt: skip
+                            sm_scale * LOG2E, D, bm, bn, cfg["STAGES"], causal, varlen, num_warps=4,
+                            maxnreg=168 if bm == 128 else 128)  # fmt: skip
 
 
 def _bwd(do, q, k, v, o, lse, cu, B, n_q, n_k, causal, sm_scale, poison, deterministic=True):
