@@ -346,8 +346,9 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, K_DESC, V_DESC,
 # kernel (0.93-0.99x cuDNN), nor with ping-pong turns, rescaling O only when a row's max moves, one
 # persistent program an SM, or two programs an SM (0.84-0.98x; notes/06_flash.md, session 15). What
 # gains there is FlashAttention-3's D=64 tile: three consumer warpgroups of 64 rows (192 a program) with
-# 128-key blocks, 1.04-1.09x two warpgroups, 0.95-1.07x cuDNN at N = 4k-16k (GLUON_FWD, below). Every
-# other case stays on the tl kernel: head dims other than 64 and 128, strided inputs, GPUs other than
+# 128-key blocks, 1.04-1.09x two warpgroups, 0.95-1.07x cuDNN at N = 4k-16k (GLUON_FWD, below), taken
+# where it beats the tl kernel (GLUON_D64_MIN_KEYS). Every other case stays on the tl kernel: shorter
+# D=64 rows, head dims other than 64 and 128, strided inputs, GPUs other than
 # sm_90, and the CPU interpreter (Gluon has none; tests/test_flash.py checks the dispatch).
 # Two details ptxas needed (found by compiling for sm_90a offline, notes/06_flash.md, sessions 10, 16):
 #   - it hoists a wgmma wait to the top of the basic block that holds it, so the wait for P V has to
@@ -1651,7 +1652,7 @@ def _fwd(q, k, v, cu, B, n_q, n_k, causal, sm_scale, poison):
     lse = _empty((H, q.shape[0]) if varlen else (B, H, n_q), q, torch.float32, poison)
     lse_bh = (0, lse.stride(0)) if varlen else lse.stride()[:2]
     cu_q, cu_k = cu if varlen else (q, q)  # the cu_seqlens slots are unused in dense mode
-    if gluon_ok((q, k, v), varlen, tuple(GLUON_FWD)):
+    if gluon_ok((q, k, v), varlen, _gluon_fwd_dims(n_k, causal)):
         _fwd_gluon(q, k, v, o, lse, cu_q, cu_k, lse_bh, B, n_q, n_k, causal, sm_scale, varlen)
         return o, lse
     grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), B * H)  # noqa: E731
@@ -1675,6 +1676,16 @@ GLUON_FWD = {
     128: {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 2},
     64: {"BLOCK_M": 192, "BLOCK_N": 128, "STAGES": 2},
 }
+# At D=64 the Gluon kernel (one 192-row program an SM, 160 registers a thread) overtakes the tl kernel
+# (two programs an SM) only over long rows of keys: by the benchmark at 09e0c48, where D=64 took it at
+# every N, it ran 1.03-1.12x the tl kernel without a mask from 2k keys and 1.09-1.11x causal from 8k,
+# but 0.83-0.90x without a mask at 512-1k keys and 0.57-0.98x causal at 512-4k.
+GLUON_D64_MIN_KEYS = {False: 2048, True: 8192}
+
+
+def _gluon_fwd_dims(n_k, causal):
+    """The head dims the Gluon forward takes for rows of n_k keys (the longest sequence's, in varlen)."""
+    return (128, 64) if n_k >= GLUON_D64_MIN_KEYS[causal] else (128,)
 
 
 def _gluon_desc(t, tile):

@@ -419,10 +419,11 @@ def test_backward_hands_the_gluon_kernels_their_outputs(monkeypatch, case):
 
 @pytest.mark.parametrize("D", [64, 128])
 def test_gluon_forward_launch_shape_per_head_dim(monkeypatch, D):
-    """The forward offers the Gluon kernel head dims 64 and 128, the backward 128 only. D=128 launches
-    128 query rows a program (two consumer warpgroups) under a 168-register cap, D=64 192 rows (three)
-    under 128; Q goes in tiles of 64 rows either way, K and V in 128-row blocks."""
-    asked, launched = [], []
+    """The forward offers the Gluon kernel head dim 128 always and 64 over rows of at least 2k keys (8k
+    causal), the backward 128 only. D=128 launches 128 query rows a program (two consumer warpgroups)
+    under a 168-register cap, D=64 192 rows (three) under 128; Q goes in tiles of 64 rows either way, K
+    and V in 128-row blocks."""
+    asked, launched, fwd_gluon = [], [], mod._fwd_gluon
 
     class Grab:  # stands in for the Gluon forward kernel: records its launch, runs nothing
         def __getitem__(self, grid):
@@ -436,16 +437,21 @@ def test_gluon_forward_launch_shape_per_head_dim(monkeypatch, D):
     q, k, v = (torch.randn(1, 2, 40, D, dtype=F16, device=DEVICE, requires_grad=True) for _ in range(3))
     with mod.fixed_configs(0):
         mod.flash_attention(q, k, v, True).sum().backward()
-    assert asked[0] == (128, 64) and all(dims == (128,) for dims in asked[1:]) and len(asked) > 1
+    assert asked[0] == (128,) and all(dims == (128,) for dims in asked[1:]) and len(asked) > 1
+    asked.clear()
+    monkeypatch.setattr(mod, "gluon_ok", lambda ts, varlen, head_dims: asked.append(head_dims) or True)
+    monkeypatch.setattr(mod, "_fwd_gluon", lambda *a: None)  # only the dispatch: nothing runs
+    for n, causal in [(2047, False), (2048, False), (8191, True), (8192, True)]:
+        mod._fwd(q, k, v, None, 1, n, n, causal, 0.1, False)
+    assert asked == [(128,), (128, 64), (128,), (128, 64)]
     monkeypatch.setattr(mod, "_fwd_kernel_gluon", Grab())
     q, k, v = (torch.randn(2, 4, 500, D, dtype=F16) for _ in range(3))
-    mod._fwd_gluon(q, k, v, torch.empty_like(q), torch.empty(2, 4, 500), None, None, (2000, 500), 2, 500, 500,
-                   True, 0.1, False)  # fmt: skip
+    fwd_gluon(q, k, v, torch.empty_like(q), torch.empty(2, 4, 500), None, None, (2000, 500), 2, 500, 500,
+              True, 0.1, False)  # fmt: skip
     ((grid, args, kw),) = launched
     rows = 192 if D == 64 else 128
     assert grid == (-(-500 // rows), 8) and args[14:17] == (D, rows, 128)  # HEAD_DIM, BLOCK_M, BLOCK_N
     assert kw["maxnreg"] == (128 if D == 64 else 168)
-    assert [d.block_shape for d in args[:3]] == [[1, 64, D], [1, 128, D], [1, 128, D]]
 
 
 @pytest.mark.parametrize("varlen", [False, True])
