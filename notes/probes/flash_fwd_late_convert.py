@@ -22,6 +22,12 @@ too; ping-pong +-2% (session 15).
 Checks first (flash_rounds.check_forwards against 06's tl kernel, dense and packed; D=128 for the
 two-warpgroup variant), then the forward beside 06 and cuDNN at D=64 over ROUNDS interleaved rounds,
 then D=128 MHA at 4k and 16k beside 06's Gluon forward.
+Measured (session 16, call 4; notes/logs/flash_fwd_late_convert_da2323e_h200.log; 42 checks ok), x cuDNN
+at D=64, 4k full / 4k causal / 8k / 8k causal / 16k / 16k causal: g2 0.93 0.92 0.99 0.98 0.98 1.02; g2 late
+0.93 0.91 0.98 0.97 0.97 1.00; g3 late 0.99 0.95 1.07 1.06 1.04 1.07; g3 late s3 0.99 0.93 1.09 1.06 1.03
+1.08; g3 late pp 0.98 0.91 1.05 1.06 1.07 1.06 (06's tl kernel 0.93 0.95 0.97 0.98 0.97 1.00). D=128, g2
+late against 06's Gluon forward: 587 / 578, 509 / 515, 595 / 597 TFLOP/s. The prediction held: three
+warpgroups 1.04-1.09x two. Taken into 06 as its D=64 forward (g3 late), the late conversion for D=128 too.
 GPU only:  python -u notes/probes/flash_fwd_late_convert.py   (ROUNDS=3 by default)
 Offline:   python notes/probes/flash_fwd_late_convert.py --compile   (Triton 3.6; registers, spills, loops)"""
 

@@ -1,4 +1,4 @@
-"""H200 probe (issue 19, session 15; prepared, not yet run): the Gluon forward at D=64 with three consumer
+"""H200 probe (issue 19, session 15; run in session 16): the Gluon forward at D=64 with three consumer
 warpgroups and 128-key blocks, its P handed to the P V matmul through shared memory.
 
 Three consumer warpgroups (FlashAttention-3's D=64 shape, 192 query rows a program) have 160 registers a
@@ -18,6 +18,9 @@ registers a consumer thread with 128-key blocks, 139.6 KB of shared memory (P's 
 Prediction: three warpgroups with 128-key blocks gain 0-8% over two, the shared-memory round trip of
 P (16 KB a block a warpgroup) costing less than the third warpgroup's overlap buys; two warpgroups with
 P in shared memory lose 0-3%.
+Measured (session 16, call 1; notes/logs/flash_fwd_p_smem_7ae5b75_h200.log): P in shared memory costs
+10-13% with two warpgroups (0.82-0.88x cuDNN), and the third warpgroup buys back 7-11% (0.80-0.95x;
+0.81-0.98x with three ring slots). Missed; not kept. flash_fwd_late_convert.py removes the spill instead.
 GPU only:  python -u notes/probes/flash_fwd_p_smem.py   (ROUNDS=3 by default)
 Offline:   python notes/probes/flash_fwd_p_smem.py --compile   (Triton 3.6; registers, spills, loops)"""
 

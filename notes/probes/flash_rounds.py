@@ -122,15 +122,25 @@ class Compiling:
         print(f"{self.label}: {report}" if self.label else report, flush=True)
 
 
+PATCH_BASE = "da2323e"  # the last commit whose 06_flash.py flash_fwd_pingpong.patch applies to
+
+
 def load_pingpong(name: str = "pingpong", edit=None):
-    """06's source with flash_fwd_pingpong.patch applied, then edit (source -> source) if given, imported
-    as a module of its own named flash_<name>."""
+    """06's source at PATCH_BASE (read from git) with flash_fwd_pingpong.patch applied, then edit (source
+    -> source) if given, imported as a module of its own named flash_<name>."""
     tmp = Path(tempfile.mkdtemp())
-    patched = tmp / "patched.py"
-    with open(HERE / "flash_fwd_pingpong.patch") as diff:
-        subprocess.run(
-            ["patch", "-s", "-o", patched, HERE.parents[1] / "06_flash.py"], stdin=diff, check=True
+    patched, base = tmp / "patched.py", tmp / "06_flash.py"
+    root = HERE.parents[1]
+    show = subprocess.run(
+        ["git", "-C", root, "show", f"{PATCH_BASE}:06_flash.py"], capture_output=True, text=True
+    )
+    if show.returncode:
+        raise SystemExit(
+            f"the probes patch 06_flash.py as of {PATCH_BASE}, which git could not show: {show.stderr}"
         )
+    base.write_text(show.stdout)
+    with open(HERE / "flash_fwd_pingpong.patch") as diff:
+        subprocess.run(["patch", "-s", "-o", patched, base], stdin=diff, check=True)
     path = tmp / f"flash_{name.replace(' ', '_')}.py"
     path.write_text(edit(patched.read_text()) if edit else patched.read_text())
     spec = importlib.util.spec_from_file_location(path.stem, path)
