@@ -20,9 +20,10 @@ You will learn:
   - where Hopper's copy engine (TMA) pays: the forward's whole K and V blocks through tensor
     descriptors, both issued at the top of the key loop (measured beside the same kernel with pointer
     loads; what did not pay is listed under "Pointers and descriptors");
-  - FlashAttention-3's schedule in Gluon, for the forward and both backward kernels at D=128 on Hopper:
-    asynchronous wgmma with the waits placed by hand, so the softmax runs while a matmul does, and warp
-    specialisation (a producer warp for TMA, two consumer warpgroups that never wait for each other);
+  - FlashAttention-3's schedule in Gluon, for the forward and both backward kernels at D=128 on Hopper,
+    and for the forward at D=64 over long rows: asynchronous wgmma with the waits placed by hand, so the
+    softmax runs while a matmul does, and warp specialisation (a producer warp for TMA, two consumer
+    warpgroups, three at D=64, that never wait for each other);
   - a fused backward that stays bitwise repeatable: every key block's program adds its dQ tiles into one
     fp32 buffer in a fixed order, by a counter per tile, launched so that every wait is on a program
     launched before (FlashAttention-3's deterministic backward), with a shifted walk and a second
@@ -40,8 +41,9 @@ Does not handle:
   - dropout, attention bias/ALiBi, sliding windows, softcapping, a KV cache with paged blocks;
   - causal attention with Nq != Nk in the dense API (use the varlen API, which aligns the diagonal
     bottom-right);
-  - FlashAttention-3's schedule outside D=128 on sm_90 (other head dims and GPUs take the tl kernels,
-    and so does the varlen backward), and its explicit ping-pong barriers between warpgroups; TMA
+  - FlashAttention-3's schedule outside D=128 on sm_90 and the D=64 forward over long rows (other head
+    dims and GPUs take the tl kernels, and so do the D=64 backward and the varlen backward), and its
+    explicit ping-pong barriers between warpgroups; TMA
     descriptors in the tl kernels carry only the forward's whole K and V blocks (see "Pointers and
     descriptors" below and the gap analysis in notes/06_flash.md).
 
