@@ -43,9 +43,9 @@ Does not handle:
     bottom-right);
   - FlashAttention-3's schedule outside D=128 on sm_90 and the D=64 forward over long rows (other head
     dims and GPUs take the tl kernels, and so do the D=64 backward and the varlen backward), and its
-    explicit ping-pong barriers between warpgroups; TMA
-    descriptors in the tl kernels carry only the forward's whole K and V blocks (see "Pointers and
-    descriptors" below and the gap analysis in notes/06_flash.md).
+    explicit ping-pong barriers between warpgroups; TMA descriptors in the tl kernels carry only the
+    forward's whole K and V blocks (see "Pointers and descriptors" below and the gap analysis in
+    notes/06_flash.md).
 
 References: Dao et al., "FlashAttention" (2022); Dao, "FlashAttention-2" (2023); Shah et al.,
 "FlashAttention-3" (2024). Reference implementation: the Triton tutorial 06-fused-attention.py.
@@ -350,8 +350,8 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, K_DESC, V_DESC,
 # gains there is FlashAttention-3's D=64 tile: three consumer warpgroups of 64 rows (192 a program) with
 # 128-key blocks, 1.04-1.09x two warpgroups, 0.95-1.07x cuDNN at N = 4k-16k (GLUON_FWD, below), taken
 # where it beats the tl kernel (GLUON_D64_MIN_KEYS). Every other case stays on the tl kernel: shorter
-# D=64 rows, head dims other than 64 and 128, strided inputs, GPUs other than
-# sm_90, and the CPU interpreter (Gluon has none; tests/test_flash.py checks the dispatch).
+# D=64 rows, head dims other than 64 and 128, strided inputs, GPUs other than sm_90, and the CPU
+# interpreter (Gluon has none; tests/test_flash.py checks the dispatch).
 # Two details ptxas needed (found by compiling for sm_90a offline, notes/06_flash.md, sessions 10, 16):
 #   - it hoists a wgmma wait to the top of the basic block that holds it, so the wait for P V has to
 #     start a block of its own: the whole softmax step sits in both arms of its mask branch;
