@@ -339,7 +339,9 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, K_DESC, V_DESC,
 # GQA 32/8 and MQA, 1.04-1.24x the tl kernel (results/06_flash.json, e9b7646); 0.95-1.09x, 0.90-1.04x
 # and 1.03-1.21x at 6a0226f, 0.95-1.18x, 0.84-1.09x and 1.04-1.24x at 09a5714 (the same loop each time);
 # as medians of three interleaved rounds (BenchConfig.rounds), 0.97-1.18x, 0.87-1.01x (0.96-1.01x at
-# N >= 4k) and 1.04-1.25x at 2ac9f0b.
+# N >= 4k) and 1.04-1.25x at 2ac9f0b; with P packed at the end of each step, 0.95-1.04x, 0.84-1.06x
+# (0.91-1.06x at N >= 4k) and 1.02-1.28x at 09e0c48, on a slower machine (matmul ceiling 708 TFLOP/s
+# against 788; the unchanged tl kernel 0-2% slower, cuDNN 1-3%).
 # cuDNN itself moves between runs by up to 10% on one shape (GQA full 8k: 602 TFLOP/s at 1e677be, 667 at
 # 8090cd9, 683 at 09a5714, 644 at 6a0226f; its 8k rows read from 559 to 614 over three rounds of
 # notes/probes/flash_fwd_gqa_size.py, ours from 611 to 624, where GQA 32/8 ran level with MHA 32/32 of
