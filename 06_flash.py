@@ -1677,8 +1677,8 @@ def _fwd(q, k, v, cu, B, n_q, n_k, causal, sm_scale, poison):
 # issued (the block comment above the consumer); 1.04-1.09x two warpgroups' TFLOP/s at N = 4k-16k, causal
 # and not (notes/probes/flash_fwd_late_convert.py).
 GLUON_FWD = {
-    128: {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 2},
-    64: {"BLOCK_M": 192, "BLOCK_N": 128, "STAGES": 2},
+    128: {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 2, "MAXNREG": 168},
+    64: {"BLOCK_M": 192, "BLOCK_N": 128, "STAGES": 2, "MAXNREG": 128},
 }
 # At D=64 the Gluon kernel (one 192-row program an SM, 160 registers a thread) overtakes the tl kernel
 # (two programs an SM) only over long rows of keys: by the benchmark at 09e0c48, where D=64 took it at
@@ -1702,9 +1702,9 @@ def _gluon_desc(t, tile):
 def _fwd_gluon(q, k, v, o, lse, cu_q, cu_k, lse_bh, B, n_q, n_k, causal, sm_scale, varlen):
     """The Gluon kernel on descriptors over q, k, v: dense as (B*H, N, D) in tiles of one head's rows
     (1, rows, D), packed as (T, H*D) in (rows, D) tiles; Q in tiles of 64 rows, one per consumer
-    warpgroup. Launched with 4 warps plus its workers' (padded to a whole warpgroup) under a register cap,
-    which the warp specialisation redistributes: 168 for 12 warps (two consumer warpgroups at 240, the
-    producer at 24), 128 for 16 (three at 160, the producer at 24)."""
+    warpgroup. Launched with 4 warps plus its workers' (padded to a whole warpgroup) under GLUON_FWD's
+    register cap, which the warp specialisation redistributes: 168 for 12 warps (two consumer warpgroups
+    at 240, the producer at 24), 128 for 16 (three at 160, the producer at 24)."""
     H, D = q.shape[1], q.shape[-1]
     cfg = GLUON_FWD[D]
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
@@ -1714,7 +1714,7 @@ def _fwd_gluon(q, k, v, o, lse, cu_q, cu_k, lse_bh, B, n_q, n_k, causal, sm_scal
     grid = (triton.cdiv(n_q, bm), B * H)
     _fwd_kernel_gluon[grid](*descs, o, lse, cu_q, cu_k, n_q, n_k, H, H // k.shape[1], *lse_bh,
                             sm_scale * LOG2E, D, bm, bn, cfg["STAGES"], causal, varlen, num_warps=4,
-                            maxnreg=168 if bm == 128 else 128)  # fmt: skip
+                            maxnreg=cfg["MAXNREG"])  # fmt: skip
 
 
 def _bwd(do, q, k, v, o, lse, cu, B, n_q, n_k, causal, sm_scale, poison, deterministic=True):

@@ -47,9 +47,8 @@ from flash_dkdv_serial import edit  # noqa: E402  (this folder is on sys.path)
 from flash_rounds import (  # noqa: E402  (this folder is on sys.path)
     Compiling,
     check_forwards,
+    configured_fwd,
     d64_forward_rounds,
-    gluon_config,
-    gluon_fwd,
     interleaved,
     load_pingpong,
 )
@@ -91,14 +90,8 @@ MODS = {name: load_pingpong(name, late if cfg[4] else None) for name, cfg in CON
 
 
 def configured(name):
-    """fn(q, k, v, causal, cu) -> o: the Gluon forward of configuration name (flash_rounds.gluon_fwd)."""
-    fa, (bm, bn, stages, pingpong, _) = MODS[name], CONFIGS[name]
-
-    def fwd(q, k, v, causal, cu=None):
-        with gluon_config(fa, bm, bn, stages, pingpong):
-            return gluon_fwd(fa, q, k, v, causal, cu)[0]
-
-    return fwd
+    """fn(q, k, v, causal, cu) -> o: the Gluon forward of configuration name."""
+    return configured_fwd(MODS[name], *CONFIGS[name][:4])
 
 
 def compile_only():

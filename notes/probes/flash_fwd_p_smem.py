@@ -40,9 +40,8 @@ from flash_dkdv_serial import edit  # noqa: E402  (this folder is on sys.path)
 from flash_rounds import (  # noqa: E402  (this folder is on sys.path)
     Compiling,
     check_forwards,
+    configured_fwd,
     d64_forward_rounds,
-    gluon_config,
-    gluon_fwd,
     load_pingpong,
 )
 
@@ -99,16 +98,7 @@ def with_p_smem(src: str) -> str:
 def variants():
     mods = {name: load_pingpong(name, with_p_smem if p else None) for name, (*_, p) in CONFIGS.items()}
 
-    def fwd(name):
-        fa, (bm, bn, stages, _) = mods[name], CONFIGS[name]
-
-        def run(q, k, v, causal, cu=None):
-            with gluon_config(fa, bm, bn, stages, False):
-                return gluon_fwd(fa, q, k, v, causal, cu)[0]
-
-        return run
-
-    return mods, {name: fwd(name) for name in CONFIGS}
+    return mods, {name: configured_fwd(mods[name], *CONFIGS[name][:3], False) for name in CONFIGS}
 
 
 def compile_only():

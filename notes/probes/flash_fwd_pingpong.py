@@ -44,8 +44,7 @@ import torch  # noqa: E402
 from flash_rounds import (  # noqa: E402  (this folder is on sys.path)
     Compiling,
     check_forwards,
-    gluon_config,
-    gluon_fwd,
+    configured_fwd,
     interleaved,
     load_pingpong,
 )
@@ -64,13 +63,8 @@ FOR_D = {128: ["g2 pp"], 64: list(CONFIGS)}
 
 
 def configured(name):
-    """fn(q, k, v, causal, cu) -> o: the Gluon forward under configuration name (flash_rounds.gluon_fwd)."""
-
-    def fwd(q, k, v, causal, cu=None):
-        with gluon_config(fa, *CONFIGS[name]):
-            return gluon_fwd(fa, q, k, v, causal, cu)[0]
-
-    return fwd
+    """fn(q, k, v, causal, cu) -> o: the Gluon forward under configuration name."""
+    return configured_fwd(fa, *CONFIGS[name])
 
 
 def compile_only():

@@ -158,3 +158,13 @@ def gluon_config(fa, block_m, block_n, stages, pingpong):
         yield
     finally:
         fa.GLUON_FWD.update(before)
+
+
+def configured_fwd(fa, block_m, block_n, stages, pingpong):
+    """fn(q, k, v, causal, cu=None) -> o: fa's Gluon forward (gluon_fwd) under this configuration."""
+
+    def fwd(q, k, v, causal, cu=None):
+        with gluon_config(fa, block_m, block_n, stages, pingpong):
+            return gluon_fwd(fa, q, k, v, causal, cu)[0]
+
+    return fwd
