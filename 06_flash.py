@@ -387,13 +387,20 @@ def _g_softmax_step(s, m_i, l_i, qk_scale):
 
 
 @gluon.jit
-def _g_softmax(s, m_i, l_i, start_n, unmasked, offs_m, seq_k, diag, qk_scale, BLOCK_N: gl.constexpr,
-               CAUSAL: gl.constexpr):  # fmt: skip
-    """One online-softmax step on raw scores s, the masks only where the block needs them; the whole
-    step in both arms of the branch (the block comment above says why)."""
+def _g_softmax(s, m_i, l_i, start_n, unmasked, offs_m, seq_k, kv_last, diag, qk_scale, BLOCK_N: gl.constexpr,
+               CAUSAL: gl.constexpr, SHIFT: gl.constexpr):  # fmt: skip
+    """One online-softmax step on raw scores s of the block of keys start_n on, the masks only where the
+    block needs them; the whole step in both arms of the branch (the block comment above says why).
+    SHIFT: the tile may sit back at kv_last (_g_kv_start), and its keys before start_n, the previous
+    block's, are masked."""
     if start_n >= unmasked:
-        cols = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s.type.layout))
-        keep = cols[None, :] < seq_k
+        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s.type.layout))
+        if SHIFT:
+            cols = _g_kv_start(start_n, kv_last, SHIFT) + cols
+            keep = (cols[None, :] >= start_n) & (cols[None, :] < seq_k)
+        else:
+            cols = start_n + cols
+            keep = cols[None, :] < seq_k
         if CAUSAL:
             keep = keep & (cols[None, :] <= offs_m[:, None] + diag)
         p, m_new, alpha, l_new = _g_softmax_step(gl.where(keep, s, float("-inf")), m_i, l_i, qk_scale)
@@ -420,6 +427,18 @@ def _g_load(desc, row, at, bar, tile):
         tma.async_copy_global_to_shared(desc, [at, row, 0], bar, tile.reshape([1, rows, D]))
     else:
         tma.async_copy_global_to_shared(desc, [row, at], bar, tile)
+
+
+@gluon.jit
+def _g_kv_start(start_n, kv_last, SHIFT: gl.constexpr):
+    """The first key of the K and V tiles of the block of keys start_n on. A packed sequence's last block
+    would run past its end into the next sequence's rows; with SHIFT it is read from kv_last = seq_k -
+    BLOCK_N on instead (where the sequence has that many keys), so that its tile ends with the sequence's
+    last key."""
+    if SHIFT:
+        return gl.minimum(start_n, kv_last)
+    else:
+        return start_n
 
 
 # a warpgroup's own barrier: gl.thread_barrier in Triton 3.6 (the H200's), gl.barrier in later ones
@@ -453,13 +472,14 @@ def _g_zero_rows(tile, keep):
 
 
 @gluon.jit
-def _g_producer(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+def _g_producer(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+                SHIFT: gl.constexpr):  # fmt: skip
     """One warp: each consumer warpgroup's Q tile, then K_j and V_j into ring slots as they all free them
     (a fresh mbarrier counts the phase before its first as complete, hence the ^ 1)."""
     q_desc, k_desc, v_desc = descs
     q_smem, k_smem, v_smem = smem
     q_bars, k_ready, v_ready, k_empty, v_empty = bars
-    q_row, q_at, kv_row, kv_at, start_m, seq_q, seq_k, n_blocks = geom
+    q_row, q_at, kv_row, kv_at, start_m, seq_q, seq_k, kv_last, n_blocks = geom
     STAGES: gl.constexpr = k_smem.type.shape[0]
     HALF: gl.constexpr = q_smem.type.shape[1]
     WARPGROUPS: gl.constexpr = q_smem.type.shape[0]  # one Q tile each
@@ -469,21 +489,22 @@ def _g_producer(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, C
     for j in range(n_blocks):
         slot = j % STAGES
         free = (j // STAGES & 1) ^ 1
+        row = kv_row + _g_kv_start(j * BLOCK_N, kv_last, SHIFT)
         mbarrier.wait(k_empty.index(slot), free)
         mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
-        _g_load(k_desc, kv_row + j * BLOCK_N, kv_at, k_ready.index(slot), k_smem.index(slot))
+        _g_load(k_desc, row, kv_at, k_ready.index(slot), k_smem.index(slot))
         mbarrier.wait(v_empty.index(slot), free)
         mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
-        _g_load(v_desc, kv_row + j * BLOCK_N, kv_at, v_ready.index(slot), v_smem.index(slot))
+        _g_load(v_desc, row, kv_at, v_ready.index(slot), v_smem.index(slot))
 
 
 @gluon.jit
 def _g_consumer(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
-                WG: gl.constexpr):  # fmt: skip
+                SHIFT: gl.constexpr, WG: gl.constexpr):  # fmt: skip
     """One warpgroup's 64 query rows (WG 0, 1 or 2 of the program's 128 or 192)."""
     q_smem, k_smem, v_smem = smem
     q_bars, k_ready, v_ready, k_empty, v_empty = bars
-    q_row, q_at, kv_row, kv_at, start_m, seq_q, seq_k, n_blocks = geom
+    q_row, q_at, kv_row, kv_at, start_m, seq_q, seq_k, kv_last, n_blocks = geom
     O, LSE, lse_off, o_row, o_col, o_stride = out
     dtype: gl.constexpr = q_smem.dtype
     STAGES: gl.constexpr = k_smem.type.shape[0]
@@ -512,7 +533,8 @@ def _g_consumer(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, C
     s = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
     s = warpgroup_mma(q_tile, k_smem.index(0).permute((1, 0)), s, use_acc=False)
     mbarrier.arrive(k_empty.index(0), count=1)
-    p, m_i, alpha, l_i = _g_softmax(s, m_i, l_i, 0, unmasked, offs_m, seq_k, diag, qk_scale, BLOCK_N, CAUSAL)
+    p, m_i, alpha, l_i = _g_softmax(s, m_i, l_i, 0, unmasked, offs_m, seq_k, kv_last, diag, qk_scale, BLOCK_N,
+                                    CAUSAL, SHIFT)  # fmt: skip
     p_op = gl.convert_layout(p.to(dtype), p_layout)
     for j in range(1, n_blocks):
         slot = j % STAGES
@@ -524,8 +546,8 @@ def _g_consumer(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, C
         o_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
         s = warpgroup_mma_wait(1, deps=[s_tok])  # S_j done; P_j-1 V_j-1 may still run
         mbarrier.arrive(k_empty.index(slot), count=1)
-        p, m_i, alpha, l_i = _g_softmax(s, m_i, l_i, j * BLOCK_N, unmasked, offs_m, seq_k, diag, qk_scale,
-                                        BLOCK_N, CAUSAL)  # fmt: skip
+        p, m_i, alpha, l_i = _g_softmax(s, m_i, l_i, j * BLOCK_N, unmasked, offs_m, seq_k, kv_last, diag,
+                                        qk_scale, BLOCK_N, CAUSAL, SHIFT)  # fmt: skip
         acc, p_op = warpgroup_mma_wait(0, deps=[o_tok, p_op])
         mbarrier.arrive(v_empty.index(prev), count=1)
         p_op = gl.convert_layout(p.to(dtype), p_layout)  # block j's P, packed before S_j+1 is issued
@@ -534,8 +556,10 @@ def _g_consumer(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, C
     mbarrier.wait(v_ready.index(last), (n_blocks - 1) // STAGES & 1)
     v_last = v_smem.index(last)
     PACKED: gl.constexpr = len(descs[2].block_type.shape) == 2
-    if PACKED and n_blocks * BLOCK_N > seq_k:  # V rows past the last key: zeros, not the next sequence's
-        _g_zero_rows(v_last, seq_k - (n_blocks - 1) * BLOCK_N)
+    if PACKED:  # V rows past the last key (with SHIFT, only a sequence shorter than a block has them)
+        first = _g_kv_start((n_blocks - 1) * BLOCK_N, kv_last, SHIFT)
+        if first + BLOCK_N > seq_k:  # zeros, not the next sequence's
+            _g_zero_rows(v_last, seq_k - first)
     acc = warpgroup_mma(p_op, v_last, acc)
     mbarrier.arrive(v_empty.index(last), count=1)
 
@@ -548,13 +572,15 @@ def _g_consumer(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, C
 
 
 @gluon.jit
-def _g_consumer1(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
-    _g_consumer(descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL, 1)
+def _g_consumer1(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+                 SHIFT: gl.constexpr):  # fmt: skip
+    _g_consumer(descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL, SHIFT, 1)
 
 
 @gluon.jit
-def _g_consumer2(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
-    _g_consumer(descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL, 2)
+def _g_consumer2(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+                 SHIFT: gl.constexpr):  # fmt: skip
+    _g_consumer(descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL, SHIFT, 2)
 
 
 @gluon.jit
@@ -614,21 +640,25 @@ def _fwd_kernel_gluon(q_desc, k_desc, v_desc, O, LSE, CU_Q, CU_K, n_q, n_k, H, G
         descs = (q_desc, k_desc, v_desc)
         smem = (q_smem, k_smem, v_smem)
         bars = (q_bars, k_ready, v_ready, k_empty, v_empty)
-        geom = (q_row, q_at, kv_row, kv_at, start_m, seq_q, seq_k, n_blocks)
+        kv_last = gl.maximum(seq_k - BLOCK_N, 0)  # where a packed sequence's last tile of keys starts
+        # read there (_g_kv_start) at two consumer warpgroups; at three, 160 registers a thread, the mask's
+        # second compare spills ~650 bytes into the loop, and the tile runs past the end and is zeroed
+        SHIFT: gl.constexpr = IS_VARLEN and WGS == 2
+        geom = (q_row, q_at, kv_row, kv_at, start_m, seq_q, seq_k, kv_last, n_blocks)
         out = (O, LSE, lse_off, o_row, o_col, o_stride)
         # the constexprs are written into each call: held in a tuple variable they became tensors
         if WGS == 3:  # 13 warps, padded to 16 at 128 registers: 160 for each consumer thread
             gl.warp_specialize([
-                (_g_consumer, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL, 0)),
-                (_g_consumer1, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL)),
-                (_g_consumer2, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL)),
-                (_g_producer, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL)),
+                (_g_consumer, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL, SHIFT, 0)),
+                (_g_consumer1, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL, SHIFT)),
+                (_g_consumer2, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL, SHIFT)),
+                (_g_producer, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL, SHIFT)),
             ], [4, 4, 1], [160, 160, 24])  # fmt: skip
         else:  # 9 warps, padded to 12 at 168 registers: 240 for each consumer thread
             gl.warp_specialize([
-                (_g_consumer, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL, 0)),
-                (_g_consumer1, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL)),
-                (_g_producer, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL)),
+                (_g_consumer, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL, SHIFT, 0)),
+                (_g_consumer1, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL, SHIFT)),
+                (_g_producer, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL, SHIFT)),
             ], [4, 1], [240, 24])  # fmt: skip
 
 
@@ -1528,8 +1558,16 @@ def _bucket(n: int) -> int:
 
 # The checks launch one fixed config per kernel instead of autotuning (fixed_configs below): autotuning
 # compiles every config for every new key, and the checks' tiny grids would fill the autotune cache the
-# benchmark then reuses. Module state, but only ever set inside the `with` of fixed_configs.
-_FIXED = {"index": None, "splits": None, "pointers": False, "tl": False, "two_kernel": None}
+# benchmark then reuses. Module state, set only inside the `with` of fixed_configs and of the contexts
+# below that force a road (fixed_dkdv_splits, tl_kernels, two_kernel_backward, gluon_d64_forward, ...).
+_FIXED = {
+    "index": None,
+    "splits": None,
+    "pointers": False,
+    "tl": False,
+    "two_kernel": None,
+    "gluon_d64": False,
+}
 
 
 @contextlib.contextmanager
@@ -1574,6 +1612,17 @@ def two_kernel_backward(on: bool = True):
         yield
     finally:
         _FIXED["two_kernel"] = before
+
+
+@contextlib.contextmanager
+def gluon_d64_forward():
+    """The D=64 forward takes the Gluon kernel over rows of any length, not only over the long ones where
+    it beats the tl kernel (GLUON_D64_MIN_KEYS): the checks prove it on short, ragged and packed rows."""
+    before, _FIXED["gluon_d64"] = _FIXED["gluon_d64"], True
+    try:
+        yield
+    finally:
+        _FIXED["gluon_d64"] = before
 
 
 def gluon_ok(ts, varlen: bool, head_dims: tuple = (128,)) -> bool:
@@ -1689,7 +1738,7 @@ GLUON_D64_MIN_KEYS = {False: 2048, True: 8192}
 
 def _gluon_fwd_dims(n_k, causal):
     """The head dims the Gluon forward takes for rows of n_k keys (the longest sequence's, in varlen)."""
-    return (128, 64) if n_k >= GLUON_D64_MIN_KEYS[causal] else (128,)
+    return (128, 64) if _FIXED["gluon_d64"] or n_k >= GLUON_D64_MIN_KEYS[causal] else (128,)
 
 
 def _gluon_desc(t, tile):
@@ -2269,6 +2318,23 @@ def run_checks(checks, device, quick):
         with fixed_configs(n := n + 1), tl_kernels():
             name = f"varlen fwd+bwd lens_q {lens_q} lens_k {lens_k} D128 H4/2 causal, tl kernels bfloat16"
             checks(name, check_varlen, lens_q, lens_k, 4, 2, 128, True, b16[0], device, True)
+        # The D=64 Gluon forward, which the shapes above reach only at 2k keys without a mask, at every
+        # length: dense GQA causal and not, Nq != Nk both ways, packed, and beside inf/NaN rows.
+        d64 = [(1, 8, 2, 777, 777, 64, True), (2, 4, 4, 1000, 1000, 64, False),
+               (1, 6, 3, 1111, 300, 64, False), (1, 4, 2, 300, 1111, 64, False)]  # fmt: skip
+        for s in d64:
+            with fixed_configs(n := n + 1), gluon_d64_forward():
+                checks(dense_name(s, b16[0], ", Gluon forward"), check_dense, *s, b16[0], device)
+        for causal in (False, True):
+            mode = "causal" if causal else "full"
+            name = f"varlen fwd+bwd lens_q {lens_q} lens_k {lens_k} D64 H4/2 {mode}, Gluon forward bfloat16"
+            with fixed_configs(n := n + 1), gluon_d64_forward():
+                checks(name, check_varlen, lens_q, lens_k, 4, 2, 64, causal, b16[0], device, True)
+            for varlen in (False, True):
+                name = f"{'varlen' if varlen else 'dense'} fwd+bwd D64 {mode}, Gluon forward, inf/NaN in the"
+                with fixed_configs(n := n + 1), gluon_d64_forward():
+                    checks(f"{name} next one's rows bfloat16", check_isolation, varlen, causal, 64, b16[0],
+                           device)  # fmt: skip
 
 
 # %% Benchmark
