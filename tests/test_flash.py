@@ -420,7 +420,7 @@ def test_backward_hands_the_gluon_kernels_their_outputs(monkeypatch, case):
 @pytest.mark.parametrize("D", [64, 128])
 def test_gluon_forward_launch_shape_per_head_dim(monkeypatch, D):
     """The forward offers the Gluon kernel head dim 128 always and 64 over rows of at least 2k keys (8k
-    causal), the backward 128 only. D=128 launches 128 query rows a program (two consumer warpgroups)
+    causal) or inside gluon_d64_forward, the backward 128 only. D=128 launches 128 query rows a program (two consumer warpgroups)
     under a 168-register cap, D=64 192 rows (three) under 128; Q goes in tiles of 64 rows either way, K
     and V in 128-row blocks."""
     asked, launched, fwd_gluon = [], [], mod._fwd_gluon
@@ -443,7 +443,10 @@ def test_gluon_forward_launch_shape_per_head_dim(monkeypatch, D):
     monkeypatch.setattr(mod, "_fwd_gluon", lambda *a: None)  # only the dispatch: nothing runs
     for n, causal in [(2047, False), (2048, False), (8191, True), (8192, True)]:
         mod._fwd(q, k, v, None, 1, n, n, causal, 0.1, False)
-    assert asked == [(128,), (128, 64), (128,), (128, 64)]
+    with mod.gluon_d64_forward():  # what the GPU checks use to reach it on short rows
+        mod._fwd(q, k, v, None, 1, 40, 40, True, 0.1, False)
+    mod._fwd(q, k, v, None, 1, 40, 40, True, 0.1, False)
+    assert asked == [(128,), (128, 64), (128,), (128, 64), (128, 64), (128,)]
     monkeypatch.setattr(mod, "_fwd_kernel_gluon", Grab())
     q, k, v = (torch.randn(2, 4, 500, D, dtype=F16) for _ in range(3))
     fwd_gluon(q, k, v, torch.empty_like(q), torch.empty(2, 4, 500), None, None, (2000, 500), 2, 500, 500,
