@@ -341,7 +341,8 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, K_DESC, V_DESC,
 # as medians of three interleaved rounds (BenchConfig.rounds), 0.97-1.18x, 0.87-1.01x (0.96-1.01x at
 # N >= 4k) and 1.04-1.25x at 2ac9f0b; with P packed at the end of each step, 0.95-1.04x, 0.84-1.06x
 # (0.91-1.06x at N >= 4k) and 1.02-1.28x at 09e0c48, on a slower machine (matmul ceiling 708 TFLOP/s
-# against 788; the unchanged tl kernel 0-2% slower, cuDNN 1-3%).
+# against 788; the unchanged tl kernel 0-2% slower, cuDNN 1-3%); 0.95-1.04x, 0.90-1.02x (0.98-1.02x at
+# N >= 4k) and 1.04-1.23x at 2c0cdb7 (ceiling 799).
 # cuDNN itself moves between runs by up to 10% on one shape (GQA full 8k: 602 TFLOP/s at 1e677be, 667 at
 # 8090cd9, 683 at 09a5714, 644 at 6a0226f; its 8k rows read from 559 to 614 over three rounds of
 # notes/probes/flash_fwd_gqa_size.py, ours from 611 to 624, where GQA 32/8 ran level with MHA 32/32 of
@@ -368,14 +369,20 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, K_DESC, V_DESC,
 # P V still reads those V rows, and 0 * inf is NaN: a non-finite value there would reach this head's
 # output, where the tl kernel's masked loads read zeros. Dense inputs go through per-head descriptors,
 # (B*H, N, D) in tiles of (1, rows, D), so TMA itself fills the rows past a head's end with zeros. Packed
-# varlen sequences share one (T, H*D) descriptor, so a sequence's last tile holds the next sequence's
-# first rows: before the last block's P V, each consumer zeroes the V rows past the end in shared memory
-# (_g_zero_rows). check_isolation puts inf and NaN in the next head's or sequence's first rows.
+# varlen sequences share one (T, H*D) descriptor, so a whole last block would hold the next sequence's
+# first rows. At D=128 the last block is read from seq_k - BLOCK_N on instead (_g_kv_start), so its tile
+# ends with the sequence, and the mask drops its first keys, which the block before it has counted. Only
+# a sequence shorter than one block still reads past its end, and at D=64 every sequence does (there the
+# mask's second compare spills at three warpgroups' 160 registers): before the last block's P V, each
+# consumer zeroes the V rows past the end in shared memory (_g_zero_rows). check_isolation puts inf and
+# NaN in the next head's or sequence's first rows.
 # Measured on the H200 (notes/probes/flash_gluon_tails.py, 6 rounds, against a copy of this file whose
-# _g_zero_rows does nothing): zeroing in every program costs the forward 1-6% (varlen at mean length 1k:
+# _g_zero_rows does nothing): zeroing in every program cost the forward 1-6% (varlen at mean length 1k:
 # 0.96-0.98x in one run, 0.94-0.99x in another; dense N=1000 0.955-0.979x when dense inputs were zeroed
 # this way too, at 4f60a26). The per-head descriptors cost nothing: their loops compile to the same SASS
-# as the 2-D ones', and the probe's dense rows, one kernel timed twice since, read 0.99-1.04x.
+# as the 2-D ones', and the probe's dense rows, one kernel timed twice since, read 0.99-1.04x. The shifted
+# last block against the zeroing (notes/probes/flash_varlen_shift.py, 5 rounds): at mean length 1k
+# without a mask 445 against 438 TFLOP/s (ahead in every round, by 1-11%), level causal and at mean 4k.
 
 
 @gluon.jit
@@ -1732,7 +1739,8 @@ GLUON_FWD = {
 # At D=64 the Gluon kernel (one 192-row program an SM, 160 registers a thread) overtakes the tl kernel
 # (two programs an SM) only over long rows of keys: by the benchmark at 09e0c48, where D=64 took it at
 # every N, it ran 1.03-1.12x the tl kernel without a mask from 2k keys and 1.09-1.11x causal from 8k,
-# but 0.83-0.90x without a mask at 512-1k keys and 0.57-0.98x causal at 512-4k.
+# but 0.83-0.90x without a mask at 512-1k keys and 0.57-0.98x causal at 512-4k. Taken from these lengths
+# on (2c0cdb7): 1.01-1.12x without a mask, 1.06-1.16x causal.
 GLUON_D64_MIN_KEYS = {False: 2048, True: 8192}
 
 
