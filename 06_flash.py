@@ -574,8 +574,9 @@ def _g_consumer(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, C
     offs_mo = row0 + gl.arange(0, HALF, layout=rows_o)
     offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
     o_rows = (o_row + offs_mo).to(gl.int64) * o_stride + o_col  # O has q's layout
-    gl.store(O + o_rows[:, None] + offs_d[None, :], o.to(dtype), mask=(offs_mo < seq_q)[:, None])
-    gl.store(LSE + lse_off + offs_m, m_i + gl.log2(l_i), mask=offs_m < seq_q)
+    rows_ok = (offs_mo >= 0) & (offs_mo < seq_q)  # causal: a sequence's first block starts before row 0
+    gl.store(O + o_rows[:, None] + offs_d[None, :], o.to(dtype), mask=rows_ok[:, None])
+    gl.store(LSE + lse_off + offs_m, m_i + gl.log2(l_i), mask=(offs_m >= 0) & (offs_m < seq_q))
 
 
 @gluon.jit
@@ -598,10 +599,6 @@ def _fwd_kernel_gluon(q_desc, k_desc, v_desc, O, LSE, CU_Q, CU_K, n_q, n_k, H, G
     per 64 query rows of BLOCK_M, 128 or 192) and 1 (producer). The descriptors are _fwd_gluon's: (B*H, N,
     D) dense, (T, H*D) packed."""
     WGS: gl.constexpr = BLOCK_M // 64
-    pid_m = gl.program_id(0)
-    if CAUSAL:  # heaviest query blocks first, as in the tl kernel
-        pid_m = gl.num_programs(0) - 1 - pid_m
-    start_m = pid_m * BLOCK_M
     pid_bh = gl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
@@ -619,7 +616,18 @@ def _fwd_kernel_gluon(q_desc, k_desc, v_desc, O, LSE, CU_Q, CU_K, n_q, n_k, H, G
         seq_k = n_k
         q_row, q_at, kv_row, kv_at = 0, pid_bh, 0, b * (H // GROUP) + h_kv  # rows of one head
         o_row, o_col, o_stride = pid_bh * n_q, 0, HEAD_DIM
-    if start_m < seq_q:  # varlen launches max_seqlen_q rows; shorter sequences stop here
+    # Causal: heaviest query blocks first, as in the tl kernel, and counted back from the last row, so that
+    # where BLOCK_M does not divide the rows the partial block is the first, which walks one or two key
+    # blocks, not the last, which walks them all (D=64's 192 rows at N = 4k: 64 rows in it, the program
+    # still 32 key blocks long). Its rows before 0 are computed and not stored. On the H200 at D=64, N =
+    # 2k / 4k / 8k / 16k: 1.056x / 1.049x / 1.018x / 1.00x the blocks counted from row 0 (predicted from
+    # the key blocks walked: 1.052 / 1.058 / 1.015 / 1.015); D=128 (128 | N) level.
+    if CAUSAL:
+        start_m = seq_q - (gl.program_id(0) + 1) * BLOCK_M
+    else:
+        start_m = gl.program_id(0) * BLOCK_M
+    # varlen launches max_seqlen_q rows; shorter sequences stop here
+    if start_m < seq_q and start_m > -BLOCK_M:
         if CAUSAL:
             hi = gl.minimum(seq_k, start_m + BLOCK_M + seq_k - seq_q)
         else:
@@ -1740,8 +1748,10 @@ GLUON_FWD = {
 # (two programs an SM) only over long rows of keys: by the benchmark at 09e0c48, where D=64 took it at
 # every N, it ran 1.03-1.12x the tl kernel without a mask from 2k keys and 1.09-1.11x causal from 8k,
 # but 0.83-0.90x without a mask at 512-1k keys and 0.57-0.98x causal at 512-4k. Taken from these lengths
-# on (2c0cdb7): 1.01-1.12x without a mask, 1.06-1.16x causal.
-GLUON_D64_MIN_KEYS = {False: 2048, True: 8192}
+# on (2c0cdb7): 1.01-1.12x without a mask, 1.06-1.16x causal. With causal blocks counted back from the
+# last row (the kernel's comment), it ran level with the tl kernel at 4k causal (409 against 405 TFLOP/s,
+# 0-1% ahead in each of three rounds; 0.89x at 2k; notes/probes/flash_fwd_causal_align.py).
+GLUON_D64_MIN_KEYS = {False: 2048, True: 4096}
 
 
 def _gluon_fwd_dims(n_k, causal):

@@ -419,10 +419,10 @@ def test_backward_hands_the_gluon_kernels_their_outputs(monkeypatch, case):
 
 @pytest.mark.parametrize("D", [64, 128])
 def test_gluon_forward_launch_shape_per_head_dim(monkeypatch, D):
-    """The forward offers the Gluon kernel head dim 128 always and 64 over rows of at least 2k keys (8k
-    causal) or inside gluon_d64_forward, the backward 128 only. D=128 launches 128 query rows a program (two consumer warpgroups)
-    under a 168-register cap, D=64 192 rows (three) under 128; Q goes in tiles of 64 rows either way, K
-    and V in 128-row blocks."""
+    """The forward offers the Gluon kernel head dim 128 always and 64 over rows of at least 2k keys (4k
+    causal) or inside gluon_d64_forward, the backward 128 only. D=128 launches 128 query rows a program
+    (two consumer warpgroups) under a 168-register cap, D=64 192 rows (three) under 128; Q goes in tiles
+    of 64 rows either way, K and V in 128-row blocks."""
     asked, launched, fwd_gluon = [], [], mod._fwd_gluon
 
     class Grab:  # stands in for the Gluon forward kernel: records its launch, runs nothing
@@ -441,7 +441,7 @@ def test_gluon_forward_launch_shape_per_head_dim(monkeypatch, D):
     asked.clear()
     monkeypatch.setattr(mod, "gluon_ok", lambda ts, varlen, head_dims: asked.append(head_dims) or True)
     monkeypatch.setattr(mod, "_fwd_gluon", lambda *a: None)  # only the dispatch: nothing runs
-    for n, causal in [(2047, False), (2048, False), (8191, True), (8192, True)]:
+    for n, causal in [(2047, False), (2048, False), (4095, True), (4096, True)]:
         mod._fwd(q, k, v, None, 1, n, n, causal, 0.1, False)
     with mod.gluon_d64_forward():  # what the GPU checks use to reach it on short rows
         mod._fwd(q, k, v, None, 1, 40, 40, True, 0.1, False)

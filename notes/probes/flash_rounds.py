@@ -8,6 +8,7 @@ configuration."""
 
 import contextlib
 import importlib.util
+import os
 import statistics
 import subprocess
 import tempfile
@@ -120,6 +121,20 @@ class Compiling:
         asm = compiled.asm | {"shared": compiled.metadata.shared}
         report = flash_ptxas.ptxas_report(asm, None, self.label, loops=True)
         print(f"{self.label}: {report}" if self.label else report, flush=True)
+
+
+def load_06_at(commit: str, name: str):
+    """06_flash.py as of commit, imported as a module of its own named name: from the file $BASE names
+    (a copy carried to a GPU machine, which has no git history), else from `git show`."""
+    path = os.environ.get("BASE")
+    if path is None:
+        show = ["git", "-C", HERE.parents[1], "show", f"{commit}:06_flash.py"]
+        path = Path(tempfile.mkdtemp()) / f"{name}.py"
+        path.write_text(subprocess.run(show, capture_output=True, text=True, check=True).stdout)
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 PATCH_BASE = "da2323e"  # the last commit whose 06_flash.py flash_fwd_pingpong.patch applies to

@@ -9,35 +9,21 @@ what an empty program costs. Checks first: both against 06's tl kernel on length
     BASE=data/06_flash_2b68114.py python -u notes/probes/flash_varlen_shift.py   (ROUNDS=5 by default)
 (BASE defaults to `git show 2b68114:06_flash.py` where git has the history.)"""
 
-import importlib.util
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "notes" / "probes"))
 import harness  # noqa: E402
 
 import torch  # noqa: E402
+from flash_rounds import load_06_at  # noqa: E402  (this folder is on sys.path)
 
 ROUNDS = int(os.environ.get("ROUNDS", "5"))
 fa = harness.load_build("06_flash")
-
-
-def load_base():
-    path = os.environ.get("BASE")
-    if path is None:
-        src = subprocess.run(["git", "-C", ROOT, "show", "2b68114:06_flash.py"], capture_output=True,
-                             text=True, check=True).stdout  # fmt: skip
-        path = Path(tempfile.mkdtemp()) / "flash_base.py"
-        path.write_text(src)
-    spec = importlib.util.spec_from_file_location("flash_base", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def check(mods, dev):
@@ -90,7 +76,7 @@ def rows(mods, dev, mean, causal, tokens=65536, H=16, D=128):
 def main():
     dev = torch.device("cuda")
     print(harness.env_line(dev, torch.bfloat16), flush=True)
-    mods = {"shifted": fa, "zeroed": load_base()}
+    mods = {"shifted": fa, "zeroed": load_06_at("2b68114", "flash_base")}
     check(mods, dev)
     for mean in (1024, 4096):
         for causal in (False, True):

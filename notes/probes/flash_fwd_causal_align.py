@@ -1,0 +1,60 @@
+"""H200 probe (issue 19, session 17): the Gluon forward's causal query blocks counted back from the last
+row (06 as it is), so that where BLOCK_M does not divide the rows it is a sequence's first block, the
+lightest, that is partial, against blocks counted from row 0 (06 at 864413f, BASE), whose partial block
+is the last and heaviest. At D=64 (192-row blocks, 128-key blocks) a partial last block makes its
+program walk every key with a third or two thirds of its rows past the end: counting the key blocks the
+programs walk, 5.2% fewer at N=2k causal, 5.8% at 4k, 1.5% at 8k and 16k; at D=128 (128 | N) none.
+Checks first (the Gluon forward at D=64 and 128 against 06's tl kernel, dense and packed, and 06's
+isolation check at D=64 through gluon_d64_forward), then the forward beside cuDNN, 06's default and the
+tl kernel in interleaved rounds. GPU only:
+    BASE=data/06_flash_864413f.py python -u notes/probes/flash_fwd_causal_align.py   (ROUNDS=3)
+(BASE defaults to `git show 864413f:06_flash.py` where git has the history.)"""
+
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1]))
+sys.path.insert(0, str(HERE))
+import harness  # noqa: E402
+
+import torch  # noqa: E402
+from flash_rounds import check_forwards, gluon_fwd, interleaved, load_06_at  # noqa: E402  (this folder is on sys.path)
+
+ROUNDS = int(os.environ.get("ROUNDS", "3"))
+fa = harness.load_build("06_flash")
+
+
+def main():
+    dev = torch.device("cuda")
+    print(harness.env_line(dev, torch.bfloat16), flush=True)
+    base = load_06_at("864413f", "flash_base")
+    fwds = {
+        "aligned": lambda q, k, v, causal, cu=None: gluon_fwd(fa, q, k, v, causal, cu)[0],
+        "from row 0": lambda q, k, v, causal, cu=None: gluon_fwd(base, q, k, v, causal, cu)[0],
+    }
+    cases = [(2, 4, 4, 1000, True), (1, 8, 2, 777, True, True), (1, 4, 1, 300, True), (1, 4, 4, 64, True),
+             (2, 4, 4, 4096, True), (2, 4, 4, 1000, False)]  # fmt: skip
+    for D in (64, 128):
+        check_forwards(fwds, fa, D, dev, cases)
+    with fa.gluon_d64_forward():
+        for varlen in (False, True):
+            got = fa.check_isolation(varlen, True, 64, torch.bfloat16, dev)
+            print(
+                f"check D=64 {'varlen' if varlen else 'dense'} causal beside inf/NaN rows: {got} ok",
+                flush=True,
+            )
+    shapes = [(64, 8, 32, 2048), (64, 4, 32, 4096), (64, 2, 32, 8192), (64, 1, 32, 16384), (128, 4, 16, 4096)]
+    for D, B, H, N in shapes:
+        q, k, v, do = (torch.randn(B, H, N, D, device=dev, dtype=torch.bfloat16) for _ in range(4))
+        impls = fa._impls(True)
+        runs = [("cudnn", *impls["cudnn"]), ("06", *impls["ours"]), ("tl", *impls["ours_tl"])]
+        runs += [(name, lambda q, k, v, f=f: f(q, k, v, True), None) for name, f in fwds.items()]
+        flops = 4 * B * H * N * N * D * 0.5
+        interleaved(f"D={D} {(B, H, N)} causal forward", runs, flops, ROUNDS, fa._time,
+                    (q, k, v, do, dev, False), 0)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
