@@ -670,9 +670,10 @@ def _fwd_kernel_gluon(q_desc, k_desc, v_desc, O, LSE, CU_Q, CU_K, n_q, n_k, H, G
         descs = (q_desc, k_desc, v_desc)
         smem = (q_smem, k_smem, v_smem)
         bars = (q_bars, k_ready, v_ready, k_empty, v_empty)
-        kv_last = gl.maximum(seq_k - BLOCK_N, 0)  # where a packed sequence's last tile of keys starts
-        # read there (_g_kv_start) at two consumer warpgroups; at three, 160 registers a thread, the mask's
-        # second compare spills ~650 bytes into the loop, and the tile runs past the end and is zeroed
+        # where a packed sequence's last tile of keys is read from (_g_kv_start) at two consumer warpgroups;
+        # at three (160 registers a thread) the mask's second compare spills ~650 bytes into the loop, so
+        # there the tile runs past the sequence's end and is zeroed
+        kv_last = gl.maximum(seq_k - BLOCK_N, 0)
         SHIFT: gl.constexpr = IS_VARLEN and WGS == 2
         geom = (q_row, q_at, kv_row, kv_at, start_m, seq_q, seq_k, kv_last, n_blocks)
         out = (O, LSE, lse_off, o_row, o_col, o_stride)
@@ -2185,8 +2186,9 @@ def check_varlen(lens_q, lens_k, H, H_KV, D, causal, dtype, device, grad=False, 
 def check_isolation(varlen, causal, D, dtype, device, deterministic=True):
     """inf and NaN in the first rows of head 1 (dense) or sequence 1 (varlen), in q, k, v and dO, leave
     head or sequence 0 exact: its output and gradients against the float64 reference. Its length is off
-    every tile size, so its last tiles end inside those rows (the Gluon kernels' TMA tiles: zero-filled
-    per head for dense inputs, zeroed in shared memory for packed ones; the tl kernels mask them)."""
+    every tile size, so a whole last tile would reach into those rows (the Gluon kernels' TMA tiles:
+    zero-filled per head for dense inputs; for packed ones read back to end with the sequence at D=128,
+    zeroed in shared memory at D=64; the tl kernels mask them)."""
     n, m = (200, 136) if device.type == "cuda" else (45, 30)
     shape = (sum((n, m)), 2, D) if varlen else (1, 2, n, D)
     q, k, v, do = (torch.randn(shape, device=device, dtype=dtype) for _ in range(4))
