@@ -20,7 +20,7 @@ sys.path.insert(0, str(HERE))
 import harness  # noqa: E402
 
 import torch  # noqa: E402
-from flash_rounds import check_forwards, gluon_fwd, interleaved, load_06_at  # noqa: E402  (this folder is on sys.path)
+from flash_rounds import check_causal_pair, gluon_pair, interleaved, load_06_at  # noqa: E402  (this folder is on sys.path)
 
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 fa = harness.load_build("06_flash")
@@ -30,21 +30,10 @@ def main():
     dev = torch.device("cuda")
     print(harness.env_line(dev, torch.bfloat16), flush=True)
     base = load_06_at("864413f", "flash_base")
-    fwds = {
-        "aligned": lambda q, k, v, causal, cu=None: gluon_fwd(fa, q, k, v, causal, cu)[0],
-        "from row 0": lambda q, k, v, causal, cu=None: gluon_fwd(base, q, k, v, causal, cu)[0],
-    }
+    fwds = gluon_pair(fa, base, ("aligned", "from row 0"))
     cases = [(2, 4, 4, 1000, True), (1, 8, 2, 777, True, True), (1, 4, 1, 300, True), (1, 4, 4, 64, True),
              (2, 4, 4, 4096, True), (2, 4, 4, 1000, False)]  # fmt: skip
-    for D in (64, 128):
-        check_forwards(fwds, fa, D, dev, cases)
-    with fa.gluon_d64_forward():
-        for varlen in (False, True):
-            got = fa.check_isolation(varlen, True, 64, torch.bfloat16, dev)
-            print(
-                f"check D=64 {'varlen' if varlen else 'dense'} causal beside inf/NaN rows: {got} ok",
-                flush=True,
-            )
+    check_causal_pair(fwds, fa, dev, cases)
     shapes = [(64, 8, 32, 2048), (64, 4, 32, 4096), (64, 2, 32, 8192), (64, 1, 32, 16384), (128, 4, 16, 4096)]
     for D, B, H, N in shapes:
         q, k, v, do = (torch.randn(B, H, N, D, device=dev, dtype=torch.bfloat16) for _ in range(4))

@@ -123,6 +123,29 @@ class Compiling:
         print(f"{self.label}: {report}" if self.label else report, flush=True)
 
 
+def gluon_pair(new, base, names: tuple) -> dict:
+    """names[0] -> the Gluon forward of module new, names[1] -> that of module base (gluon_fwd, o only),
+    each as fn(q, k, v, causal, cu=None)."""
+    return {
+        names[0]: lambda q, k, v, causal, cu=None: gluon_fwd(new, q, k, v, causal, cu)[0],
+        names[1]: lambda q, k, v, causal, cu=None: gluon_fwd(base, q, k, v, causal, cu)[0],
+    }
+
+
+def check_causal_pair(fwds: dict, fa, device, cases: list) -> None:
+    """fwds against fa's tl kernel at D=64 and 128 (check_forwards, dense cases and packed), then fa's own
+    isolation check at D=64, causal, dense and packed, with its Gluon forward forced (gluon_d64_forward)."""
+    for D in (64, 128):
+        check_forwards(fwds, fa, D, device, cases)
+    with fa.gluon_d64_forward():
+        for varlen in (False, True):
+            got = fa.check_isolation(varlen, True, 64, torch.bfloat16, device)
+            print(
+                f"check D=64 {'varlen' if varlen else 'dense'} causal beside inf/NaN rows: {got} ok",
+                flush=True,
+            )
+
+
 def load_06_at(commit: str, name: str):
     """06_flash.py as of commit, imported as a module of its own named name: from the file $BASE names
     (a copy carried to a GPU machine, which has no git history), else from `git show`."""
