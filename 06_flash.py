@@ -395,16 +395,16 @@ def _g_softmax_step(s, m_i, l_i, qk_scale):
 
 
 @gluon.jit
-def _g_softmax(s, m_i, l_i, start_n, unmasked, offs_m, seq_k, kv_last, diag, qk_scale, BLOCK_N: gl.constexpr,
+def _g_softmax(s, m_i, l_i, start_n, unmasked, offs_m, seq_k, diag, qk_scale, BLOCK_N: gl.constexpr,
                CAUSAL: gl.constexpr, SHIFT: gl.constexpr):  # fmt: skip
     """One online-softmax step on raw scores s of the block of keys start_n on, the masks only where the
     block needs them; the whole step in both arms of the branch (the block comment above says why).
-    SHIFT: the tile may sit back at kv_last (_g_kv_start), and its keys before start_n, the previous
+    SHIFT: the tile may sit back from start_n (_g_kv_start), and its keys before start_n, the previous
     block's, are masked."""
     if start_n >= unmasked:
         cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s.type.layout))
         if SHIFT:
-            cols = _g_kv_start(start_n, kv_last, SHIFT) + cols
+            cols = _g_kv_start(start_n, seq_k, BLOCK_N, SHIFT) + cols
             keep = (cols[None, :] >= start_n) & (cols[None, :] < seq_k)
         else:
             cols = start_n + cols
@@ -438,13 +438,14 @@ def _g_load(desc, row, at, bar, tile):
 
 
 @gluon.jit
-def _g_kv_start(start_n, kv_last, SHIFT: gl.constexpr):
+def _g_kv_start(start_n, seq_k, BLOCK_N: gl.constexpr, SHIFT: gl.constexpr):
     """The first key of the K and V tiles of the block of keys start_n on. A packed sequence's last block
-    would run past its end into the next sequence's rows; with SHIFT it is read from kv_last = seq_k -
-    BLOCK_N on instead (where the sequence has that many keys), so that its tile ends with the sequence's
-    last key."""
+    would run past its end into the next sequence's rows; with SHIFT it is read from seq_k - BLOCK_N on
+    instead (where the sequence has that many keys), so that its tile ends with the sequence's last key.
+    Read there at two consumer warpgroups only: at three (160 registers a thread) the mask's second
+    compare spills ~650 bytes into the loop, so there the tile runs past the end and is zeroed."""
     if SHIFT:
-        return gl.minimum(start_n, kv_last)
+        return gl.minimum(start_n, gl.maximum(seq_k - BLOCK_N, 0))
     else:
         return start_n
 
@@ -487,7 +488,7 @@ def _g_producer(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, C
     q_desc, k_desc, v_desc = descs
     q_smem, k_smem, v_smem = smem
     q_bars, k_ready, v_ready, k_empty, v_empty = bars
-    q_row, q_at, kv_row, kv_at, start_m, seq_q, seq_k, kv_last, n_blocks = geom
+    q_row, q_at, kv_row, kv_at, start_m, seq_q, seq_k, n_blocks = geom
     STAGES: gl.constexpr = k_smem.type.shape[0]
     HALF: gl.constexpr = q_smem.type.shape[1]
     WARPGROUPS: gl.constexpr = q_smem.type.shape[0]  # one Q tile each
@@ -497,7 +498,7 @@ def _g_producer(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, C
     for j in range(n_blocks):
         slot = j % STAGES
         free = (j // STAGES & 1) ^ 1
-        row = kv_row + _g_kv_start(j * BLOCK_N, kv_last, SHIFT)
+        row = kv_row + _g_kv_start(j * BLOCK_N, seq_k, BLOCK_N, SHIFT)
         mbarrier.wait(k_empty.index(slot), free)
         mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
         _g_load(k_desc, row, kv_at, k_ready.index(slot), k_smem.index(slot))
@@ -512,7 +513,7 @@ def _g_consumer(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, C
     """One warpgroup's 64 query rows (WG 0, 1 or 2 of the program's 128 or 192)."""
     q_smem, k_smem, v_smem = smem
     q_bars, k_ready, v_ready, k_empty, v_empty = bars
-    q_row, q_at, kv_row, kv_at, start_m, seq_q, seq_k, kv_last, n_blocks = geom
+    q_row, q_at, kv_row, kv_at, start_m, seq_q, seq_k, n_blocks = geom
     O, LSE, lse_off, o_row, o_col, o_stride = out
     dtype: gl.constexpr = q_smem.dtype
     STAGES: gl.constexpr = k_smem.type.shape[0]
@@ -549,8 +550,8 @@ def _g_consumer(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, C
     s = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
     s = warpgroup_mma(q_tile, k_smem.index(0).permute((1, 0)), s, use_acc=False)
     mbarrier.arrive(k_empty.index(0), count=1)
-    p, m_i, alpha, l_i = _g_softmax(s, m_i, l_i, 0, unmasked, offs_m, seq_k, kv_last, diag, qk_scale, BLOCK_N,
-                                    CAUSAL, SHIFT)  # fmt: skip
+    p, m_i, alpha, l_i = _g_softmax(s, m_i, l_i, 0, unmasked, offs_m, seq_k, diag, qk_scale, BLOCK_N, CAUSAL,
+                                    SHIFT)  # fmt: skip
     p_op = gl.convert_layout(p.to(dtype), p_layout)
     for j in range(1, own):
         slot = j % STAGES
@@ -562,8 +563,8 @@ def _g_consumer(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, C
         o_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
         s = warpgroup_mma_wait(1, deps=[s_tok])  # S_j done; P_j-1 V_j-1 may still run
         mbarrier.arrive(k_empty.index(slot), count=1)
-        p, m_i, alpha, l_i = _g_softmax(s, m_i, l_i, j * BLOCK_N, unmasked, offs_m, seq_k, kv_last, diag,
-                                        qk_scale, BLOCK_N, CAUSAL, SHIFT)  # fmt: skip
+        p, m_i, alpha, l_i = _g_softmax(s, m_i, l_i, j * BLOCK_N, unmasked, offs_m, seq_k, diag, qk_scale,
+                                        BLOCK_N, CAUSAL, SHIFT)  # fmt: skip
         acc, p_op = warpgroup_mma_wait(0, deps=[o_tok, p_op])
         mbarrier.arrive(v_empty.index(prev), count=1)
         p_op = gl.convert_layout(p.to(dtype), p_layout)  # block j's P, packed before S_j+1 is issued
@@ -573,7 +574,7 @@ def _g_consumer(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, C
     v_last = v_smem.index(last)
     PACKED: gl.constexpr = len(descs[2].block_type.shape) == 2
     if PACKED:  # V rows past the last key (with SHIFT, only a sequence shorter than a block has them)
-        first = _g_kv_start((own - 1) * BLOCK_N, kv_last, SHIFT)
+        first = _g_kv_start((own - 1) * BLOCK_N, seq_k, BLOCK_N, SHIFT)
         if first + BLOCK_N > seq_k:  # zeros, not the next sequence's
             _g_zero_rows(v_last, seq_k - first)
     acc = warpgroup_mma(p_op, v_last, acc)
@@ -670,12 +671,8 @@ def _fwd_kernel_gluon(q_desc, k_desc, v_desc, O, LSE, CU_Q, CU_K, n_q, n_k, H, G
         descs = (q_desc, k_desc, v_desc)
         smem = (q_smem, k_smem, v_smem)
         bars = (q_bars, k_ready, v_ready, k_empty, v_empty)
-        # where a packed sequence's last tile of keys is read from (_g_kv_start) at two consumer warpgroups;
-        # at three (160 registers a thread) the mask's second compare spills ~650 bytes into the loop, so
-        # there the tile runs past the sequence's end and is zeroed
-        kv_last = gl.maximum(seq_k - BLOCK_N, 0)
-        SHIFT: gl.constexpr = IS_VARLEN and WGS == 2
-        geom = (q_row, q_at, kv_row, kv_at, start_m, seq_q, seq_k, kv_last, n_blocks)
+        SHIFT: gl.constexpr = IS_VARLEN and WGS == 2  # the last tile of keys read back (_g_kv_start)
+        geom = (q_row, q_at, kv_row, kv_at, start_m, seq_q, seq_k, n_blocks)
         out = (O, LSE, lse_off, o_row, o_col, o_stride)
         # the constexprs are written into each call: held in a tuple variable they became tensors
         if WGS == 3:  # 13 warps, padded to 16 at 128 registers: 160 for each consumer thread
