@@ -132,18 +132,18 @@ def gluon_pair(new, base, names: tuple) -> dict:
     }
 
 
-def check_causal_pair(fwds: dict, fa, device, cases: list) -> None:
+def check_pair(fwds: dict, fa, device, cases: list, causal: bool = True) -> None:
     """fwds against fa's tl kernel at D=64 and 128 (check_forwards, dense cases and packed), then fa's own
-    isolation check at D=64, causal, dense and packed, with its Gluon forward forced (gluon_d64_forward)."""
+    isolation check at D=64 under the given mask, dense and packed, with its Gluon forward forced
+    (gluon_d64_forward)."""
     for D in (64, 128):
         check_forwards(fwds, fa, D, device, cases)
+    mask = "causal" if causal else "full"
     with fa.gluon_d64_forward():
         for varlen in (False, True):
-            got = fa.check_isolation(varlen, True, 64, torch.bfloat16, device)
-            print(
-                f"check D=64 {'varlen' if varlen else 'dense'} causal beside inf/NaN rows: {got} ok",
-                flush=True,
-            )
+            got = fa.check_isolation(varlen, causal, 64, torch.bfloat16, device)
+            where = "varlen" if varlen else "dense"
+            print(f"check D=64 {where} {mask} beside inf/NaN rows: {got} ok", flush=True)
 
 
 def load_06_at(commit: str, name: str):
