@@ -616,25 +616,38 @@ def _g_consumer2(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, 
 
 
 @gluon.jit
-def _fwd_kernel_gluon(q_desc, k_desc, v_desc, O, LSE, CU_Q, CU_K, n_q, n_k, H, GROUP, stride_lb, stride_lh,
+def _fwd_kernel_gluon(q_desc, k_desc, v_desc, O, LSE, TILES, n_q, n_k, H, GROUP, stride_lb, stride_lh,
                       qk_scale, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                       STAGES: gl.constexpr, CAUSAL: gl.constexpr, IS_VARLEN: gl.constexpr):  # fmt: skip
     """Launched with 4 warps (warpgroup 0) plus the workers': 4 for each further consumer warpgroup (one
     per 64 query rows of BLOCK_M, 128 or 192) and 1 (producer). The descriptors are _fwd_gluon's: (B*H, N,
-    D) dense, (T, H*D) packed."""
+    D) dense, (T, H*D) packed. Dense: a program per (query block, batch x head). Packed: a program per
+    (tile, head) over TILES, the tiles' table (_varlen_tiles_kernel), in the dense launch's order:
+    sequence by sequence, head by head, each head's query blocks in turn."""
     WGS: gl.constexpr = BLOCK_M // 64
-    pid_bh = gl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    h_kv = h // GROUP
     if IS_VARLEN:
-        q_start = gl.load(CU_Q + b)
-        k_start = gl.load(CU_K + b)
-        seq_q = gl.load(CU_Q + b + 1) - q_start
-        seq_k = gl.load(CU_K + b + 1) - k_start
+        pid = gl.program_id(0)
+        entry = TILES + pid // H * 5  # a row of this program's sequence
+        q_start = gl.load(entry)
+        k_start = gl.load(entry + 1)
+        seq_q = gl.load(entry + 2)
+        seq_k = gl.load(entry + 3)
+        first = gl.load(entry + 4)
+        # the sequence's H * blocks programs: head by head, each head's query blocks in turn
+        blocks = gl.maximum(gl.cdiv(seq_q, BLOCK_M), 1)  # (1 in a spare row, which stops below)
+        h = (pid - first * H) // blocks
+        block = (pid - first * H) % blocks
+        lse_head = h.to(gl.int64) * stride_lh  # the lse of packed rows is (H, T)
+        h_kv = h // GROUP
         q_row, q_at, kv_row, kv_at = q_start, h * HEAD_DIM, k_start, h_kv * HEAD_DIM  # packed rows
         o_row, o_col, o_stride = q_start, h * HEAD_DIM, H * HEAD_DIM
     else:
+        block = gl.program_id(0)
+        pid_bh = gl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        h_kv = h // GROUP
+        lse_head = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh
         q_start = 0
         seq_q = n_q
         seq_k = n_k
@@ -647,17 +660,17 @@ def _fwd_kernel_gluon(q_desc, k_desc, v_desc, O, LSE, CU_Q, CU_K, n_q, n_k, H, G
     # 2k / 4k / 8k / 16k: 1.056x / 1.049x / 1.018x / 1.00x the blocks counted from row 0 (predicted from
     # the key blocks walked: 1.052 / 1.058 / 1.015 / 1.015); D=128 (128 | N) level.
     if CAUSAL:
-        start_m = seq_q - (gl.program_id(0) + 1) * BLOCK_M
+        start_m = seq_q - (block + 1) * BLOCK_M
     else:
-        start_m = gl.program_id(0) * BLOCK_M
-    # varlen launches max_seqlen_q rows; shorter sequences stop here
+        start_m = block * BLOCK_M
+    # the table's spare tiles past the last real one have seq_q = 0 and stop here
     if start_m < seq_q and start_m > -BLOCK_M:
         if CAUSAL:
             hi = gl.minimum(seq_k, start_m + BLOCK_M + seq_k - seq_q)
         else:
             hi = seq_k
         n_blocks = gl.cdiv(hi, BLOCK_N)
-        lse_off = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + q_start
+        lse_off = lse_head + q_start
         dtype: gl.constexpr = q_desc.dtype
         tile: gl.constexpr = _g_tile_layout(q_desc.layout)
         q_smem = gl.allocate_shared_memory(dtype, [WGS, 64, HEAD_DIM], tile)
@@ -696,6 +709,71 @@ def _fwd_kernel_gluon(q_desc, k_desc, v_desc, O, LSE, CU_Q, CU_K, n_q, n_k, H, G
                 (_g_consumer1, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL, SHIFT)),
                 (_g_producer, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL, SHIFT)),
             ], [4, 1], [240, 24])  # fmt: skip
+
+
+# Packed sequences: a program per real (sequence, query block) pair. A grid of max_seqlen_q's blocks for
+# every sequence launches, at mixed lengths, mostly programs past their sequence's end that stop at once;
+# each still takes an SM from a working program for its start (one program an SM fits the Gluon
+# forward's shared memory) and waits on its offsets. At 06's varlen rows, mean length 1k, that grid had
+# 1,005 blocks a head for the 546 real ones; doubling those empty programs cost 3% without a mask, 6%
+# causal (notes/probes/flash_varlen_shift.py). So one small launch first lists the real tiles,
+# sequence by sequence, a row a tile holding its sequence's (q_start, k_start, seq_q, seq_k, first tile),
+# and the forward runs H programs a row: program p reads row p // H, one of its sequence's (whose H *
+# blocks programs cover rows first to first + blocks), the same loads in one round as before, and takes
+# its head and query block from its place among them. So the programs run in the dense launch's order:
+# sequence by sequence, head by head, a head's query blocks together, reading that head's K and V while
+# it is in L2. The table has cdiv(T, BLOCK_M) + B rows (each sequence adds at most one partial block),
+# built without a host sync; the spare rows past the last tile hold seq_q = 0.
+# Measured on the H200 against the grid (3 rounds, medians, notes/probes/flash_varlen_tiles.py): one
+# 4,096-token prompt among 63 of 64 tokens, a serving prefill's mix, 1.45x without a mask and 1.64x
+# causal (506 against 349 TFLOP/s, 364 against 222); 06's varlen rows level, 0.98-1.02x at mean 1k and
+# 4k, GQA included, not the 2-5% predicted at mean 1k from the doubled grid. The first form ran the H
+# heads of a tile side by side: at mean 4k without a mask, 0.84x the grid, since a head's query blocks
+# then ran 16 programs apart, and the 16 heads' K and V of the longest sequence (7,579 keys, 62 MB)
+# overflowed the 50 MB L2.
+
+
+@triton.jit
+def _owned(owner, x):
+    """Each row's entry of x (SEQS,) in the one column owner (CHUNK, SEQS) marks, 0 where it marks none."""
+    return tl.sum(tl.where(owner, x[None, :], 0), 1)
+
+
+@triton.jit
+def _varlen_tiles_kernel(CU_Q, CU_K, TILES, B, n_tiles, BLOCK_M: tl.constexpr, SEQS: tl.constexpr,
+                         CHUNK: tl.constexpr):  # fmt: skip
+    """Rows t of the (n_tiles, 5) int32 table TILES, CHUNK a program: tile t belongs to the sequence whose
+    tiles are [first, last), and its row holds that sequence's (q_start, k_start, seq_q, seq_k, first);
+    SEQS is a power of 2 >= B. A spare row holds zeros."""
+    seqs = tl.arange(0, SEQS)
+    real = seqs < B
+    q_lo = tl.load(CU_Q + seqs, mask=real, other=0)
+    seq_q = tl.load(CU_Q + seqs + 1, mask=real, other=0) - q_lo
+    k_lo = tl.load(CU_K + seqs, mask=real, other=0)
+    seq_k = tl.load(CU_K + seqs + 1, mask=real, other=0) - k_lo
+    blocks = (seq_q + BLOCK_M - 1) // BLOCK_M
+    last = tl.cumsum(blocks, 0)
+    first = last - blocks
+    t = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
+    owner = (first[None, :] <= t[:, None]) & (t[:, None] < last[None, :])  # (CHUNK, SEQS)
+    row, ok = TILES + t.to(tl.int64) * 5, t < n_tiles
+    tl.store(row, _owned(owner, q_lo), mask=ok)
+    tl.store(row + 1, _owned(owner, k_lo), mask=ok)
+    tl.store(row + 2, _owned(owner, seq_q), mask=ok)
+    tl.store(row + 3, _owned(owner, seq_k), mask=ok)
+    tl.store(row + 4, _owned(owner, first), mask=ok)
+
+
+def _varlen_tiles(cu_q, cu_k, block_m: int, rows: int):
+    """The forward's tile table over packed sequences (the comment above _varlen_tiles_kernel): an (n, 5)
+    int32 tensor with n = cdiv(rows, block_m) + B, rows the packed query rows."""
+    B = cu_q.numel() - 1
+    n = triton.cdiv(rows, block_m) + B
+    tiles = torch.empty((n, 5), device=cu_q.device, dtype=torch.int32)
+    seqs = triton.next_power_of_2(B)
+    chunk = max(16, 4096 // seqs)
+    _varlen_tiles_kernel[(triton.cdiv(n, chunk),)](cu_q, cu_k, tiles, B, n, block_m, seqs, chunk)
+    return tiles
 
 
 # %% Triton kernels: backward
@@ -1800,8 +1878,12 @@ def _fwd_gluon(q, k, v, o, lse, cu_q, cu_k, lse_bh, B, n_q, n_k, causal, sm_scal
     views = [t.view(t.shape[0], -1) if varlen else t.view(-1, t.shape[2], D) for t in (q, k, v)]
     tiles = [[rows, D] if varlen else [1, rows, D] for rows in (64, bn, bn)]
     descs = [_gluon_desc(t, tile) for t, tile in zip(views, tiles, strict=True)]
-    grid = (triton.cdiv(n_q, bm), B * H)
-    _fwd_kernel_gluon[grid](*descs, o, lse, cu_q, cu_k, n_q, n_k, H, H // k.shape[1], *lse_bh,
+    if varlen:  # a program per (tile, head), the real tiles listed first
+        tiles = _varlen_tiles(cu_q, cu_k, bm, q.shape[0])
+        grid = (tiles.shape[0] * H,)
+    else:
+        tiles, grid = q, (triton.cdiv(n_q, bm), B * H)  # the TILES slot is unused in dense mode
+    _fwd_kernel_gluon[grid](*descs, o, lse, tiles, n_q, n_k, H, H // k.shape[1], *lse_bh,
                             sm_scale * LOG2E, D, bm, bn, cfg["STAGES"], causal, varlen, num_warps=4,
                             maxnreg=cfg["MAXNREG"])  # fmt: skip
 
