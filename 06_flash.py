@@ -343,7 +343,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, K_DESC, V_DESC,
 # (0.91-1.06x at N >= 4k) and 1.02-1.28x at 09e0c48, on a slower machine (matmul ceiling 708 TFLOP/s
 # against 788; the unchanged tl kernel 0-2% slower, cuDNN 1-3%); 0.95-1.04x, 0.90-1.02x (0.98-1.02x at
 # N >= 4k) and 1.04-1.23x at 2c0cdb7 (ceiling 799); 0.95-1.05x, 0.89-1.01x (0.95-1.01x) and 1.05-1.26x at
-# c7b462f (ceiling 687).
+# c7b462f (ceiling 687); 0.95-1.04x, 0.88-0.98x (0.91-0.98x) and 1.05-1.25x at 8e797d8 (ceiling 722).
 # cuDNN itself moves between runs by up to 10% on one shape (GQA full 8k: 602 TFLOP/s at 1e677be, 667 at
 # 8090cd9, 683 at 09a5714, 644 at 6a0226f; its 8k rows read from 559 to 614 over three rounds of
 # notes/probes/flash_fwd_gqa_size.py, ours from 611 to 624, where GQA 32/8 ran level with MHA 32/32 of
@@ -1850,7 +1850,7 @@ GLUON_FWD = {
 # on (2c0cdb7): 1.01-1.12x without a mask, 1.06-1.16x causal. With causal blocks counted back from the
 # last row (the kernel's comment), it ran level with the tl kernel at 4k causal (409 against 405 TFLOP/s,
 # 0-1% ahead in each of three rounds; 0.89x at 2k; notes/probes/flash_fwd_causal_align.py), and 1.01x
-# in the benchmark at c7b462f.
+# in the benchmark at c7b462f; with each warpgroup walking its own rows' blocks, 1.04x at 8e797d8.
 GLUON_D64_MIN_KEYS = {False: 2048, True: 4096}
 
 
