@@ -1871,19 +1871,20 @@ def _fwd_gluon(q, k, v, o, lse, cu_q, cu_k, lse_bh, B, n_q, n_k, causal, sm_scal
     (1, rows, D), packed as (T, H*D) in (rows, D) tiles; Q in tiles of 64 rows, one per consumer
     warpgroup. Launched with 4 warps plus its workers' (padded to a whole warpgroup) under GLUON_FWD's
     register cap, which the warp specialisation redistributes: 168 for 12 warps (two consumer warpgroups
-    at 240, the producer at 24), 128 for 16 (three at 160, the producer at 24)."""
+    at 240, the producer at 24), 128 for 16 (three at 160, the producer at 24). Dense: a program per
+    query block and (batch, head); packed: H programs per row of the tile table (_varlen_tiles)."""
     H, D = q.shape[1], q.shape[-1]
     cfg = GLUON_FWD[D]
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     views = [t.view(t.shape[0], -1) if varlen else t.view(-1, t.shape[2], D) for t in (q, k, v)]
     tiles = [[rows, D] if varlen else [1, rows, D] for rows in (64, bn, bn)]
     descs = [_gluon_desc(t, tile) for t, tile in zip(views, tiles, strict=True)]
-    if varlen:  # a program per (tile, head), the real tiles listed first
-        tiles = _varlen_tiles(cu_q, cu_k, bm, q.shape[0])
-        grid = (tiles.shape[0] * H,)
+    if varlen:
+        table = _varlen_tiles(cu_q, cu_k, bm, q.shape[0])
+        grid = (table.shape[0] * H,)
     else:
-        tiles, grid = q, (triton.cdiv(n_q, bm), B * H)  # the TILES slot is unused in dense mode
-    _fwd_kernel_gluon[grid](*descs, o, lse, tiles, n_q, n_k, H, H // k.shape[1], *lse_bh,
+        table, grid = q, (triton.cdiv(n_q, bm), B * H)  # the TILES slot is unused in dense mode
+    _fwd_kernel_gluon[grid](*descs, o, lse, table, n_q, n_k, H, H // k.shape[1], *lse_bh,
                             sm_scale * LOG2E, D, bm, bn, cfg["STAGES"], causal, varlen, num_warps=4,
                             maxnreg=cfg["MAXNREG"])  # fmt: skip
 
