@@ -671,11 +671,12 @@ def _fwd_kernel_gluon(q_desc, k_desc, v_desc, O, LSE, TILES, n_q, n_k, H, GROUP,
     # head's first (heaviest) query block of the 8, then every head's second, and so on. Head by head,
     # each head's heaviest block started only after the previous heads' lightest ones, and the last
     # heads' heaviest ran on alone at the end: a list-scheduling model over 132 SMs (a program's time
-    # its key blocks plus one) puts that at 4-7% of the causal forward at N = 2k-8k (D=64, D=128), and
-    # under 1% taken 8 heads at a time. All heads at once would balance as well, but their K and V would
-    # not stay in L2 (64 heads of 4k keys at D=128: 128 MB), where 8 heads' do (16 MB). Measured on the
-    # H200 (3 rounds, medians, against head by head; notes/probes/flash_fwd_causal_lpt.py): D=64 1.03x /
-    # 1.01x / 1.01x at N = 2k / 4k / 8k, D=128 1.04x / 1.03x at 4k / 8k, GQA 32/8 8k 1.02x, MQA 4k level.
+    # its key blocks plus one; notes/probes/flash_causal_order_model.py) puts that at 4-7% over the
+    # ideal at N = 2k-8k (D=64, D=128), and 0-3% taken 8 heads at a time. All heads at once would balance
+    # better still, but their K and V would not stay in L2 (64 heads of 4k keys at D=128: 128 MB), where
+    # 8 heads' do (16 MB). Measured on the H200 (3 rounds, medians, against head by head;
+    # notes/probes/flash_fwd_causal_lpt.py): D=64 1.03x / 1.01x / 1.01x at N = 2k / 4k / 8k, D=128 1.04x
+    # / 1.03x at 4k / 8k, GQA 32/8 8k 1.02x, MQA 4k level.
     if CAUSAL:
         start_m = seq_q - (block + 1) * BLOCK_M
     else:
