@@ -20,7 +20,7 @@ sys.path.insert(0, str(HERE))
 import harness  # noqa: E402
 
 import torch  # noqa: E402
-from flash_rounds import check_pair, gluon_pair, interleaved, load_06_at  # noqa: E402  (this folder is on sys.path)
+from flash_rounds import check_pair, forward_rounds, gluon_pair, load_06_at  # noqa: E402  (this folder is on sys.path)
 
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 fa = harness.load_build("06_flash")
@@ -34,15 +34,9 @@ def main():
     cases = [(2, 4, 4, 1000, True), (1, 8, 2, 777, True, True), (1, 4, 1, 300, True), (1, 4, 4, 64, True),
              (2, 4, 4, 4096, True), (2, 4, 4, 1000, False)]  # fmt: skip
     check_pair(fwds, fa, dev, cases)
-    shapes = [(64, 8, 32, 2048), (64, 4, 32, 4096), (64, 2, 32, 8192), (64, 1, 32, 16384), (128, 4, 16, 4096)]
-    for D, B, H, N in shapes:
-        q, k, v, do = (torch.randn(B, H, N, D, device=dev, dtype=torch.bfloat16) for _ in range(4))
-        impls = fa._impls(True)
-        runs = [("cudnn", *impls["cudnn"]), ("06", *impls["ours"]), ("tl", *impls["ours_tl"])]
-        runs += [(name, lambda q, k, v, f=f: f(q, k, v, True), None) for name, f in fwds.items()]
-        flops = 4 * B * H * N * N * D * 0.5
-        interleaved(f"D={D} {(B, H, N)} causal forward", runs, flops, ROUNDS, fa._time,
-                    (q, k, v, do, dev, False), 0)  # fmt: skip
+    shapes = [(8, 32, 32, 2048, 64, True), (4, 32, 32, 4096, 64, True), (2, 32, 32, 8192, 64, True),
+              (1, 32, 32, 16384, 64, True), (4, 16, 16, 4096, 128, True)]  # fmt: skip
+    forward_rounds(fa, fwds, shapes, dev, ROUNDS, ("cudnn", "ours", "ours_tl"))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ sys.path.insert(0, str(HERE))
 import harness  # noqa: E402
 
 import torch  # noqa: E402
-from flash_rounds import check_pair, gluon_pair, interleaved, load_06_at  # noqa: E402  (this folder is on sys.path)
+from flash_rounds import check_pair, forward_rounds, gluon_pair, load_06_at  # noqa: E402  (this folder is on sys.path)
 
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 fa = harness.load_build("06_flash")
@@ -29,16 +29,9 @@ def main():
     fwds = gluon_pair(fa, load_06_at("e87a9e5", "flash_base"), ("8 heads", "head by head"))
     cases = [(2, 4, 4, 1000, True), (1, 8, 2, 777, True, True), (1, 4, 1, 300, True), (3, 5, 5, 2000, True)]
     check_pair(fwds, fa, dev, cases)
-    for D, B, H, H_KV, N in [(64, 8, 32, 32, 2048), (64, 4, 32, 32, 4096), (64, 2, 32, 32, 8192),
-                             (128, 4, 16, 16, 4096), (128, 2, 16, 16, 8192), (128, 2, 32, 8, 8192),
-                             (128, 4, 32, 1, 4096)]:  # fmt: skip
-        q, do = (torch.randn(B, H, N, D, device=dev, dtype=torch.bfloat16) for _ in range(2))
-        k, v = (torch.randn(B, H_KV, N, D, device=dev, dtype=torch.bfloat16) for _ in range(2))
-        runs = [("cudnn", *fa._impls(True)["cudnn"])]
-        runs += [(name, lambda q, k, v, f=f: f(q, k, v, True), None) for name, f in fwds.items()]
-        flops = 4 * B * H * N * N * D * 0.5
-        interleaved(f"D={D} {(B, H, H_KV, N)} causal forward", runs, flops, ROUNDS, fa._time,
-                    (q, k, v, do, dev, False), 0)  # fmt: skip
+    shapes = [(8, 32, 32, 2048, 64), (4, 32, 32, 4096, 64), (2, 32, 32, 8192, 64), (4, 16, 16, 4096, 128),
+              (2, 16, 16, 8192, 128), (2, 32, 8, 8192, 128), (4, 32, 1, 4096, 128)]  # fmt: skip
+    forward_rounds(fa, fwds, [(*s, True) for s in shapes], dev, ROUNDS)
 
 
 if __name__ == "__main__":

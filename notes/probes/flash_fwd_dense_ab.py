@@ -16,7 +16,7 @@ sys.path.insert(0, str(HERE))
 import harness  # noqa: E402
 
 import torch  # noqa: E402
-from flash_rounds import gluon_pair, interleaved, load_06_at  # noqa: E402  (this folder is on sys.path)
+from flash_rounds import forward_rounds, gluon_pair, load_06_at  # noqa: E402  (this folder is on sys.path)
 
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 fa = harness.load_build("06_flash")
@@ -26,16 +26,9 @@ def main():
     dev = torch.device("cuda")
     print(harness.env_line(dev, torch.bfloat16), flush=True)
     fwds = gluon_pair(fa, load_06_at("9eff7fa", "flash_base"), ("now", "9eff7fa"))
-    shapes = [(4, 16, 16, 4096, False), (2, 16, 16, 8192, False), (1, 16, 16, 16384, True)]
-    shapes.append((2, 32, 8, 8192, False))
-    for B, H, H_KV, N, causal in shapes:
-        q, do = (torch.randn(B, H, N, 128, device=dev, dtype=torch.bfloat16) for _ in range(2))
-        k, v = (torch.randn(B, H_KV, N, 128, device=dev, dtype=torch.bfloat16) for _ in range(2))
-        runs = [("cudnn", *fa._impls(causal)["cudnn"])]
-        runs += [(name, lambda q, k, v, f=f, c=causal: f(q, k, v, c), None) for name, f in fwds.items()]
-        flops = 4 * B * H * N * N * 128 * (0.5 if causal else 1.0)
-        interleaved(f"D=128 {(B, H, H_KV, N, causal)} forward", runs, flops, ROUNDS, fa._time,
-                    (q, k, v, do, dev, False), 0)  # fmt: skip
+    shapes = [(4, 16, 16, 4096, 128, False), (2, 16, 16, 8192, 128, False), (1, 16, 16, 16384, 128, True),
+              (2, 32, 8, 8192, 128, False)]  # fmt: skip
+    forward_rounds(fa, fwds, shapes, dev, ROUNDS)
 
 
 if __name__ == "__main__":

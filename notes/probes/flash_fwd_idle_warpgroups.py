@@ -21,7 +21,7 @@ sys.path.insert(0, str(HERE))
 import harness  # noqa: E402
 
 import torch  # noqa: E402
-from flash_rounds import check_pair, gluon_pair, interleaved, load_06_at  # noqa: E402  (this folder is on sys.path)
+from flash_rounds import D64_SHAPES, check_pair, forward_rounds, gluon_pair, interleaved, load_06_at  # noqa: E402  (this folder is on sys.path)
 
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 fa = harness.load_build("06_flash")
@@ -57,13 +57,7 @@ def main():
     cases = [(2, 4, 4, 1000, False), (1, 8, 2, 777, False, True), (1, 4, 1, 300, False),
              (2, 4, 4, 4096, False), (1, 4, 4, 4160, False, True)]  # fmt: skip
     check_pair(fwds, fa, dev, cases, causal=False)
-    for B, N in [(8, 2048), (4, 4096), (2, 8192), (1, 16384)]:
-        q, k, v, do = (torch.randn(B, 32, N, 64, device=dev, dtype=torch.bfloat16) for _ in range(4))
-        runs = [("cudnn", *fa._impls(False)["cudnn"])]
-        runs += [(name, lambda q, k, v, f=f: f(q, k, v, False), None) for name, f in fwds.items()]
-        flops = 4 * B * 32 * N * N * 64
-        interleaved(f"D=64 {(B, 32, N)} full forward", runs, flops, ROUNDS, fa._time,
-                    (q, k, v, do, dev, False), 0)  # fmt: skip
+    forward_rounds(fa, fwds, [(B, 32, 32, N, 64, False) for B, N in D64_SHAPES], dev, ROUNDS)
     for mean in (1024, 4096):
         varlen_rows(base, dev, mean)
 

@@ -18,7 +18,7 @@ sys.path.insert(0, str(HERE))
 import harness  # noqa: E402
 
 import torch  # noqa: E402
-from flash_rounds import check_pair, gluon_pair, interleaved, load_06_at  # noqa: E402  (this folder is on sys.path)
+from flash_rounds import D64_SHAPES, check_pair, forward_rounds, gluon_pair, load_06_at  # noqa: E402  (this folder is on sys.path)
 
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 fa = harness.load_build("06_flash")
@@ -31,13 +31,7 @@ def main():
     fwds = gluon_pair(fa, base, ("own blocks", "all blocks"))
     cases = [(2, 4, 4, 1000, True), (1, 8, 2, 777, True, True), (1, 4, 1, 300, True), (2, 4, 4, 4096, True)]
     check_pair(fwds, fa, dev, cases)
-    for B, N in [(8, 2048), (4, 4096), (2, 8192), (1, 16384)]:
-        q, k, v, do = (torch.randn(B, 32, N, 64, device=dev, dtype=torch.bfloat16) for _ in range(4))
-        runs = [("cudnn", *fa._impls(True)["cudnn"])]
-        runs += [(name, lambda q, k, v, f=f: f(q, k, v, True), None) for name, f in fwds.items()]
-        flops = 4 * B * 32 * N * N * 64 * 0.5
-        interleaved(f"D=64 {(B, 32, N)} causal forward", runs, flops, ROUNDS, fa._time,
-                    (q, k, v, do, dev, False), 0)  # fmt: skip
+    forward_rounds(fa, fwds, [(B, 32, 32, N, 64, True) for B, N in D64_SHAPES], dev, ROUNDS)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,23 @@ def check_forwards(fwds: dict, ref, D: int, device, cases: list, varlen: bool = 
                   f"{'ok' if err < 1e-2 else 'FAILED'}", flush=True)  # fmt: skip
 
 
+D64_SHAPES = [(8, 2048), (4, 4096), (2, 8192), (1, 16384)]  # (B, N) of 06's D=64 rows at 32 heads, 2k on
+
+
+def forward_rounds(fa, fwds: dict, shapes: list, device, rounds: int, impls: tuple = ("cudnn",)) -> None:
+    """Each of fwds (name -> fn(q, k, v, causal, cu=None) -> o) after fa's impls (cuDNN, and 06's own as
+    "ours", its tl kernel as "ours_tl") on dense bf16 shapes (B, H, H_KV, N, D, causal), forward only,
+    by fa's _time (CUDA-graph replay, L2 flushed), in interleaved rounds."""
+    for B, H, H_KV, N, D, causal in shapes:
+        q, do = (torch.randn(B, H, N, D, device=device, dtype=torch.bfloat16) for _ in range(2))
+        k, v = (torch.randn(B, H_KV, N, D, device=device, dtype=torch.bfloat16) for _ in range(2))
+        runs = [(name, *fa._impls(causal)[name]) for name in impls]
+        runs += [(name, lambda q, k, v, f=f, c=causal: f(q, k, v, c), None) for name, f in fwds.items()]
+        flops = 4 * B * H * N * N * D * (0.5 if causal else 1.0)
+        label = f"D={D} {(B, H, H_KV, N)} {'causal' if causal else 'full'} forward"
+        interleaved(label, runs, flops, rounds, fa._time, (q, k, v, do, device, False), 0)
+
+
 def d64_forward_rounds(base, fwds: dict, device, rounds: int) -> None:
     """Each of fwds (name -> fn(q, k, v, causal, cu) -> o) beside cuDNN and 06's default (base: 06's
     module) on 06's D=64 benchmark shapes at N >= 4k, bf16, forward only, in interleaved rounds."""
