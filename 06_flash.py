@@ -648,10 +648,11 @@ def _fwd_kernel_gluon(q_desc, k_desc, v_desc, O, LSE, TILES, n_q, n_k, H, GROUP,
             HEADS: gl.constexpr = 8
             blocks = gl.num_programs(0)
             at = pid_bh * blocks + block  # the launch order
-            first = at // (HEADS * blocks) * HEADS  # the first head of this program's 8
-            heads = gl.minimum(HEADS, gl.num_programs(1) - first)
-            block = (at - first * blocks) // heads
-            pid_bh = first + (at - first * blocks) % heads
+            head0 = at // (HEADS * blocks) * HEADS  # the first head of this program's 8
+            heads = gl.minimum(HEADS, gl.num_programs(1) - head0)
+            at_in_group = at - head0 * blocks
+            block = at_in_group // heads
+            pid_bh = head0 + at_in_group % heads
         b = pid_bh // H
         h = pid_bh % H
         h_kv = h // GROUP

@@ -92,25 +92,17 @@ def forward_rounds(fa, fwds: dict, shapes: list, device, rounds: int, impls: tup
         q, do = (torch.randn(B, H, N, D, device=device, dtype=torch.bfloat16) for _ in range(2))
         k, v = (torch.randn(B, H_KV, N, D, device=device, dtype=torch.bfloat16) for _ in range(2))
         runs = [(name, *fa._impls(causal)[name]) for name in impls]
-        runs += [(name, lambda q, k, v, f=f, c=causal: f(q, k, v, c), None) for name, f in fwds.items()]
+        runs += [(name, lambda q, k, v, f=f, c=causal: f(q, k, v, c, None), None) for name, f in fwds.items()]
         flops = 4 * B * H * N * N * D * (0.5 if causal else 1.0)
         label = f"D={D} {(B, H, H_KV, N)} {'causal' if causal else 'full'} forward"
         interleaved(label, runs, flops, rounds, fa._time, (q, k, v, do, device, False), 0)
 
 
 def d64_forward_rounds(base, fwds: dict, device, rounds: int) -> None:
-    """Each of fwds (name -> fn(q, k, v, causal, cu) -> o) beside cuDNN and 06's default (base: 06's
-    module) on 06's D=64 benchmark shapes at N >= 4k, bf16, forward only, in interleaved rounds."""
-    shapes = [(4, 32, 4096, False), (4, 32, 4096, True), (2, 32, 8192, False), (2, 32, 8192, True),
-              (1, 32, 16384, False), (1, 32, 16384, True)]  # fmt: skip
-    for B, H, N, causal in shapes:
-        q, k, v, do = (torch.randn(B, H, N, 64, device=device, dtype=torch.bfloat16) for _ in range(4))
-        impls = base._impls(causal)
-        runs = [("cudnn", *impls["cudnn"]), ("06", *impls["ours"])]
-        runs += [(name, lambda q, k, v, c=causal, f=f: f(q, k, v, c, None), None) for name, f in fwds.items()]
-        flops = 4 * B * H * N * N * 64 * (0.5 if causal else 1.0)
-        interleaved(f"D=64 {(B, H, N, causal)} forward", runs, flops, rounds, base._time,
-                    (q, k, v, do, device, False), 0)  # fmt: skip
+    """forward_rounds beside cuDNN and 06's default (base: 06's module) on 06's D=64 benchmark shapes at
+    N >= 4k, causal and not."""
+    shapes = [(B, 32, 32, N, 64, causal) for B, N in D64_SHAPES[1:] for causal in (False, True)]
+    forward_rounds(base, fwds, shapes, device, rounds, ("cudnn", "ours"))
 
 
 class Compiling:
