@@ -1156,9 +1156,19 @@ def _bwd_dq_kernel(Q, K, V, DO, LD, DQ, CU_Q, CU_K,
 #     of three rounds) the default backward runs 0.91-0.99x cuDNN at D=128 MHA with N >= 4k, 0.89-1.01x
 #     GQA 32/8, 0.93-0.94x MQA; at causal 4k the profile has 1,515 us (the kernel 1,402) against cuDNN's
 #     1,400.
-# Where they run: dense inputs under gluon_ok's rules. Where dkdv_splits shares a kv head's query group
-# among programs (MQA), each dK/dV (or fused) program walks its share of the heads and stores fp32
-# partial sums, added up afterwards, as in the tl kernel. Varlen takes the tl kernels.
+# Where they run: dense inputs under gluon_ok's rules. Varlen takes the tl kernels.
+# Shares of a group: where dkdv_splits shares a kv head's query group among programs (MQA; with a
+# causal mask, the ordered kernel's single-head shares: GQA too), each dK/dV (or fused) program walks
+# its share of the heads. Each share once stored fp32 partial sums, added and rounded by torch
+# afterwards, as in the tl kernel: (shares + 1) x 4 + 6 bytes of DRAM traffic an element of dK and of
+# dV. Now the shares of a key block sum in share order through one fp32 running sum (_gb_chain_store):
+# share s waits on a counter until share s - 1 has stored the sum, adds its own, stores it, and raises
+# the counter; the last rounds it into dK, dV. Share s - 1 was launched one head's key blocks earlier
+# with the same work, so the wait is short; the order is fixed, so the backward stays bitwise
+# repeatable. On the H200 (notes/probes/flash_bwd_chain.py, session 19, medians of 3 interleaved
+# rounds): GQA 32/8 causal 1.02x at 8k and 1.07x at 2k, MQA 4k 1.04x causal and 1.01x without a mask;
+# GQA 8k without a mask (whole groups) and MHA level. Compiled: the ordered causal kernel's 40 bytes of
+# spills in shares are gone.
 # Tails, as in the forward: a query row past the end has lse = +inf, so its P is 0; a key row past the
 # end is masked to P = 0 in dQ and its dK, dV rows are not stored. Every tile comes through a per-head
 # descriptor (_gluon_bwd_descs), so the rows past a head's end arrive as TMA's zeros: an inf or NaN in the
@@ -1233,8 +1243,8 @@ def _gb_dkdv_producer(descs, smem, bars, geom, SHIFT: gl.constexpr):
 
 
 @gluon.jit
-def _gb_dkdv_consumer(descs, smem, bars, geom, dq_io, qk_scale, CAUSAL: gl.constexpr, FUSED: gl.constexpr,
-                      WG: gl.constexpr):  # fmt: skip
+def _gb_dkdv_consumer(descs, smem, bars, geom, dq_io, chain, qk_scale, CAUSAL: gl.constexpr,
+                      FUSED: gl.constexpr, PARTIAL: gl.constexpr, WG: gl.constexpr):  # fmt: skip
     """One warpgroup's 64 keys (WG 0 or 1 of the program's 128): dK and dV over every step, then stored
     (dK scaled once at the end). FUSED: each step also this warpgroup's half of D of the step's dQ rows
     over all 128 keys (_gb_dq_step), handed to the writer warp through dq_io."""
@@ -1295,15 +1305,44 @@ def _gb_dkdv_consumer(descs, smem, bars, geom, dq_io, qk_scale, CAUSAL: gl.const
     offs_k = k0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, acc_layout))
     offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
     rows = (kv_head * n_k + offs_k).to(gl.int64) * HEAD_DIM  # dk, dv: contiguous, k's layout
+    at = rows[:, None] + offs_d[None, :]
     ok = (offs_k < n_k)[:, None]
-    out: gl.constexpr = DK.dtype.element_ty  # k's dtype, or fp32 for a split's partial sums
-    gl.store(DK + rows[:, None] + offs_d[None, :], (dk * sm_scale).to(out), mask=ok)
-    gl.store(DV + rows[:, None] + offs_d[None, :], dv.to(out), mask=ok)
+    dk = dk * sm_scale
+    if PARTIAL:  # a share of the group
+        block = kv_head * gl.cdiv(n_k, 2 * HALF) + start_n // (2 * HALF)
+        _gb_chain_store(dk, dv, at, ok, DK, DV, chain, block, WG)
+    else:  # the whole group: this program's sums are dK and dV
+        gl.store(DK + at, dk.to(DK.dtype.element_ty), mask=ok)
+        gl.store(DV + at, dv.to(DV.dtype.element_ty), mask=ok)
 
 
 @gluon.jit
-def _gb_dkdv_consumer1(descs, smem, bars, geom, dq_io, qk_scale, CAUSAL: gl.constexpr, FUSED: gl.constexpr):
-    _gb_dkdv_consumer(descs, smem, bars, geom, dq_io, qk_scale, CAUSAL, FUSED, 1)
+def _gb_chain_store(dk, dv, at, ok, DK, DV, chain, block, WG: gl.constexpr):
+    """A share's dK, dV (one warpgroup's 64 keys) added to the group's in share order: share s waits
+    until the shares before it have stored their running sum in the fp32 buffers (the counter of this
+    key block and warpgroup reads 128 s: each of their 128 threads raised it once, with release, after
+    its own stores), adds it, and stores the new sum there, or, the last share, rounds it into DK, DV."""
+    ACC_K, ACC_V, CHAIN, share, shares = chain
+    lock = CHAIN + block * 2 + WG
+    if share > 0:
+        _spin_until(lock, share * 128)
+        dk += gl.load(ACC_K + at, mask=ok, cache_modifier=".cg")  # from L2: the adds never touched L1
+        dv += gl.load(ACC_V + at, mask=ok, cache_modifier=".cg")
+    if share < shares - 1:
+        gl.store(ACC_K + at, dk, mask=ok)
+        gl.store(ACC_V + at, dv, mask=ok)
+        threads: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])  # one lane each of 4 warps
+        one = gl.full([128], 1, gl.int32, threads)
+        gl.atomic_add(lock + one * 0, one, sem="release")
+    else:
+        gl.store(DK + at, dk.to(DK.dtype.element_ty), mask=ok)
+        gl.store(DV + at, dv.to(DV.dtype.element_ty), mask=ok)
+
+
+@gluon.jit
+def _gb_dkdv_consumer1(descs, smem, bars, geom, dq_io, chain, qk_scale, CAUSAL: gl.constexpr,
+                       FUSED: gl.constexpr, PARTIAL: gl.constexpr):  # fmt: skip
+    _gb_dkdv_consumer(descs, smem, bars, geom, dq_io, chain, qk_scale, CAUSAL, FUSED, PARTIAL, 1)
 
 
 @gluon.jit
@@ -1423,13 +1462,14 @@ def _gb_dq_writer(descs, smem, bars, geom, dq_io, order, CAUSAL: gl.constexpr, O
 
 @gluon.jit
 def _bwd_dkdv_gluon(q_desc, k_desc, v_desc, do_desc, dq_desc, LD, DK, DV, SEM, n_q, n_k, H, GROUP, qk_scale,
-                    sm_scale, SPLITS, split_stride, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                    sm_scale, SPLITS, ACC_K, ACC_V, CHAIN, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
                     BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, FUSED: gl.constexpr,
                     PARTIAL: gl.constexpr, ORDERED: gl.constexpr, SHIFT: gl.constexpr):  # fmt: skip
     """Dense contiguous inputs through (rows, D) descriptors with 64-row tiles; one program per
     (128-key block, batch * kv head), walking the whole query group. PARTIAL: SPLITS programs share a
-    group, each walking GROUP / SPLITS of its heads and writing fp32 partial sums into its own
-    (B, H_KV, N, D) slice of DK, DV (split_stride elements apart). FUSED: dQ too, added into the fp32
+    group, each walking GROUP / SPLITS of its heads; they sum their dK, dV in share order through the
+    fp32 buffers ACC_K, ACC_V (k's shape), counted in CHAIN (one int32 per key block and warpgroup of
+    each kv head), and the last share stores DK, DV (_gb_chain_store). FUSED: dQ too, added into the fp32
     buffer under dq_desc ((B*H, N, D) in (1, 64, D / 2) tiles: TMA drops what a head's last tile adds past
     its rows) by a fourth partition, the writer warp. ORDERED (with FUSED): in a fixed order, counted in
     SEM, the last key block's program launched first; SHIFT (ORDERED without a mask): the walk starts at
@@ -1440,11 +1480,11 @@ def _bwd_dkdv_gluon(q_desc, k_desc, v_desc, do_desc, dq_desc, LD, DK, DV, SEM, n
     else:
         start_n = gl.program_id(0) * BLOCK_N
     pid = gl.program_id(1)  # (batch * H_KV + kv head) * SPLITS + split
+    split = pid * 0
     if PARTIAL:
         split = pid % SPLITS
         pid = pid // SPLITS
-        DK = DK + split.to(gl.int64) * split_stride
-        DV = DV + split.to(gl.int64) * split_stride
+    chain = (ACC_K, ACC_V, CHAIN, split, SPLITS)
     b = pid // (H // GROUP)
     h_kv = pid % (H // GROUP)
     q_head0 = b * H + h_kv * GROUP  # the group's first query head
@@ -1495,16 +1535,16 @@ def _bwd_dkdv_gluon(q_desc, k_desc, v_desc, do_desc, dq_desc, LD, DK, DV, SEM, n
         dq_io = (ds_smem, ds_bar, dq_desc, dq_smem, dq_full, dq_empty)
         order = (SEM, gl.num_programs(1) // SPLITS * GROUP)  # the counters and B * H
         gl.warp_specialize([
-            (_gb_dkdv_consumer, (descs, smem, bars, geom, dq_io, qk_scale, CAUSAL, FUSED, 0)),
-            (_gb_dkdv_consumer1, (descs, smem, bars, geom, dq_io, qk_scale, CAUSAL, FUSED)),
+            (_gb_dkdv_consumer, (descs, smem, bars, geom, dq_io, chain, qk_scale, CAUSAL, FUSED, PARTIAL, 0)),
+            (_gb_dkdv_consumer1, (descs, smem, bars, geom, dq_io, chain, qk_scale, CAUSAL, FUSED, PARTIAL)),
             (_gb_dkdv_producer, (descs, smem, bars, geom, SHIFT)),
             (_gb_dq_writer, (descs, smem, bars, geom, dq_io, order, CAUSAL, ORDERED, SHIFT)),
         ], [4, 1, 1], [240, 24, 24])  # fmt: skip
     else:
         fence_async_shared()
         gl.warp_specialize([
-            (_gb_dkdv_consumer, (descs, smem, bars, geom, None, qk_scale, CAUSAL, FUSED, 0)),
-            (_gb_dkdv_consumer1, (descs, smem, bars, geom, None, qk_scale, CAUSAL, FUSED)),
+            (_gb_dkdv_consumer, (descs, smem, bars, geom, None, chain, qk_scale, CAUSAL, FUSED, PARTIAL, 0)),
+            (_gb_dkdv_consumer1, (descs, smem, bars, geom, None, chain, qk_scale, CAUSAL, FUSED, PARTIAL)),
             (_gb_dkdv_producer, (descs, smem, bars, geom, SHIFT)),
         ], [4, 1], [240, 24])  # fmt: skip
 
@@ -1942,9 +1982,9 @@ def _bwd(do, q, k, v, o, lse, cu, B, n_q, n_k, causal, sm_scale, poison, determi
     splits = _FIXED["splits"] or dkdv_splits(n_k, B, h_kv, H // h_kv, q.device, ordered and causal)
     if (H // h_kv) % splits:  # a program walks GROUP // splits heads: a remainder would be dropped
         raise ValueError(f"dK/dV splits {splits} must divide the query group {H // h_kv}")
-    if splits == 1:  # each program owns its dK/dV rows outright
+    if splits == 1 or gluon:  # each program owns its dK/dV rows outright, or the last share stores them
         dk, dv = (_empty(t.shape, t, poison=poison) for t in (k, v))
-    else:  # fp32 partial sums, one per split, reduced below
+    else:  # the tl kernel's fp32 partial sums, one per split, reduced below
         dk, dv = (_empty((splits, *t.shape), t, torch.float32, poison) for t in (k, v))
     cu_q, cu_k = cu if varlen else (q, q)
     common = dict(HEAD_DIM=D, CAUSAL=causal, IS_VARLEN=varlen)
@@ -1960,7 +2000,7 @@ def _bwd(do, q, k, v, o, lse, cu, B, n_q, n_k, causal, sm_scale, poison, determi
                 *_bhn(dk_b, varlen), *_bhn(dv_b, varlen), dk.stride(0) if splits > 1 else 0, *dq_bhn,
                 *ld_bh, n_q, n_k, h_kv, H // h_kv, splits, sm_scale * LOG2E, sm_scale,
                 _bucket(max(n_q, n_k)), _bucket(B * h_kv * splits), ATOMIC_DQ=atomic, **common)  # fmt: skip
-    if splits > 1:
+    if splits > 1 and not gluon:
         dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)  # summed in fp32, rounded once
     if fused:  # the shifted walk's two buffers summed in fp32, rounded once
         return (dq.sum(0) if shift else dq[0]).to(q.dtype), dk, dv
@@ -2010,25 +2050,29 @@ def _shift_fits(q, n_q, n_k):
 
 
 def _dkdv_gluon(descs, ld, dk, dv, q, k, causal, sm_scale, dq=None, splits=1, ordered=False, shift=False):
-    """The Gluon dK/dV kernel into contiguous dk, dv, one program walking each kv head's group; launched
-    like the forward (4 warps + the workers' 5, 168-register cap redistributed 240 / 24). With dq (fp32
-    zeros shaped (1, *q.shape), or (2, *q.shape) with shift): the fused kernel, which also adds scale *
-    dS K into it (one more worker, the writer warp, with 24 registers); ordered: in a fixed order,
-    counted in int32 counters, one per (buffer, query head, query block). splits > 1: a program walks a
-    share of the group, and dk, dv are (splits, B, H_KV, N, D) fp32 buffers of partial sums, one per
-    share."""
+    """The Gluon dK/dV kernel into contiguous dk, dv (k's shape and dtype), one program walking each kv
+    head's group; launched like the forward (4 warps + the workers' 5, 168-register cap redistributed
+    240 / 24). With dq (fp32 zeros shaped (1, *q.shape), or (2, *q.shape) with shift): the fused kernel,
+    which also adds scale * dS K into it (one more worker, the writer warp, with 24 registers); ordered:
+    in a fixed order, counted in int32 counters, one per (buffer, query head, query block). splits > 1:
+    a program walks a share of the group, and the shares sum dK, dV in share order through fp32 running
+    sums, counted in int32 counters of their own (after the ordered ones, in one zeroed buffer)."""
     B, H, n_q, D = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     bn = GLUON_BWD["BLOCK"]
     dq_desc = None if dq is None else _gluon_desc(dq.view(-1, n_q, D), [1, GLUON_BWD["TILE"], D // 2])
-    # the counters; unordered, the kernel never reads SEM, and ld fills the slot
-    sem = torch.zeros((1 + shift) * B * H * triton.cdiv(n_q, GLUON_BWD["TILE"]), device=q.device,
-                      dtype=torch.int32) if ordered else ld  # fmt: skip
-    stride = dk.stride(0) if splits > 1 else 0
+    n_sem = (1 + shift) * B * H * triton.cdiv(n_q, GLUON_BWD["TILE"]) if ordered else 0
+    n_chain = B * h_kv * triton.cdiv(n_k, bn) * 2 if splits > 1 else 0  # (kv head, key block, warpgroup)
+    # the counters; where the kernel reads neither SEM nor CHAIN, ld fills their slots
+    sem = torch.zeros(n_sem + n_chain, device=q.device, dtype=torch.int32) if n_sem + n_chain else ld
+    if splits > 1:  # the shares' running sums of dK and dV
+        chain, acc = sem[n_sem:], torch.empty((2, *k.shape), device=k.device, dtype=torch.float32)
+    else:  # read by no program
+        chain, acc = ld, (ld, ld)
     _bwd_dkdv_gluon[(triton.cdiv(n_k, bn), B * h_kv * splits)](
-        *descs, dq_desc, ld, dk, dv, sem, n_q, n_k, H, H // h_kv, sm_scale * LOG2E, sm_scale, splits, stride,
-        D, GLUON_BWD["TILE"], bn, GLUON_BWD["DKDV_STAGES"], causal, dq is not None, splits > 1, ordered,
-        shift, num_warps=4, maxnreg=168)  # fmt: skip
+        *descs, dq_desc, ld, dk, dv, sem, n_q, n_k, H, H // h_kv, sm_scale * LOG2E, sm_scale, splits, *acc,
+        chain, D, GLUON_BWD["TILE"], bn, GLUON_BWD["DKDV_STAGES"], causal, dq is not None, splits > 1,
+        ordered, shift, num_warps=4, maxnreg=168)  # fmt: skip
 
 
 def _dq_gluon(descs, ld, dq, q, k, causal, sm_scale):

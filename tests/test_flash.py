@@ -356,7 +356,8 @@ CASES = ["mha", "gqa_split", "shift", "atomic", "atomic_split", "two_kernel", "s
 def test_backward_hands_the_gluon_kernels_their_outputs(monkeypatch, case):
     """Where gluon_ok says yes, _bwd gives all three gradients to the fused Gluon kernel: dQ as a zeroed
     fp32 buffer it adds into, in order (deterministic) or not, and without a mask as two buffers (the
-    shifted walk) then summed; a split group's dK, dV as fp32 partial sums, then added up. Under
+    shifted walk) then summed; dK, dV in k's shape and dtype, a split group's too (its shares sum them
+    in the kernel). Under
     two_kernel_backward, and on sequences too short for the ordered kernel to pay (these: 40 rows), the
     deterministic backward takes the Gluon dK/dV kernel, then the Gluon dQ kernel; two_kernel_backward
     (False) forces the ordered kernel. Varlen takes the tl kernels."""
@@ -375,10 +376,9 @@ def test_backward_hands_the_gluon_kernels_their_outputs(monkeypatch, case):
         assert dq is not None or not (ordered or shift)  # the order is the fused kernel's alone
         kind = "gluon dkdv" if dq is None else "gluon fused" + " ordered" * ordered + " shifted" * shift
         launched.append(f"{kind} in {splits}")
-        assert dk.shape == ((splits, *k.shape) if splits > 1 else k.shape)
-        assert dk.dtype == (torch.float32 if splits > 1 else k.dtype)
-        dk.fill_(1.0 / splits)  # the partial sums add up to 1 and 2
-        dv.fill_(2.0 / splits)
+        assert dk.shape == dv.shape == k.shape and dk.dtype == dv.dtype == k.dtype
+        dk.fill_(1.0)
+        dv.fill_(2.0)
         if dq is not None:  # adds into zeros: one buffer, or two with shift, summed afterwards
             assert dq.dtype == torch.float32 and dq.shape == (1 + shift, *q.shape) and not dq.any()
             dq.fill_(3.0 / (1 + shift))
@@ -530,8 +530,9 @@ def test_gluon_tiles_of_dense_inputs_stay_inside_a_head(monkeypatch, varlen):
 @pytest.mark.parametrize("splits", [1, 2])
 def test_gluon_dkdv_launch_of_a_shared_group(monkeypatch, splits):
     """_dkdv_gluon launches one program per (128-key block, batch * kv head, share of the group), and with
-    shares (splits > 1) hands the kernel the fp32 partial buffers' split stride and PARTIAL; whole groups
-    get neither (stride 0), so their kernel is the one without the shares' arithmetic."""
+    shares (splits > 1) hands the kernel PARTIAL, fp32 running sums of dK and dV in k's shape and zeroed
+    int32 counters, one per (batch * kv head, key block, warpgroup); whole groups get none of them, so
+    their kernel is the one without the shares' arithmetic."""
     launches = []
 
     class Grab:  # stands in for the Gluon dK/dV kernel: records its grid and arguments, launches nothing
@@ -543,21 +544,30 @@ def test_gluon_dkdv_launch_of_a_shared_group(monkeypatch, splits):
     q = torch.randn(2, 4, 200, 128, dtype=F16)
     k = torch.randn(2, 2, 200, 128, dtype=F16)
     descs = mod._gluon_bwd_descs(q, k, k, q)
-    shape = (splits, *k.shape) if splits > 1 else k.shape
-    dk, dv = (torch.empty(shape, dtype=torch.float32 if splits > 1 else F16) for _ in range(2))
-    mod._dkdv_gluon(descs, torch.empty(2, 4, 200, 2), dk, dv, q, k, False, 0.1, None, splits)
+    dk, dv = torch.empty_like(k), torch.empty_like(k)
+    ld = torch.empty(2, 4, 200, 2)
+    mod._dkdv_gluon(descs, ld, dk, dv, q, k, False, 0.1, None, splits)
     ((grid, args, kw),) = launches
     assert grid == (2, 2 * 2 * splits)  # ceil(200 / 128) key blocks, B * H_KV * shares
     bound = dict(zip(names, args, strict=True))
     assert bound["SPLITS"] == splits and bound["PARTIAL"] == (splits > 1)
-    assert bound["split_stride"] == (dk.stride(0) if splits > 1 else 0)
+    assert bound["DK"] is dk and bound["DV"] is dv
     assert bound["FUSED"] is False and bound["dq_desc"] is None
+    if splits == 1:
+        assert all(bound[n] is ld for n in ("ACC_K", "ACC_V", "CHAIN"))
+    else:
+        for n in ("ACC_K", "ACC_V"):
+            assert bound[n].shape == k.shape and bound[n].dtype == torch.float32
+        assert bound["ACC_K"].data_ptr() != bound["ACC_V"].data_ptr()
+        chain = bound["CHAIN"]
+        assert chain.dtype == torch.int32 and chain.numel() == 2 * 2 * 2 * 2 and not chain.any()
 
 
-@pytest.mark.parametrize("shift", [False, True])
-def test_gluon_dkdv_launch_in_order(monkeypatch, shift):
+@pytest.mark.parametrize("shift, splits", [(False, 1), (True, 1), (False, 2)])
+def test_gluon_dkdv_launch_in_order(monkeypatch, shift, splits):
     """The ordered fused kernel gets zeroed int32 counters, one per (dQ buffer, query head, 64-row query
-    block), and a dQ descriptor over every buffer's rows: two buffers with the shifted walk."""
+    block), and a dQ descriptor over every buffer's rows: two buffers with the shifted walk. With shares
+    of the group, their counters follow in the same zeroed buffer."""
     launches = []
 
     class Grab:  # stands in for the Gluon dK/dV kernel: records its grid and arguments, launches nothing
@@ -571,12 +581,15 @@ def test_gluon_dkdv_launch_in_order(monkeypatch, shift):
     descs = mod._gluon_bwd_descs(q, k, k, q)
     dk, dv = torch.empty_like(k), torch.empty_like(k)
     dq = torch.zeros(1 + shift, *q.shape)
-    mod._dkdv_gluon(descs, torch.empty(2, 4, 200, 2), dk, dv, q, k, not shift, 0.1, dq, 1, True, shift)
+    mod._dkdv_gluon(descs, torch.empty(2, 4, 200, 2), dk, dv, q, k, not shift, 0.1, dq, splits, True, shift)
     ((grid, args, kw),) = launches
     bound = dict(zip(names, args, strict=True))
     assert bound["FUSED"] is True and bound["ORDERED"] is True and bound["SHIFT"] == shift
-    sem = bound["SEM"]
-    assert sem.dtype == torch.int32 and sem.numel() == (1 + shift) * 2 * 4 * 4 and not sem.any()
+    sem, n_sem = bound["SEM"], (1 + shift) * 2 * 4 * 4  # (buffer, B * H, 64-row query blocks)
+    n_chain = 2 * 2 * 2 * 2 if splits > 1 else 0  # (B * H_KV, 128-key blocks, warpgroups)
+    assert sem.dtype == torch.int32 and sem.numel() == n_sem + n_chain and not sem.any()
+    if splits > 1:
+        assert bound["CHAIN"].data_ptr() == sem[n_sem:].data_ptr() and bound["CHAIN"].numel() == n_chain
     assert tuple(bound["dq_desc"].shape) == ((1 + shift) * 2 * 4, 200, 128)
 
 
