@@ -1167,7 +1167,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LD, DQ, CU_Q, CU_K,
 # with the same work, so the wait is short; the order is fixed, so the backward stays bitwise
 # repeatable. On the H200 (notes/probes/flash_bwd_chain.py, session 19, medians of 3 interleaved
 # rounds): GQA 32/8 causal 1.02x at 8k and 1.07x at 2k, MQA 4k 1.04x causal and 1.01x without a mask;
-# GQA 8k without a mask (whole groups) and MHA level. Compiled: the ordered causal kernel's 40 bytes of
+# GQA 8k without a mask (whole groups) and MHA level. By the benchmark against its previous run
+# (results/06_flash.json at 8d192cc, 3235d40): GQA 32/8 causal 1.06x at 2k and level at 8k (a row that
+# moves ~2% between runs), MQA 4k causal 1.02x. Compiled: the ordered causal kernel's 40 bytes of
 # spills in shares are gone.
 # Tails, as in the forward: a query row past the end has lse = +inf, so its P is 0; a key row past the
 # end is masked to P = 0 in dQ and its dK, dV rows are not stored. Every tile comes through a per-head
@@ -1326,7 +1328,7 @@ def _gb_chain_store(dk, dv, at, ok, DK, DV, chain, block, WG: gl.constexpr):
     lock = CHAIN + block * 2 + WG
     if share > 0:
         _spin_until(lock, share * 128)
-        dk += gl.load(ACC_K + at, mask=ok, cache_modifier=".cg")  # from L2: the adds never touched L1
+        dk += gl.load(ACC_K + at, mask=ok, cache_modifier=".cg")  # from L2, never a stale line of L1
         dv += gl.load(ACC_V + at, mask=ok, cache_modifier=".cg")
     if share < shares - 1:
         gl.store(ACC_K + at, dk, mask=ok)
@@ -1480,7 +1482,7 @@ def _bwd_dkdv_gluon(q_desc, k_desc, v_desc, do_desc, dq_desc, LD, DK, DV, SEM, n
     else:
         start_n = gl.program_id(0) * BLOCK_N
     pid = gl.program_id(1)  # (batch * H_KV + kv head) * SPLITS + split
-    split = pid * 0
+    split = pid * 0  # one share: the whole group
     if PARTIAL:
         split = pid % SPLITS
         pid = pid // SPLITS
