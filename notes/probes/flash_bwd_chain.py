@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import harness  # noqa: E402
 
 import torch  # noqa: E402
-from flash_rounds import interleaved, load_06_at  # noqa: E402  (this folder is on sys.path)
+from flash_rounds import bwd_inputs, interleaved, load_06_at  # noqa: E402  (this folder is on sys.path)
 
 fa = harness.load_build("06_flash")
 base = load_06_at("3235d40", "flash_3235d40")
@@ -49,9 +49,7 @@ def main():
     print(harness.env_line(device, torch.bfloat16), flush=True)
     checks(device)
     for B, H, H_KV, N, causal in SHAPES:
-        q, do = (torch.randn(B, H, N, 128, device=device, dtype=torch.bfloat16) for _ in range(2))
-        k, v = (torch.randn(B, H_KV, N, 128, device=device, dtype=torch.bfloat16) for _ in range(2))
-        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        q, k, v, do = bwd_inputs(B, H, H_KV, N, device)
         impls, old = fa._impls(causal), base._impls(causal)
         runs = [
             ("cudnn", *impls["cudnn"]),

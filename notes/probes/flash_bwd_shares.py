@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import harness  # noqa: E402
 
 import torch  # noqa: E402
-from flash_rounds import interleaved  # noqa: E402  (this folder is on sys.path)
+from flash_rounds import bwd_inputs, interleaved  # noqa: E402  (this folder is on sys.path)
 
 fa = harness.load_build("06_flash")
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
@@ -46,9 +46,7 @@ def main():
     if os.environ.get("GQA") != "1":
         checks(device)
     for (B, H, H_KV, N, causal), counts in SHARES.items():
-        q, do = (torch.randn(B, H, N, 128, device=device, dtype=torch.bfloat16) for _ in range(2))
-        k, v = (torch.randn(B, H_KV, N, 128, device=device, dtype=torch.bfloat16) for _ in range(2))
-        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        q, k, v, do = bwd_inputs(B, H, H_KV, N, device)
         impls = fa._impls(causal)
         runs = [("cudnn", *impls["cudnn"])]
         for n in counts:

@@ -37,6 +37,13 @@ def interleaved(label: str, runs: list, flops: float, rounds: int, time, args: t
     return med
 
 
+def bwd_inputs(B: int, H: int, H_KV: int, N: int, device, D: int = 128) -> tuple:
+    """(q, k, v, do) for the backward probes: random bf16, dense, q, k, v requiring grad."""
+    q, do = (torch.randn(B, H, N, D, device=device, dtype=torch.bfloat16) for _ in range(2))
+    k, v = (torch.randn(B, H_KV, N, D, device=device, dtype=torch.bfloat16) for _ in range(2))
+    return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), do
+
+
 def gluon_fwd(fa, q, k, v, causal, cu=None):
     """o, lse of the Gluon forward of fa (06's module or a variant of it): dense (B, H, N, D), or packed
     (T, H, D) with cu = (cu_q, cu_k, max_len)."""
