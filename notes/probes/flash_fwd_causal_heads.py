@@ -9,7 +9,6 @@ heads are 8, 15, 20 and 33 (D=64 and 128), and 06's isolation check at D=64 caus
 beside cuDNN in interleaved rounds. GPU only:
     BASE=data/06_flash_d023a8f.py python -u notes/probes/flash_fwd_causal_heads.py   (ROUNDS=3)"""
 
-import importlib.util
 import os
 import sys
 import tempfile
@@ -21,7 +20,7 @@ sys.path.insert(0, str(HERE))
 import harness  # noqa: E402
 
 import torch  # noqa: E402
-from flash_rounds import check_pair, forward_rounds, gluon_pair, load_06_at  # noqa: E402  (this folder is on sys.path)
+from flash_rounds import check_pair, forward_rounds, gluon_pair, load_06_at, load_module  # noqa: E402  (this folder is on sys.path)
 
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 fa = harness.load_build("06_flash")
@@ -34,10 +33,7 @@ def by_head_dim(base):
     assert src.count(old) == 1, "the causal launch order's HEADS line moved"
     path = Path(tempfile.mkdtemp()) / "flash_heads_by_dim.py"
     path.write_text(src.replace(old, "HEADS: gl.constexpr = 1024 // HEAD_DIM"))
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_module(path, path.stem)
 
 
 def main():

@@ -8,7 +8,6 @@ GPU ("the loops as before, no spills"). Use the GPU's Triton (3.6; flash_ptxas.p
 Words filter the launches by their labels, e.g. `fwd dense causal` or `dkdv ordered=True`."""
 
 import argparse
-import importlib.util
 import os
 import re
 import sys
@@ -20,16 +19,9 @@ sys.path.insert(0, str(HERE.parents[1]))
 sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
-from flash_rounds import Compiling, gluon_fwd  # noqa: E402
+from flash_rounds import Compiling, gluon_fwd, load_module  # noqa: E402
 
 BF16 = torch.bfloat16
-
-
-def load(path: Path):
-    spec = importlib.util.spec_from_file_location("flash_" + re.sub(r"\W", "_", path.stem), path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def compiling(fa, name: str, label: str) -> None:
@@ -60,6 +52,14 @@ def forwards(fa, want):
                     gluon_fwd(fa, q, k, k, causal)
 
 
+def bwd_operands(fa):
+    """q (4 heads), k (2 kv heads) of 1,000 rows at D=128, the backward's descriptors over them, and an
+    (lse, delta) buffer: what the dK/dV and dQ launches take."""
+    q = torch.empty(1, 4, 1000, 128, dtype=BF16)
+    k = torch.empty(1, 2, 1000, 128, dtype=BF16)
+    return q, k, fa._gluon_bwd_descs(q, k, k, q), torch.empty(1, 4, 1000, 2)
+
+
 def dkdv(fa, want):
     for causal in (False, True):
         for fused, ordered in ((False, False), (True, False), (True, True)):
@@ -69,13 +69,20 @@ def dkdv(fa, want):
                 if not want(label):
                     continue
                 compiling(fa, "_bwd_dkdv_gluon", label)
-                q = torch.empty(1, 4, 1000, 128, dtype=BF16)
-                k = torch.empty(1, 2, 1000, 128, dtype=BF16)
-                dk, dv = torch.empty_like(k), torch.empty_like(k)
+                q, k, descs, ld = bwd_operands(fa)
                 dq = torch.zeros((1, *q.shape)) if fused else None
-                descs = fa._gluon_bwd_descs(q, k, k, q)
                 fa._dkdv_gluon(
-                    descs, torch.empty(1, 4, 1000, 2), dk, dv, q, k, causal, 0.1, dq, splits, ordered
+                    descs,
+                    ld,
+                    torch.empty_like(k),
+                    torch.empty_like(k),
+                    q,
+                    k,
+                    causal,
+                    0.1,
+                    dq,
+                    splits,
+                    ordered,
                 )
 
 
@@ -85,10 +92,8 @@ def dq(fa, want):
         if not want(label):
             continue
         compiling(fa, "_bwd_dq_gluon", label)
-        q = torch.empty(1, 4, 1000, 128, dtype=BF16)
-        k = torch.empty(1, 2, 1000, 128, dtype=BF16)
-        descs = fa._gluon_bwd_descs(q, k, k, q)
-        fa._dq_gluon(descs, torch.empty(1, 4, 1000, 2), torch.empty_like(q), q, k, causal, 0.1)
+        q, k, descs, ld = bwd_operands(fa)
+        fa._dq_gluon(descs, ld, torch.empty_like(q), q, k, causal, 0.1)
 
 
 def main():
@@ -96,7 +101,7 @@ def main():
     parser.add_argument("--file", type=Path, default=HERE.parents[1] / "06_flash.py")
     parser.add_argument("words", nargs="*", help="compile only the launches whose labels hold every word")
     args = parser.parse_args()
-    fa = load(args.file)
+    fa = load_module(args.file, "flash_" + re.sub(r"\W", "_", args.file.stem))
 
     def want(label):
         return all(w in label for w in args.words)

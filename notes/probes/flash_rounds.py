@@ -162,6 +162,14 @@ def check_pair(fwds: dict, fa, device, cases: list, causal: bool = True) -> None
             print(f"check D=64 {where} {mask} beside inf/NaN rows: {got} ok", flush=True)
 
 
+def load_module(path, name: str):
+    """The Python file at path, imported as a module of its own named name."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def load_06_at(commit: str, name: str):
     """06_flash.py as of commit, imported as a module of its own named name: from the file $BASE names
     (a copy carried to a GPU machine, which has no git history), else from `git show`."""
@@ -170,10 +178,7 @@ def load_06_at(commit: str, name: str):
         show = ["git", "-C", HERE.parents[1], "show", f"{commit}:06_flash.py"]
         path = Path(tempfile.mkdtemp()) / f"{name}.py"
         path.write_text(subprocess.run(show, capture_output=True, text=True, check=True).stdout)
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_module(path, name)
 
 
 PATCH_BASE = "da2323e"  # the last commit whose 06_flash.py flash_fwd_pingpong.patch applies to
@@ -197,10 +202,7 @@ def load_pingpong(name: str = "pingpong", edit=None):
         subprocess.run(["patch", "-s", "-o", patched, base], stdin=diff, check=True)
     path = tmp / f"flash_{name.replace(' ', '_')}.py"
     path.write_text(edit(patched.read_text()) if edit else patched.read_text())
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_module(path, path.stem)
 
 
 @contextlib.contextmanager
