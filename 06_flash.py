@@ -1131,20 +1131,29 @@ def _bwd_dq_kernel(Q, K, V, DO, LD, DQ, CU_Q, CU_K,
 #     writer warp spins until it equals its key block's rank (an acquire load in inline PTX; as a loop of
 #     atomics, ptxas spilled in the consumers' loop), adds, waits until the adds have landed, and raises
 #     it (release). The order is the one in which the programs reach a query block, so waits are short:
-#       causal: a key block's program starts at its diagonal, so of the key blocks that see query block
-#       m the last reaches it first: descending key blocks;
+#       causal: every program walks its query blocks from the last down to its diagonal, each for every
+#       one of its heads in turn (_gb_step), so all key blocks reach a query block at the same step,
+#       and they add in the order of their launch: ascending key blocks (the launch below);
 #       no mask: all programs would start at query block 0 at once, each waiting on the one before it
 #       (0.84x cuDNN at MHA 4k against 0.99x unordered); so program j walks from block j on, wrapping
 #       round (SHIFT), and block m's programs j <= m arrive in descending j one step apart, the ones
 #       that wrapped round (j > m) later, descending too. One order over both would be a ring (the
 #       wrapped programs wait on j = 0, which waits on them), so the wrapped ones add into a second dQ
 #       buffer with counters of its own, summed with the first afterwards.
-#     Every program then waits only on programs of higher key blocks, and the grid launches those first
-#     (key blocks reversed), so no wait is on a program not yet launched, however few are resident
-#     (launched unreversed, causal 16k ran at 0.66x cuDNN: programs waited on ones not yet resident). The
-#     reversed launch runs a kv head's heaviest program (key block 0) last, and a whole GQA group makes
-#     it GROUP times heavier: GQA 32/8 causal 8k ran at 0.81x, in single-head shares 0.93-0.95x (MQA 4k
-#     0.93x against 0.84x in shares of 4), so with a mask a program takes one head (dkdv_splits).
+#     Every program then waits only on programs launched before it, however few are resident (a launch
+#     that broke this, causal 16k, ran at 0.66x cuDNN: programs waited on ones not yet resident). Without
+#     a mask the grid launches the higher key blocks first (key blocks reversed). With one, it launches
+#     key block 0, the heaviest, first: the grid is (units, key blocks, groups of units), so the launch
+#     takes a group of units (rows of (batch, kv head, share); causal_units sizes the group to what
+#     L2 holds) at a time, every unit's key block 0, then every unit's key block 1, and so on. Until
+#     session 20 the causal adds went down from the last key block, each program walking up from its
+#     diagonal, and the launch ran each unit's key blocks last first: the heaviest program of each unit
+#     last, the last units' heaviest alone at the end. A list-scheduling model (132 SMs;
+#     notes/probes/flash_bwd_order_model.py) put that at 1.07-1.08x the ideal at MHA 4k-16k and 1.04x at
+#     GQA 32/8 8k in one-head shares; heaviest first over two or more units, 1.00-1.01x. On the H200
+#     (notes/probes/flash_bwd_causal_order.py, two calls of 3 interleaved rounds, medians): MHA causal
+#     1.04x at 4k and 8k, 1.02x at 16k; GQA 32/8 causal 8k 1.08x, 2k 1.09x, MQA 4k 1.04-1.05x, each with
+#     dkdv_splits' shares for the new launch (whole groups at 2k, 2 heads a program at 8k, 4 for MQA).
 #     Releasing once the copy engine has read the tile (FlashAttention-3's order) measured -3% to +6%
 #     on unshifted walks (+25% where the unreversed launch stalled), but leaves two SMs' adds to one
 #     tile both in flight, in no order the memory system promises: not taken. Measured on the
@@ -1152,25 +1161,24 @@ def _bwd_dq_kernel(Q, K, V, DO, LD, DQ, CU_Q, CU_K,
 #     1.14x the two-kernel road at D=128 MHA 4k-16k, GQA 32/8 8k and MQA 4k (1.00x MQA causal, in shares
 #     of 4). Shorter, its fixed costs (a head's programs settling into order, the second buffer) lose to
 #     the two kernels, which take those lengths (_ordered_pays). Compiled: 168 registers, no spills, a
-#     loop of 402 instructions (563 causal). By the benchmark (results/06_flash.json, 2ac9f0b, medians
+#     loop of 402 instructions (563 causal; 571 with session 20's walk). By the benchmark (2ac9f0b, medians
 #     of three rounds) the default backward runs 0.91-0.99x cuDNN at D=128 MHA with N >= 4k, 0.89-1.01x
 #     GQA 32/8, 0.93-0.94x MQA; at causal 4k the profile has 1,515 us (the kernel 1,402) against cuDNN's
 #     1,400.
 # Where they run: dense inputs under gluon_ok's rules. Varlen takes the tl kernels.
-# Shares of a group: where dkdv_splits shares a kv head's query group among programs (MQA; with a
-# causal mask, the ordered kernel's single-head shares: GQA too), each dK/dV (or fused) program walks
-# its share of the heads. Each share once stored fp32 partial sums, added and rounded by torch
-# afterwards, as in the tl kernel: (shares + 1) x 4 + 6 bytes of DRAM traffic an element of dK and of
-# dV. Now the shares of a key block sum in share order through one fp32 running sum (_gb_chain_store):
-# share s waits on a counter until share s - 1 has stored the sum, adds its own, stores it, and raises
-# the counter; the last rounds it into dK, dV. Share s - 1 was launched one head's key blocks earlier
-# with the same work, so the wait is short; the order is fixed, so the backward stays bitwise
-# repeatable. On the H200 (notes/probes/flash_bwd_chain.py, session 19, medians of 3 interleaved
-# rounds): GQA 32/8 causal 1.02x at 8k and 1.07x at 2k, MQA 4k 1.04x causal and 1.01x without a mask;
-# GQA 8k without a mask (whole groups) and MHA level. By the benchmark against its previous run
-# (results/06_flash.json at 8d192cc, 3235d40): GQA 32/8 causal 1.06x at 2k and level at 8k (a row that
-# moves ~2% between runs), MQA 4k causal 1.02x. Compiled: the ordered causal kernel's 40 bytes of
-# spills in shares are gone.
+# Shares of a group: where dkdv_splits shares a kv head's query group among programs (MQA; with a causal
+# mask, GQA at 8k and beyond), each dK/dV (or fused) program walks its share of the heads. Each share once
+# stored fp32 partial sums, added and rounded by torch afterwards, as in the tl kernel: (shares + 1) x 4 + 6
+# bytes of DRAM traffic an element of dK and of dV. Now the shares of a key block sum in share order through
+# one fp32 running sum (_gb_chain_store): share s waits on a counter until share s - 1 has stored the sum,
+# adds its own, stores it, and raises the counter; the last rounds it into dK, dV. Share s - 1 was launched
+# earlier with the same work (without a mask one head's key blocks earlier, with one beside it), so the wait
+# is short; the order is fixed, so the backward stays bitwise repeatable. On the H200
+# (notes/probes/flash_bwd_chain.py, session 19, medians of 3 interleaved rounds): GQA 32/8 causal 1.02x at
+# 8k and 1.07x at 2k, MQA 4k 1.04x causal and 1.01x without a mask; GQA 8k without a mask (whole groups) and
+# MHA level. By the benchmark against its previous run (results/06_flash.json at 8d192cc, 3235d40): GQA 32/8
+# causal 1.06x at 2k and level at 8k (a row that moves ~2% between runs), MQA 4k causal 1.02x. Compiled: the
+# ordered causal kernel's 40 bytes of spills in shares are gone.
 # Tails, as in the forward: a query row past the end has lse = +inf, so its P is 0; a key row past the
 # end is masked to P = 0 in dQ and its dK, dV rows are not stored. Every tile comes through a per-head
 # descriptor (_gluon_bwd_descs), so the rows past a head's end arrive as TMA's zeros: an inf or NaN in the
@@ -1203,18 +1211,27 @@ def _gb_pt(s, lse, k_rows, q_rows, diag, qk_scale, masked):
 
 
 @gluon.jit
-def _gb_step_rows(i, lo, steps_per_head, jb, BLOCK_M: gl.constexpr, SHIFT: gl.constexpr):
-    """The first query row of step i in its head: the head's blocks from lo on, or with SHIFT (no mask, so
-    lo = 0) from block jb on, jb the program's key block, wrapping round."""
-    if SHIFT:
-        start_m = (i % steps_per_head + jb) % steps_per_head * BLOCK_M
+def _gb_step(i, lo, steps_per_head, HEADS: gl.constexpr, jb, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr,
+             SHIFT: gl.constexpr):  # fmt: skip
+    """Step i's head (of the program's) and first query row. Causal: the query blocks from the last down
+    to lo, each for every one of the program's HEADS heads in turn. Otherwise head by head, each head's
+    blocks from lo on, or with SHIFT (no mask, so lo = 0) from block jb on, jb the program's key block,
+    wrapping round."""
+    if CAUSAL:
+        head = i % HEADS
+        start_m = lo + (steps_per_head - 1 - i // HEADS) * BLOCK_M
     else:
-        start_m = lo + (i % steps_per_head) * BLOCK_M
-    return start_m
+        head = i // steps_per_head
+        if SHIFT:
+            start_m = (i % steps_per_head + jb) % steps_per_head * BLOCK_M
+        else:
+            start_m = lo + (i % steps_per_head) * BLOCK_M
+    return head, start_m
 
 
 @gluon.jit
-def _gb_dkdv_producer(descs, smem, bars, geom, SHIFT: gl.constexpr):
+def _gb_dkdv_producer(descs, smem, bars, geom, HEADS: gl.constexpr, CAUSAL: gl.constexpr,
+                      SHIFT: gl.constexpr):  # fmt: skip
     """One warp: K and V once, then per step the Q and dO tiles (TMA) and the rows' (lse, delta) pairs
     (loaded here, stored to shared memory, published by the slot's arrival)."""
     q_desc, k_desc, v_desc, do_desc = descs
@@ -1232,8 +1249,8 @@ def _gb_dkdv_producer(descs, smem, bars, geom, SHIFT: gl.constexpr):
     for i in range(n_steps):
         slot = i % STAGES
         mbarrier.wait(empty.index(slot), (i // STAGES & 1) ^ 1)  # a fresh barrier's phase -1 is complete
-        start_m = _gb_step_rows(i, lo, steps_per_head, start_n // (2 * HALF), BLOCK_M, SHIFT)
-        head = q_head0 + i // steps_per_head  # step i: the group's head i // steps_per_head
+        head, start_m = _gb_step(i, lo, steps_per_head, HEADS, start_n // (2 * HALF), BLOCK_M, CAUSAL, SHIFT)
+        head += q_head0
         rows = start_m + gl.arange(0, BLOCK_M, layout=rows_layout)
         pairs = LD + (head * n_q + rows).to(gl.int64) * 2  # (lse, delta) of row r at 2r, 2r + 1
         lse_smem.index(slot).store(gl.load(pairs, mask=rows < n_q, other=float("inf")))  # missing: P = 0
@@ -1245,8 +1262,9 @@ def _gb_dkdv_producer(descs, smem, bars, geom, SHIFT: gl.constexpr):
 
 
 @gluon.jit
-def _gb_dkdv_consumer(descs, smem, bars, geom, dq_io, chain, qk_scale, CAUSAL: gl.constexpr,
-                      FUSED: gl.constexpr, PARTIAL: gl.constexpr, WG: gl.constexpr):  # fmt: skip
+def _gb_dkdv_consumer(descs, smem, bars, geom, dq_io, chain, qk_scale, HEADS: gl.constexpr,
+                      CAUSAL: gl.constexpr, FUSED: gl.constexpr, PARTIAL: gl.constexpr,
+                      WG: gl.constexpr):  # fmt: skip
     """One warpgroup's 64 keys (WG 0 or 1 of the program's 128): dK and dV over every step, then stored
     (dK scaled once at the end). FUSED: each step also this warpgroup's half of D of the step's dQ rows
     over all 128 keys (_gb_dq_step), handed to the writer warp through dq_io."""
@@ -1276,7 +1294,7 @@ def _gb_dkdv_consumer(descs, smem, bars, geom, dq_io, chain, qk_scale, CAUSAL: g
     mbarrier.wait(kv_bar, 0)
     for i in range(n_steps):
         slot = i % STAGES
-        start_m = lo + (i % steps_per_head) * BLOCK_M  # used for the mask only: never SHIFT's walk
+        _, start_m = _gb_step(i, lo, steps_per_head, HEADS, 0, BLOCK_M, CAUSAL, False)  # for the mask only
         mbarrier.wait(ready.index(slot), i // STAGES & 1)
         q_t = q_smem.index(slot)
         do_t = do_smem.index(slot)
@@ -1342,9 +1360,9 @@ def _gb_chain_store(dk, dv, at, ok, DK, DV, chain, block, WG: gl.constexpr):
 
 
 @gluon.jit
-def _gb_dkdv_consumer1(descs, smem, bars, geom, dq_io, chain, qk_scale, CAUSAL: gl.constexpr,
-                       FUSED: gl.constexpr, PARTIAL: gl.constexpr):  # fmt: skip
-    _gb_dkdv_consumer(descs, smem, bars, geom, dq_io, chain, qk_scale, CAUSAL, FUSED, PARTIAL, 1)
+def _gb_dkdv_consumer1(descs, smem, bars, geom, dq_io, chain, qk_scale, HEADS: gl.constexpr,
+                       CAUSAL: gl.constexpr, FUSED: gl.constexpr, PARTIAL: gl.constexpr):  # fmt: skip
+    _gb_dkdv_consumer(descs, smem, bars, geom, dq_io, chain, qk_scale, HEADS, CAUSAL, FUSED, PARTIAL, 1)
 
 
 @gluon.jit
@@ -1411,15 +1429,14 @@ def _adds_done(lock):
 
 
 @gluon.jit
-def _gb_dq_turn(m, jb, n_q, n_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
-                SHIFT: gl.constexpr):  # fmt: skip
+def _gb_dq_turn(m, jb, n_k, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, SHIFT: gl.constexpr):
     """Which dQ buffer key block jb adds query block m's tile into, and how many key blocks add it there
     before jb: the order in which their programs arrive (the block comment above). Every program waits
-    only on programs of higher key blocks, which are launched first."""
+    only on programs launched before it: causal, of lower key blocks; otherwise of higher ones."""
     n_kb = gl.cdiv(n_k, BLOCK_N)
-    if CAUSAL:  # down from the last key block that sees block m
+    if CAUSAL:  # up from key block 0, which sees every query block that any key block sees
         buf = 0
-        rank = gl.minimum(n_kb, gl.cdiv((m + 1) * BLOCK_M + n_k - n_q, BLOCK_N)) - 1 - jb
+        rank = jb
     elif SHIFT:  # from jb = m down (buffer 0), then those that wrapped round, from the last (buffer 1)
         buf = (jb > m).to(gl.int32)
         rank = gl.where(jb > m, n_kb - 1 - jb, gl.minimum(m, n_kb - 1) - jb)
@@ -1430,25 +1447,25 @@ def _gb_dq_turn(m, jb, n_q, n_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, C
 
 
 @gluon.jit
-def _gb_dq_writer(descs, smem, bars, geom, dq_io, order, CAUSAL: gl.constexpr, ORDERED: gl.constexpr,
-                  SHIFT: gl.constexpr):  # fmt: skip
+def _gb_dq_writer(descs, smem, bars, geom, dq_io, order, HEADS: gl.constexpr, CAUSAL: gl.constexpr,
+                  ORDERED: gl.constexpr, SHIFT: gl.constexpr):  # fmt: skip
     """One warp: each step, each warpgroup's dQ tile from its shared slot into the fp32 dQ buffer by one
     TMA reduce-add, then the slot back to the warpgroup once the copy engine has read it. ORDERED: the
     step's adds wait their turn on the (buffer, query head, query block) counter in SEM, and once they
     have landed, the counter is raised by one (release)."""
     LD, q_head0, kv_head, n_q, lo, n_steps, steps_per_head, DK, DV, n_k, start_n, sm_scale = geom
     ds_smem, ds_bar, dq_desc, dq_smem, dq_full, dq_empty = dq_io
-    SEM, heads = order
+    SEM, bh = order  # the counters and B * H
     BLOCK_M: gl.constexpr = dq_smem.type.shape[1]
     HALF_D: gl.constexpr = dq_smem.type.shape[2]
     BLOCK_N: gl.constexpr = ds_smem.type.shape[1]
     for i in range(n_steps):
-        head = q_head0 + i // steps_per_head  # in dQ's (B*H, N, D), or (2 * B*H, N, D) with a second buffer
-        start_m = _gb_step_rows(i, lo, steps_per_head, start_n // BLOCK_N, BLOCK_M, SHIFT)
+        head, start_m = _gb_step(i, lo, steps_per_head, HEADS, start_n // BLOCK_N, BLOCK_M, CAUSAL, SHIFT)
+        head += q_head0  # in dQ's (B*H, N, D), or (2 * B*H, N, D) with a second buffer
         if ORDERED:
             m = start_m // BLOCK_M
-            buf, rank = _gb_dq_turn(m, start_n // BLOCK_N, n_q, n_k, BLOCK_M, BLOCK_N, CAUSAL, SHIFT)
-            head += buf * heads
+            buf, rank = _gb_dq_turn(m, start_n // BLOCK_N, n_k, BLOCK_N, CAUSAL, SHIFT)
+            head += buf * bh
             lock = SEM + head * gl.cdiv(n_q, BLOCK_M) + m
             _spin_until(lock, rank)
         for w in gl.static_range(2):
@@ -1464,24 +1481,33 @@ def _gb_dq_writer(descs, smem, bars, geom, dq_io, order, CAUSAL: gl.constexpr, O
 
 @gluon.jit
 def _bwd_dkdv_gluon(q_desc, k_desc, v_desc, do_desc, dq_desc, LD, DK, DV, SEM, n_q, n_k, H, GROUP, qk_scale,
-                    sm_scale, SPLITS, ACC_K, ACC_V, CHAIN, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                    sm_scale, SPLITS, ACC_K, ACC_V, CHAIN, HEADS: gl.constexpr, HEAD_DIM: gl.constexpr,
+                    BLOCK_M: gl.constexpr,
                     BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, FUSED: gl.constexpr,
                     PARTIAL: gl.constexpr, ORDERED: gl.constexpr, SHIFT: gl.constexpr):  # fmt: skip
     """Dense contiguous inputs through (rows, D) descriptors with 64-row tiles; one program per
-    (128-key block, batch * kv head), walking the whole query group. PARTIAL: SPLITS programs share a
+    (128-key block, batch * kv head), walking the whole query group (HEADS heads). Causal: launched as
+    (units, key blocks, groups of units), key block 0, the heaviest, first (the block comment above).
+    PARTIAL: SPLITS programs share a
     group, each walking GROUP / SPLITS of its heads; they sum their dK, dV in share order through the
     fp32 buffers ACC_K, ACC_V (k's shape), counted in CHAIN (one int32 per key block and warpgroup of
     each kv head), and the last share stores DK, DV (_gb_chain_store). FUSED: dQ too, added into the fp32
     buffer under dq_desc ((B*H, N, D) in (1, 64, D / 2) tiles: TMA drops what a head's last tile adds past
     its rows) by a fourth partition, the writer warp. ORDERED (with FUSED): in a fixed order, counted in
-    SEM, the last key block's program launched first; SHIFT (ORDERED without a mask): the walk starts at
-    the program's key block, and the programs that wrapped round add into a second buffer, heads B*H on
-    (the block comment above)."""
-    if ORDERED:
-        start_n = (gl.num_programs(0) - 1 - gl.program_id(0)) * BLOCK_N
-    else:
-        start_n = gl.program_id(0) * BLOCK_N
-    pid = gl.program_id(1)  # (batch * H_KV + kv head) * SPLITS + split
+    SEM (without a mask the last key block's program launched first); SHIFT (ORDERED without a mask):
+    the walk starts at the program's key block, and the programs that wrapped round add into a second
+    buffer, heads B*H on (the block comment above)."""
+    if CAUSAL:  # (units, key blocks, groups of units): heaviest first, a group of units at a time
+        jb = gl.program_id(1)
+        pid = gl.program_id(2) * gl.num_programs(0) + gl.program_id(0)
+        rows = gl.num_programs(0) * gl.num_programs(2)
+    else:  # (key blocks, units)
+        jb = gl.program_id(0)
+        pid = gl.program_id(1)
+        rows = gl.num_programs(1)
+        if ORDERED:  # the last key block first
+            jb = gl.num_programs(0) - 1 - jb
+    start_n = jb * BLOCK_N  # pid: the unit, (batch * H_KV + kv head) * SPLITS + split
     split = pid * 0  # one share: the whole group
     if PARTIAL:
         split = pid % SPLITS
@@ -1495,11 +1521,8 @@ def _bwd_dkdv_gluon(q_desc, k_desc, v_desc, do_desc, dq_desc, LD, DK, DV, SEM, n
     else:
         lo = start_n * 0
     steps_per_head = gl.cdiv(n_q - lo, BLOCK_M)
-    if PARTIAL:  # this split's share of the group's heads
-        q_head0 += split * (GROUP // SPLITS)
-        n_steps = GROUP // SPLITS * steps_per_head
-    else:
-        n_steps = GROUP * steps_per_head
+    q_head0 += split * HEADS
+    n_steps = HEADS * steps_per_head
     dtype: gl.constexpr = q_desc.dtype
     HALF: gl.constexpr = BLOCK_N // 2
     tile: gl.constexpr = _g_tile_layout(q_desc.layout)  # every descriptor's tile is (1, 64, D)
@@ -1535,19 +1558,23 @@ def _bwd_dkdv_gluon(q_desc, k_desc, v_desc, do_desc, dq_desc, LD, DK, DV, SEM, n
             mbarrier.init(dq_empty.index(i), count=1)  # and read by the copy engine
         fence_async_shared()
         dq_io = (ds_smem, ds_bar, dq_desc, dq_smem, dq_full, dq_empty)
-        order = (SEM, gl.num_programs(1) // SPLITS * GROUP)  # the counters and B * H
+        order = (SEM, rows // SPLITS * GROUP)  # the counters and B * H
         gl.warp_specialize([
-            (_gb_dkdv_consumer, (descs, smem, bars, geom, dq_io, chain, qk_scale, CAUSAL, FUSED, PARTIAL, 0)),
-            (_gb_dkdv_consumer1, (descs, smem, bars, geom, dq_io, chain, qk_scale, CAUSAL, FUSED, PARTIAL)),
-            (_gb_dkdv_producer, (descs, smem, bars, geom, SHIFT)),
-            (_gb_dq_writer, (descs, smem, bars, geom, dq_io, order, CAUSAL, ORDERED, SHIFT)),
+            (_gb_dkdv_consumer, (descs, smem, bars, geom, dq_io, chain, qk_scale, HEADS, CAUSAL, FUSED,
+                                 PARTIAL, 0)),
+            (_gb_dkdv_consumer1, (descs, smem, bars, geom, dq_io, chain, qk_scale, HEADS, CAUSAL, FUSED,
+                                  PARTIAL)),
+            (_gb_dkdv_producer, (descs, smem, bars, geom, HEADS, CAUSAL, SHIFT)),
+            (_gb_dq_writer, (descs, smem, bars, geom, dq_io, order, HEADS, CAUSAL, ORDERED, SHIFT)),
         ], [4, 1, 1], [240, 24, 24])  # fmt: skip
     else:
         fence_async_shared()
         gl.warp_specialize([
-            (_gb_dkdv_consumer, (descs, smem, bars, geom, None, chain, qk_scale, CAUSAL, FUSED, PARTIAL, 0)),
-            (_gb_dkdv_consumer1, (descs, smem, bars, geom, None, chain, qk_scale, CAUSAL, FUSED, PARTIAL)),
-            (_gb_dkdv_producer, (descs, smem, bars, geom, SHIFT)),
+            (_gb_dkdv_consumer, (descs, smem, bars, geom, None, chain, qk_scale, HEADS, CAUSAL, FUSED,
+                                 PARTIAL, 0)),
+            (_gb_dkdv_consumer1, (descs, smem, bars, geom, None, chain, qk_scale, HEADS, CAUSAL, FUSED,
+                                  PARTIAL)),
+            (_gb_dkdv_producer, (descs, smem, bars, geom, HEADS, CAUSAL, SHIFT)),
         ], [4, 1], [240, 24])  # fmt: skip
 
 
@@ -1855,21 +1882,26 @@ def _launch(kernel, kind, grid, *args, **meta):
     return kernel.fn[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def dkdv_splits(n_k: int, B: int, h_kv: int, group: int, device, ordered_causal: bool = False) -> int:
+def dkdv_splits(n_k: int, B: int, h_kv: int, group: int, device, gluon_causal: bool = False, n_q: int = 0,
+                D: int = 0) -> int:  # fmt: skip
     """How many programs share one kv head's query group in the dK/dV kernel. One program per (key
     block, kv head) walks the whole group: with few kv heads (MQA: one) the grid is too small for the
     GPU and one program does GROUP times the work. Split the group (a divisor of it) until there are
     four programs per SM, each writing an fp32 partial dK/dV that are summed afterwards (more memory
     traffic, which costs less than idle SMs). The grid counts 128-key blocks, the dK/dV tile height.
-    ordered_causal (the ordered fused kernel with a mask): one head a program, since that kernel runs
-    each kv head's heaviest program last, and a whole group makes it GROUP times heavier."""
+    gluon_causal (the Gluon kernel's causal launch, heaviest first, n_q query rows, head dim D): also
+    until a program walks no more heads than let two programs keep their Q, dO and dQ within the 32 MB
+    of causal_units, or two heads. On the H200 (notes/probes/flash_bwd_causal_order.py, session 20) GQA
+    32/8 causal 8k ran 1.04x in shares of 2 heads (this rule) against whole groups, and 0.95x in shares
+    of one head: the launch runs a key block's shares side by side, and each waits on the one before it
+    to add to the running sums (_gb_chain_store), so one-head shares queue the longest."""
     if device.type != "cuda":
         return 1
-    if ordered_causal:
-        return group
     want = 4 * torch.cuda.get_device_properties(device).multi_processor_count
     programs = triton.cdiv(n_k, 128) * B * h_kv
-    return next((s for s in range(1, group + 1) if group % s == 0 and programs * s >= want), group)
+    most = max(2, (16 << 20) // (8 * n_q * D)) if gluon_causal else group  # heads a program may walk
+    ok = (s for s in range(1, group + 1) if group % s == 0 and programs * s >= want and group // s <= most)
+    return next(ok, group)
 
 
 def _fwd(q, k, v, cu, B, n_q, n_k, causal, sm_scale, poison):
@@ -1981,7 +2013,7 @@ def _bwd(do, q, k, v, o, lse, cu, B, n_q, n_k, causal, sm_scale, poison, determi
         dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     else:
         dq = _empty(q.shape, q, poison=poison)
-    splits = _FIXED["splits"] or dkdv_splits(n_k, B, h_kv, H // h_kv, q.device, ordered and causal)
+    splits = _FIXED["splits"] or dkdv_splits(n_k, B, h_kv, H // h_kv, q.device, gluon and causal, n_q, D)
     if (H // h_kv) % splits:  # a program walks GROUP // splits heads: a remainder would be dropped
         raise ValueError(f"dK/dV splits {splits} must divide the query group {H // h_kv}")
     if splits == 1 or gluon:  # each program owns its dK/dV rows outright, or the last share stores them
@@ -2051,6 +2083,14 @@ def _shift_fits(q, n_q, n_k):
     return triton.cdiv(n_k, bn) <= triton.cdiv(n_q, bm) and 2 * q.numel() // q.shape[-1] < 2**31
 
 
+def causal_units(rows: int, n_q: int, D: int, heads: int) -> int:
+    """How many of the causal dK/dV launch's rows (units: programs walking heads query heads each, one per
+    key block) run heaviest first together: as many as keep their Q, dO (bf16) and fp32 dQ within 32 MB
+    of the H200's 50 MB L2, at least 2; the largest divisor of rows up to that, so every group is whole."""
+    want = max(2, (32 << 20) // (heads * n_q * D * 8))
+    return max(u for u in range(1, min(want, rows) + 1) if rows % u == 0)
+
+
 def _dkdv_gluon(descs, ld, dk, dv, q, k, causal, sm_scale, dq=None, splits=1, ordered=False, shift=False):
     """The Gluon dK/dV kernel into contiguous dk, dv (k's shape and dtype), one program walking each kv
     head's group; launched like the forward (4 warps + the workers' 5, 168-register cap redistributed
@@ -2071,10 +2111,16 @@ def _dkdv_gluon(descs, ld, dk, dv, q, k, causal, sm_scale, dq=None, splits=1, or
         chain, acc = sem[n_sem:], torch.empty((2, *k.shape), device=k.device, dtype=torch.float32)
     else:  # read by no program
         chain, acc = ld, (ld, ld)
-    _bwd_dkdv_gluon[(triton.cdiv(n_k, bn), B * h_kv * splits)](
+    rows, n_kb = B * h_kv * splits, triton.cdiv(n_k, bn)
+    if causal:
+        units = causal_units(rows, n_q, D, H // h_kv // splits)
+        grid = (units, n_kb, rows // units)
+    else:
+        grid = (n_kb, rows)
+    _bwd_dkdv_gluon[grid](
         *descs, dq_desc, ld, dk, dv, sem, n_q, n_k, H, H // h_kv, sm_scale * LOG2E, sm_scale, splits, *acc,
-        chain, D, GLUON_BWD["TILE"], bn, GLUON_BWD["DKDV_STAGES"], causal, dq is not None, splits > 1,
-        ordered, shift, num_warps=4, maxnreg=168)  # fmt: skip
+        chain, H // h_kv // splits, D, GLUON_BWD["TILE"], bn, GLUON_BWD["DKDV_STAGES"], causal,
+        dq is not None, splits > 1, ordered, shift, num_warps=4, maxnreg=168)  # fmt: skip
 
 
 def _dq_gluon(descs, ld, dq, q, k, causal, sm_scale):
@@ -2453,12 +2499,13 @@ def run_checks(checks, device, quick):
                 name = f", dK/dV group in {splits} shares" + ("" if det else ", dQ by atomic adds")
                 with fixed_configs(n := n + 1), fixed_dkdv_splits(splits):
                     checks(dense_name(s, dtype, name), check_dense, *s, dtype, device, det)
-        # the ordered fused kernel, bitwise the same twice: causal (the last key block's program first),
-        # without a mask on the shifted walk (two dQ buffers), and unshifted where there are more key
-        # blocks than query blocks; a group whole and in shares. Then the two-kernel road.
-        ordered = [((2, 4, 4, 1000, 1000, 128, True), 1), ((2, 4, 4, 1000, 1000, 128, False), 1),
-                   ((1, 4, 2, 300, 1111, 128, False), 1), ((2, 8, 2, 1000, 1000, 128, True), 2),
-                   ((1, 8, 1, 1111, 1111, 128, False), 4)]  # fmt: skip
+        # the ordered fused kernel, bitwise the same twice: causal (heaviest first; a GQA group whole,
+        # each query block walked for its 4 heads in turn, and in shares), without a mask on the shifted
+        # walk (two dQ buffers), and unshifted where there are more key blocks than query blocks. Then
+        # the two-kernel road.
+        ordered = [((2, 4, 4, 1000, 1000, 128, True), 1), ((2, 8, 2, 1000, 1000, 128, True), 1),
+                   ((2, 8, 2, 1000, 1000, 128, True), 2), ((2, 4, 4, 1000, 1000, 128, False), 1),
+                   ((1, 4, 2, 300, 1111, 128, False), 1), ((1, 8, 1, 1111, 1111, 128, False), 4)]  # fmt: skip
         for s, splits in ordered:
             name = dense_name(s, dtype, f", dK/dV group in {splits} part(s), ordered, bitwise repeatable")
             with fixed_configs(n := n + 1), fixed_dkdv_splits(splits), two_kernel_backward(False):

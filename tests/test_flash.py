@@ -5,6 +5,7 @@ are chosen off the 16-wide interpreter blocks so the masked tails are exercised.
 """
 
 import contextlib
+import types
 
 import harness
 
@@ -77,14 +78,31 @@ def test_split_query_group_in_dkdv_matches_reference(splits):
         mod.check_dense(1, 4, 1, 29, 29, 32, True, F16, DEVICE)
 
 
-def test_dkdv_splits_fill_the_gpu_and_divide_the_group():
+def test_dkdv_splits_fill_the_gpu_and_divide_the_group(monkeypatch):
+    """The fewest shares (a divisor of the group) that give 4 programs an SM, here an H200's 132 (faked,
+    so that the rule is checked on any machine); the Gluon causal launch also caps the heads a program
+    walks by what L2 holds, at two at least."""
     assert mod.dkdv_splits(4096, 4, 1, 32, torch.device("cpu")) == 1  # no GPU: never split
-    if torch.cuda.is_available():
-        dev = torch.device("cuda")
-        sms = torch.cuda.get_device_properties(dev).multi_processor_count
-        s = mod.dkdv_splits(4096, 4, 1, 32, dev)  # MQA: 128 programs before splitting
-        assert 32 % s == 0 and 128 * s >= 4 * sms and (s == 1 or 128 * (s // 2) < 4 * sms)
-        assert mod.dkdv_splits(8192, 2, 8, 4, dev) == 1  # GQA 32/8 at 8k: 1024 programs already
+    h200 = types.SimpleNamespace(multi_processor_count=132)
+    monkeypatch.setattr(mod.torch.cuda, "get_device_properties", lambda device: h200)
+    dev = torch.device("cuda")
+    assert mod.dkdv_splits(4096, 4, 1, 32, dev) == 8  # MQA: 128 programs, 1,024 in 8 shares (>= 528)
+    assert mod.dkdv_splits(8192, 2, 8, 4, dev) == 1  # GQA 32/8 at 8k: 1,024 programs already
+    assert mod.dkdv_splits(8192, 2, 8, 4, dev, True, 8192, 128) == 2  # 4 heads' 32 MB: 2 heads a program
+    assert mod.dkdv_splits(2048, 8, 8, 4, dev, True, 2048, 128) == 1  # 4 heads' 8 MB: the whole group
+    assert mod.dkdv_splits(4096, 4, 1, 32, dev, True, 4096, 128) == 8
+    assert mod.dkdv_splits(16384, 1, 8, 4, dev, True, 16384, 128) == 2  # never single-head shares for L2
+
+
+def test_causal_units_fit_l2_and_divide_the_rows():
+    """The causal dK/dV launch takes as many units (rows of the grid) at a time as keep their Q, dO and
+    dQ within 32 MB, at least 2, and a divisor of the rows, so that every group is whole."""
+    assert mod.causal_units(32, 8192, 128, 1) == 4  # MHA 16 heads x 2 at 8k: 8 MB a head
+    assert mod.causal_units(64, 4096, 128, 1) == 8
+    assert mod.causal_units(16, 16384, 128, 1) == 2  # 16 MB a head: 2, over the budget
+    assert mod.causal_units(32, 8192, 128, 2) == 2  # GQA 32/8 in shares of 2 heads
+    assert mod.causal_units(12, 1000, 128, 1) == 12  # every row fits
+    assert mod.causal_units(7, 8192, 128, 1) == 1  # no divisor of 7 from 2 to 4
 
 
 def test_custom_scale_and_non_contiguous_inputs():
@@ -585,6 +603,13 @@ def test_gluon_dkdv_launch_in_order(monkeypatch, shift, splits):
     ((grid, args, kw),) = launches
     bound = dict(zip(names, args, strict=True))
     assert bound["FUSED"] is True and bound["ORDERED"] is True and bound["SHIFT"] == shift
+    rows = 2 * 2 * splits  # B * H_KV * shares, each walking HEADS of the group of 2
+    assert bound["HEADS"] == 2 // splits
+    if shift:  # without a mask: (key blocks, rows)
+        assert grid == (2, rows)
+    else:  # causal: (units, key blocks, groups of units), heaviest first
+        units = mod.causal_units(rows, 200, 128, 2 // splits)
+        assert grid == (units, 2, rows // units) and rows % units == 0
     sem, n_sem = bound["SEM"], (1 + shift) * 2 * 4 * 4  # (buffer, B * H, 64-row query blocks)
     n_chain = 2 * 2 * 2 * 2 if splits > 1 else 0  # (B * H_KV, 128-key blocks, warpgroups)
     assert sem.dtype == torch.int32 and sem.numel() == n_sem + n_chain and not sem.any()
