@@ -1141,19 +1141,21 @@ def _bwd_dq_kernel(Q, K, V, DO, LD, DQ, CU_Q, CU_K,
 #       wrapped programs wait on j = 0, which waits on them), so the wrapped ones add into a second dQ
 #       buffer with counters of its own, summed with the first afterwards.
 #     Every program then waits only on programs launched before it, however few are resident (a launch
-#     that broke this, causal 16k, ran at 0.66x cuDNN: programs waited on ones not yet resident). Without
-#     a mask the grid launches the higher key blocks first (key blocks reversed). With one, it launches
-#     key block 0, the heaviest, first: the grid is (units, key blocks, groups of units), so the launch
-#     takes a group of units (rows of (batch, kv head, share); causal_units sizes the group to what
-#     L2 holds) at a time, every unit's key block 0, then every unit's key block 1, and so on. Until
-#     session 20 the causal adds went down from the last key block, each program walking up from its
-#     diagonal, and the launch ran each unit's key blocks last first: the heaviest program of each unit
-#     last, the last units' heaviest alone at the end. A list-scheduling model (132 SMs;
-#     notes/probes/flash_bwd_order_model.py) put that at 1.07-1.08x the ideal at MHA 4k-16k and 1.04x at
-#     GQA 32/8 8k in one-head shares; heaviest first over two or more units, 1.00-1.01x. On the H200
-#     (notes/probes/flash_bwd_causal_order.py, two calls of 3 interleaved rounds, medians): MHA causal
-#     1.04x at 4k and 8k, 1.02x at 16k; GQA 32/8 causal 8k 1.08x, 2k 1.09x, MQA 4k 1.04-1.05x, each with
-#     dkdv_splits' shares for the new launch (whole groups at 2k, 2 heads a program at 8k, 4 for MQA).
+#     that broke this, causal 16k, ran at 0.66x cuDNN: programs waited on ones not yet resident).
+#     Without a mask the grid launches the higher key blocks first (key blocks reversed). With one, it
+#     launches key block 0, the heaviest, first: the grid is (units, key blocks, groups of units), so
+#     the launch takes a group of units (rows of (batch, kv head, share); causal_units sizes the group
+#     to about a wave of programs, and beyond that to what L2 holds) at a time, every unit's key block
+#     0, then every unit's key block 1, and so on. Until session 20 the causal adds went down from the
+#     last key block, each program walking up from its diagonal, and the launch ran each unit's key
+#     blocks last first: the heaviest program of each unit last, the last units' heaviest alone at the
+#     end. A list-scheduling model (132 SMs; notes/probes/flash_bwd_order_model.py) put that at
+#     1.07-1.08x the ideal at MHA 4k-16k and 1.04x at GQA 32/8 8k in one-head shares; heaviest first
+#     over two or more units, 1.00-1.01x. On the H200 (notes/probes/flash_bwd_causal_order.py, two calls
+#     of 3 interleaved rounds, medians): MHA causal 1.04x at 4k and 8k, 1.02x at 16k; GQA 32/8 causal 8k
+#     1.08x, 2k 1.09x, MQA 4k 1.04-1.05x, each with dkdv_splits' shares for the new launch (whole groups
+#     at 2k, 2 heads a program at 8k, 4 for MQA). The groups' floor of about a wave (a third call): MHA with 7
+#     heads at 8k 1.31x (groups of 7 units against 1), the benchmark's rows level.
 #     Releasing once the copy engine has read the tile (FlashAttention-3's order) measured -3% to +6%
 #     on unshifted walks (+25% where the unreversed launch stalled), but leaves two SMs' adds to one
 #     tile both in flight, in no order the memory system promises: not taken. Measured on the
@@ -1889,19 +1891,23 @@ def dkdv_splits(n_k: int, B: int, h_kv: int, group: int, device, gluon_causal: b
     GPU and one program does GROUP times the work. Split the group (a divisor of it) until there are
     four programs per SM, each writing an fp32 partial dK/dV that are summed afterwards (more memory
     traffic, which costs less than idle SMs). The grid counts 128-key blocks, the dK/dV tile height.
-    gluon_causal (the Gluon kernel's causal launch, heaviest first, n_q query rows, head dim D): also
-    until a program walks no more heads than let two programs keep their Q, dO and dQ within the 32 MB
-    of causal_units, or two heads. On the H200 (notes/probes/flash_bwd_causal_order.py, session 20) GQA
-    32/8 causal 8k ran 1.04x in shares of 2 heads (this rule) against whole groups, and 0.95x in shares
-    of one head: the launch runs a key block's shares side by side, and each waits on the one before it
-    to add to the running sums (_gb_chain_store), so one-head shares queue the longest."""
+    gluon_causal (the Gluon kernel's causal launch, heaviest first, n_q query rows, head dim D): a program
+    walks no more heads than let two programs keep their Q, dO and dQ within the 32 MB of causal_units,
+    or two heads, and no fewer than two (where the group has two), even if that leaves fewer programs.
+    On the H200 (notes/probes/flash_bwd_causal_order.py, session 20): GQA 32/8 causal 8k ran 1.04x in
+    shares of 2 heads against whole groups, and 0.95x in shares of one head; MQA 4k causal at B=1 0.79x
+    cuDNN in 32 one-head shares, 1.01x in 16 of 2 heads, 1.02x in 8 of 4. The launch runs a key block's
+    shares side by side, and each waits on the one before it to add to the running sums
+    (_gb_chain_store), so one-head shares queue the longest."""
     if device.type != "cuda":
         return 1
     want = 4 * torch.cuda.get_device_properties(device).multi_processor_count
     programs = triton.cdiv(n_k, 128) * B * h_kv
-    most = max(2, (16 << 20) // (8 * n_q * D)) if gluon_causal else group  # heads a program may walk
-    ok = (s for s in range(1, group + 1) if group % s == 0 and programs * s >= want and group // s <= most)
-    return next(ok, group)
+    shares = [s for s in range(1, group + 1) if group % s == 0]
+    if gluon_causal:  # 2 to most heads a program (1 in MHA)
+        most = max(2, (16 << 20) // (8 * n_q * D))
+        shares = [s for s in shares if group // s <= most and (group // s >= 2 or group == 1)]
+    return next((s for s in shares if programs * s >= want), shares[-1])
 
 
 def _fwd(q, k, v, cu, B, n_q, n_k, causal, sm_scale, poison):
@@ -2083,12 +2089,18 @@ def _shift_fits(q, n_q, n_k):
     return triton.cdiv(n_k, bn) <= triton.cdiv(n_q, bm) and 2 * q.numel() // q.shape[-1] < 2**31
 
 
-def causal_units(rows: int, n_q: int, D: int, heads: int) -> int:
+def causal_units(rows: int, n_q: int, n_kb: int, D: int, heads: int, sms: int) -> int:
     """How many of the causal dK/dV launch's rows (units: programs walking heads query heads each, one per
-    key block) run heaviest first together: as many as keep their Q, dO (bf16) and fp32 dQ within 32 MB
-    of the H200's 50 MB L2, at least 2; the largest divisor of rows up to that, so every group is whole."""
-    want = max(2, (32 << 20) // (heads * n_q * D * 8))
-    return max(u for u in range(1, min(want, rows) + 1) if rows % u == 0)
+    key block, n_kb of them) run heaviest first together, a divisor of rows so that every group is whole:
+    enough that a group holds about a wave of programs (sms / n_kb units, at least 2), and beyond that as
+    many as keep their Q, dO (bf16) and fp32 dQ within 32 MB of the H200's 50 MB L2. With fewer, the next
+    group's heaviest programs start while the last ones' run: by the list-scheduling model
+    (notes/probes/flash_bwd_order_model.py), MQA 4k in 8 shares takes 1.11x the ideal in groups of 2
+    units, 1.00x in groups of 4."""
+    least = min(max(2, round(sms / n_kb)), rows)
+    divisors = [u for u in range(least, rows + 1) if rows % u == 0]  # rows itself at least
+    fit = [u for u in divisors if u * heads * n_q * D * 8 <= 32 << 20]
+    return max(fit) if fit else divisors[0]
 
 
 def _dkdv_gluon(descs, ld, dk, dv, q, k, causal, sm_scale, dq=None, splits=1, ordered=False, shift=False):
@@ -2113,7 +2125,8 @@ def _dkdv_gluon(descs, ld, dk, dv, q, k, causal, sm_scale, dq=None, splits=1, or
         chain, acc = ld, (ld, ld)
     rows, n_kb = B * h_kv * splits, triton.cdiv(n_k, bn)
     if causal:
-        units = causal_units(rows, n_q, D, H // h_kv // splits)
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+        units = causal_units(rows, n_q, n_kb, D, H // h_kv // splits, sms)
         grid = (units, n_kb, rows // units)
     else:
         grid = (n_kb, rows)

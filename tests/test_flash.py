@@ -92,17 +92,27 @@ def test_dkdv_splits_fill_the_gpu_and_divide_the_group(monkeypatch):
     assert mod.dkdv_splits(2048, 8, 8, 4, dev, True, 2048, 128) == 1  # 4 heads' 8 MB: the whole group
     assert mod.dkdv_splits(4096, 4, 1, 32, dev, True, 4096, 128) == 8
     assert mod.dkdv_splits(16384, 1, 8, 4, dev, True, 16384, 128) == 2  # never single-head shares for L2
+    assert mod.dkdv_splits(4096, 1, 1, 32, dev, True, 4096, 128) == 16  # 2 heads a share, 512 programs
+    assert mod.dkdv_splits(8192, 2, 16, 1, dev, True, 8192, 128) == 1  # MHA: one head a program anyway
 
 
-def test_causal_units_fit_l2_and_divide_the_rows():
-    """The causal dK/dV launch takes as many units (rows of the grid) at a time as keep their Q, dO and
-    dQ within 32 MB, at least 2, and a divisor of the rows, so that every group is whole."""
-    assert mod.causal_units(32, 8192, 128, 1) == 4  # MHA 16 heads x 2 at 8k: 8 MB a head
-    assert mod.causal_units(64, 4096, 128, 1) == 8
-    assert mod.causal_units(16, 16384, 128, 1) == 2  # 16 MB a head: 2, over the budget
-    assert mod.causal_units(32, 8192, 128, 2) == 2  # GQA 32/8 in shares of 2 heads
-    assert mod.causal_units(12, 1000, 128, 1) == 12  # every row fits
-    assert mod.causal_units(7, 8192, 128, 1) == 1  # no divisor of 7 from 2 to 4
+def test_causal_units_fill_a_wave_fit_l2_and_divide_the_rows():
+    """The causal dK/dV launch takes a group of units (rows of the grid) at a time: a divisor of the rows,
+    so every group is whole; enough units that a group holds about a wave of programs (132 SMs / key
+    blocks, at least 2); beyond that, as many as keep their Q, dO and dQ within 32 MB of L2."""
+
+    def units(rows, n, heads):  # 128-key blocks, D=128, an H200's 132 SMs
+        return mod.causal_units(rows, n, -(-n // 128), 128, heads, 132)
+
+    assert units(32, 8192, 1) == 4  # MHA 16 heads x 2 at 8k: 8 MB a head, 4 in 32 MB
+    assert units(64, 4096, 1) == 8
+    assert units(16, 16384, 1) == 2  # 16 MB a head: over the budget, but 2 at least
+    assert units(32, 8192, 2) == 2  # GQA 32/8 in shares of 2 heads
+    assert units(64, 2048, 4) == 8  # GQA 32/8 whole at 2k: 16 key blocks, 8 units for a wave
+    assert units(32, 4096, 4) == 4  # MQA 4k in 8 shares of 4 heads, B=4: a wave over L2
+    assert units(7, 8192, 1) == 7  # no divisor of 7 from 2 to 4: every row
+    assert units(12, 1000, 1) == 12  # fewer rows than a wave
+    assert units(1, 32768, 1) == 1
 
 
 def test_custom_scale_and_non_contiguous_inputs():
@@ -585,8 +595,11 @@ def test_gluon_dkdv_launch_of_a_shared_group(monkeypatch, splits):
 def test_gluon_dkdv_launch_in_order(monkeypatch, shift, splits):
     """The ordered fused kernel gets zeroed int32 counters, one per (dQ buffer, query head, 64-row query
     block), and a dQ descriptor over every buffer's rows: two buffers with the shifted walk. With shares
-    of the group, their counters follow in the same zeroed buffer."""
+    of the group, their counters follow in the same zeroed buffer. The causal launch is (units, key
+    blocks, groups of units), on an H200's 132 SMs (faked)."""
     launches = []
+    h200 = types.SimpleNamespace(multi_processor_count=132)
+    monkeypatch.setattr(mod.torch.cuda, "get_device_properties", lambda device: h200)
 
     class Grab:  # stands in for the Gluon dK/dV kernel: records its grid and arguments, launches nothing
         def __getitem__(self, grid):
@@ -608,7 +621,7 @@ def test_gluon_dkdv_launch_in_order(monkeypatch, shift, splits):
     if shift:  # without a mask: (key blocks, rows)
         assert grid == (2, rows)
     else:  # causal: (units, key blocks, groups of units), heaviest first
-        units = mod.causal_units(rows, 200, 128, 2 // splits)
+        units = mod.causal_units(rows, 200, 2, 128, 2 // splits, 132)
         assert grid == (units, 2, rows // units) and rows % units == 0
     sem, n_sem = bound["SEM"], (1 + shift) * 2 * 4 * 4  # (buffer, B * H, 64-row query blocks)
     n_chain = 2 * 2 * 2 * 2 if splits > 1 else 0  # (B * H_KV, 128-key blocks, warpgroups)

@@ -11,9 +11,9 @@ a query block at the same step and the order of their launch is the order of the
 06's own timing (_time: CUDA-graph replay), ROUNDS interleaved rounds beside cuDNN: the default, the
 old launch, whole GQA groups (one program walking the group's 4 heads, no shares), other group sizes,
 and deterministic=False (the same launch, unordered adds). GPU only:
-    BASE=data/06_flash_573e360.py python -u notes/probes/flash_bwd_causal_order.py
-CALL=1 or 2 picks the rows and variants of session 20's first or second call (2 by default); CHECKS=0
-skips the checks."""
+    BASE=data/06_flash_573e360.py CALL=1 python -u notes/probes/flash_bwd_causal_order.py
+CALL=1, 2 or 3 picks the rows and variants of session 20's calls (3 by default: BASE 06 at 393012b, and
+"old launch" is that one's); CHECKS=0 skips the checks."""
 
 import contextlib
 import os
@@ -27,7 +27,6 @@ import torch  # noqa: E402
 from flash_rounds import bwd_inputs, interleaved, load_06_at  # noqa: E402  (this folder is on sys.path)
 
 fa = harness.load_build("06_flash")
-base = load_06_at("573e360", "flash_573e360")
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 # (B, H, H_KV, N, causal) -> extra variants: ("splits", n) or ("units", n)
 CALLS = {
@@ -46,8 +45,19 @@ CALLS = {
         (8, 32, 8, 2048, True): [("splits", 2)],
         (4, 32, 1, 4096, True): [("splits", 4), ("splits", 16)],
     },
+    "3": {  # causal_units' wave floor (BASE: 06 at 393012b, its groups sized by L2 alone)
+        (4, 32, 1, 4096, True): [],  # 4 units a group (2 at 393012b)
+        (8, 32, 8, 2048, True): [],  # 8 (4)
+        (1, 32, 1, 4096, True): [("splits", 8), ("splits", 16)],  # one-head shares, 8 (8); 4 (2), 4 (4)
+        (1, 7, 7, 8192, True): [],  # 7 (1: no divisor of 7 from 2 to 4)
+        (2, 16, 16, 8192, True): [],  # 4 (4): a control
+        (2, 32, 8, 8192, True): [],  # 2 (2): a control
+    },
 }
-SHAPES = CALLS[os.environ.get("CALL", "2")]
+CALL = os.environ.get("CALL", "3")
+SHAPES = CALLS[CALL]
+BASE_AT = "393012b" if CALL == "3" else "573e360"  # what "old launch" runs
+base = load_06_at(BASE_AT, f"flash_{BASE_AT}")
 
 
 @contextlib.contextmanager
@@ -67,7 +77,7 @@ def checks(device):
     cases = [((3, 4, 4, 1000, 1000, 128, True), None), ((2, 8, 2, 1000, 1000, 128, True), None),
              ((2, 8, 2, 1000, 1000, 128, True), 1), ((2, 8, 2, 1000, 1000, 128, True), 2),
              ((1, 8, 1, 1111, 1111, 128, True), None), ((1, 8, 1, 1111, 1111, 128, True), 2),
-             ((1, 6, 6, 2000, 2000, 128, True), None)]  # fmt: skip
+             ((1, 6, 6, 2000, 2000, 128, True), None), ((1, 7, 7, 2000, 2000, 128, True), None)]  # fmt: skip
     for s, splits in cases:
         ctx = fa.fixed_dkdv_splits(splits) if splits else contextlib.nullcontext()
         with ctx, fa.two_kernel_backward(False):
