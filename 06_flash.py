@@ -1484,16 +1484,16 @@ def _gb_dq_writer(descs, smem, bars, geom, dq_io, order, HEADS: gl.constexpr, CA
 @gluon.jit
 def _bwd_dkdv_gluon(q_desc, k_desc, v_desc, do_desc, dq_desc, LD, DK, DV, SEM, n_q, n_k, H, GROUP, qk_scale,
                     sm_scale, SPLITS, ACC_K, ACC_V, CHAIN, HEADS: gl.constexpr, HEAD_DIM: gl.constexpr,
-                    BLOCK_M: gl.constexpr,
-                    BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, FUSED: gl.constexpr,
-                    PARTIAL: gl.constexpr, ORDERED: gl.constexpr, SHIFT: gl.constexpr):  # fmt: skip
+                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                    FUSED: gl.constexpr, PARTIAL: gl.constexpr, ORDERED: gl.constexpr,
+                    SHIFT: gl.constexpr):  # fmt: skip
     """Dense contiguous inputs through (rows, D) descriptors with 64-row tiles; one program per
     (128-key block, batch * kv head), walking the whole query group (HEADS heads). Causal: launched as
     (units, key blocks, groups of units), key block 0, the heaviest, first (the block comment above).
-    PARTIAL: SPLITS programs share a
-    group, each walking GROUP / SPLITS of its heads; they sum their dK, dV in share order through the
-    fp32 buffers ACC_K, ACC_V (k's shape), counted in CHAIN (one int32 per key block and warpgroup of
-    each kv head), and the last share stores DK, DV (_gb_chain_store). FUSED: dQ too, added into the fp32
+    PARTIAL: SPLITS programs share a group, each walking HEADS = GROUP / SPLITS of its heads; they sum
+    their dK, dV in share order through the fp32 buffers ACC_K, ACC_V (k's shape), counted in CHAIN (one
+    int32 per key block and warpgroup of each kv head), and the last share stores DK, DV
+    (_gb_chain_store). FUSED: dQ too, added into the fp32
     buffer under dq_desc ((B*H, N, D) in (1, 64, D / 2) tiles: TMA drops what a head's last tile adds past
     its rows) by a fourth partition, the writer warp. ORDERED (with FUSED): in a fixed order, counted in
     SEM (without a mask the last key block's program launched first); SHIFT (ORDERED without a mask):
