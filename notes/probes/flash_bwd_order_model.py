@@ -7,16 +7,7 @@ first, key block 0 the heaviest last) and heaviest first over G units at a time 
 picks G). A unit is a row of the launch: a (batch, kv head, share) walking `per` query heads.
     python notes/probes/flash_bwd_order_model.py"""
 
-import heapq
-
-SMS = 132
-
-
-def makespan(durations: list) -> float:
-    free = [0.0] * SMS
-    for d in durations:
-        heapq.heappush(free, heapq.heappop(free) + d)
-    return max(free)
+from flash_causal_order_model import SMS, makespan  # this folder is on sys.path when run as a script
 
 
 def orders(n: int, units: int, per: int) -> dict:
