@@ -1180,7 +1180,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LD, DQ, CU_Q, CU_K,
 # 8k and 1.07x at 2k, MQA 4k 1.04x causal and 1.01x without a mask; GQA 8k without a mask (whole groups) and
 # MHA level. By the benchmark against its previous run (results/06_flash.json at 8d192cc, 3235d40): GQA 32/8
 # causal 1.06x at 2k and level at 8k (a row that moves ~2% between runs), MQA 4k causal 1.02x. Compiled: the
-# ordered causal kernel's 40 bytes of spills in shares are gone.
+# ordered causal kernel's 40 bytes of spills in shares are gone (with session 20's causal walk, 4-12 bytes
+# outside the loops).
 # Tails, as in the forward: a query row past the end has lse = +inf, so its P is 0; a key row past the
 # end is masked to P = 0 in dQ and its dK, dV rows are not stored. Every tile comes through a per-head
 # descriptor (_gluon_bwd_descs), so the rows past a head's end arrive as TMA's zeros: an inf or NaN in the
@@ -1893,7 +1894,8 @@ def dkdv_splits(n_k: int, B: int, h_kv: int, group: int, device, gluon_causal: b
     traffic, which costs less than idle SMs). The grid counts 128-key blocks, the dK/dV tile height.
     gluon_causal (the Gluon kernel's causal launch, heaviest first, n_q query rows, head dim D): a program
     walks no more heads than let two programs keep their Q, dO and dQ within the 32 MB of causal_units,
-    or two heads, and no fewer than two (where the group has two), even if that leaves fewer programs.
+    or two heads, and no fewer than two (where the group has two), even if that leaves fewer programs;
+    where no divisor of the group lies between (a group of 3 or 7 at 8k), the fewest heads above one.
     On the H200 (notes/probes/flash_bwd_causal_order.py, session 20): GQA 32/8 causal 8k ran 1.04x in
     shares of 2 heads against whole groups, and 0.95x in shares of one head; MQA 4k causal at B=1 0.79x
     cuDNN in 32 one-head shares, 1.01x in 16 of 2 heads, 1.02x in 8 of 4. The launch runs a key block's
@@ -1904,9 +1906,10 @@ def dkdv_splits(n_k: int, B: int, h_kv: int, group: int, device, gluon_causal: b
     want = 4 * torch.cuda.get_device_properties(device).multi_processor_count
     programs = triton.cdiv(n_k, 128) * B * h_kv
     shares = [s for s in range(1, group + 1) if group % s == 0]
-    if gluon_causal:  # 2 to most heads a program (1 in MHA)
+    if gluon_causal and group > 1:  # 2 to most heads a program
         most = max(2, (16 << 20) // (8 * n_q * D))
-        shares = [s for s in shares if group // s <= most and (group // s >= 2 or group == 1)]
+        two_up = [s for s in shares if group // s >= 2]
+        shares = [s for s in two_up if group // s <= most] or two_up[-1:]
     return next((s for s in shares if programs * s >= want), shares[-1])
 
 
@@ -2004,6 +2007,8 @@ def _bwd(do, q, k, v, o, lse, cu, B, n_q, n_k, causal, sm_scale, poison, determi
         o, do, lse, ld, *_bhn(o, varlen), *_bhn(do, varlen), rows, H, HEAD_DIM=D, BLOCK_M=32
     )
     gluon = not varlen and gluon_ok((q, k, v, do), False)
+    if causal and triton.cdiv(n_k, GLUON_BWD["BLOCK"]) > 65535:  # the causal dK/dV grid's y: key blocks
+        gluon = False
     two_kernel = _FIXED["two_kernel"]
     if two_kernel is None:
         two_kernel = not _ordered_pays(n_q, causal)
@@ -2093,7 +2098,8 @@ def causal_units(rows: int, n_q: int, n_kb: int, D: int, heads: int, sms: int) -
     """How many of the causal dK/dV launch's rows (units: programs walking heads query heads each, one per
     key block, n_kb of them) run heaviest first together, a divisor of rows so that every group is whole:
     enough that a group holds about a wave of programs (sms / n_kb units, at least 2), and beyond that as
-    many as keep their Q, dO (bf16) and fp32 dQ within 32 MB of the H200's 50 MB L2. With fewer, the next
+    many as keep their Q, dO (bf16) and fp32 dQ within 32 MB of the H200's 50 MB L2 (where none of those
+    fit, the fewest that fill the wave, all the rows if need be: 7 rows at 8k). With fewer, the next
     group's heaviest programs start while the last ones' run: by the list-scheduling model
     (notes/probes/flash_bwd_order_model.py), MQA 4k in 8 shares takes 1.11x the ideal in groups of 2
     units, 1.00x in groups of 4."""
@@ -2522,6 +2528,12 @@ def run_checks(checks, device, quick):
         for s, splits in ordered:
             name = dense_name(s, dtype, f", dK/dV group in {splits} part(s), ordered, bitwise repeatable")
             with fixed_configs(n := n + 1), fixed_dkdv_splits(splits), two_kernel_backward(False):
+                checks(name, check_dense, *s, dtype, device, repeat=True)
+        # the causal launch's defaults where a launch holds several groups of units (MQA 4k: 16 shares of 2
+        # heads, 4 units a group, so shares wait across groups) and a group of 3 heads walked whole
+        for s in [(1, 32, 1, 4096, 4096, 128, True), (1, 12, 4, 2048, 2048, 128, True)]:
+            name = dense_name(s, dtype, ", dK/dV shares and groups by default, ordered, bitwise repeatable")
+            with fixed_configs(n := n + 1):
                 checks(name, check_dense, *s, dtype, device, repeat=True)
         for s in [(2, 4, 4, 1000, 1000, 128, True), (1, 4, 2, 300, 1111, 128, False)]:
             with fixed_configs(n := n + 1), two_kernel_backward():

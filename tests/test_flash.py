@@ -94,6 +94,10 @@ def test_dkdv_splits_fill_the_gpu_and_divide_the_group(monkeypatch):
     assert mod.dkdv_splits(16384, 1, 8, 4, dev, True, 16384, 128) == 2  # never single-head shares for L2
     assert mod.dkdv_splits(4096, 1, 1, 32, dev, True, 4096, 128) == 16  # 2 heads a share, 512 programs
     assert mod.dkdv_splits(8192, 2, 16, 1, dev, True, 8192, 128) == 1  # MHA: one head a program anyway
+    # no divisor between 2 heads and the cap: the fewest heads above one (24/8 and 28/4 heads at 8k)
+    assert mod.dkdv_splits(8192, 1, 8, 3, dev, True, 8192, 128) == 1
+    assert mod.dkdv_splits(8192, 1, 4, 7, dev, True, 8192, 128) == 1
+    assert mod.dkdv_splits(8192, 1, 4, 6, dev, True, 8192, 128) == 3  # 6 heads: 2 a program
 
 
 def test_causal_units_fill_a_wave_fit_l2_and_divide_the_rows():
@@ -106,7 +110,7 @@ def test_causal_units_fill_a_wave_fit_l2_and_divide_the_rows():
 
     assert units(32, 8192, 1) == 4  # MHA 16 heads x 2 at 8k: 8 MB a head, 4 in 32 MB
     assert units(64, 4096, 1) == 8
-    assert units(16, 16384, 1) == 2  # 16 MB a head: over the budget, but 2 at least
+    assert units(16, 16384, 1) == 2  # 16 MB a head: 2 fill the budget
     assert units(32, 8192, 2) == 2  # GQA 32/8 in shares of 2 heads
     assert units(64, 2048, 4) == 8  # GQA 32/8 whole at 2k: 16 key blocks, 8 units for a wave
     assert units(32, 4096, 4) == 4  # MQA 4k in 8 shares of 4 heads, B=4: a wave over L2
