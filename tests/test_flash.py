@@ -553,6 +553,8 @@ def test_gluon_tiles_of_dense_inputs_stay_inside_a_head(monkeypatch, varlen):
     # head's last tile adds past its rows is dropped, after the four inputs
     seen.clear()
     monkeypatch.setattr(mod, "_bwd_dkdv_gluon", Grab())
+    h200 = types.SimpleNamespace(multi_processor_count=132)  # the causal launch asks for the SM count
+    monkeypatch.setattr(mod.torch.cuda, "get_device_properties", lambda device: h200)
     dk, dv, dq = torch.empty_like(k), torch.empty_like(v), torch.zeros(q.shape)
     mod._dkdv_gluon(bwd, torch.empty(2, 4, 45, 2), dk, dv, q, k, True, 0.1, dq)
     assert geometry(seen) == geometry(bwd) + [((8, 45, 128), [1, 64, 64])]
