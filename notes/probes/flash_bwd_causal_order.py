@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import harness  # noqa: E402
 
 import torch  # noqa: E402
-from flash_rounds import bwd_inputs, interleaved, load_06_at  # noqa: E402  (this folder is on sys.path)
+from flash_rounds import bwd_inputs, bwd_rounds, load_06_at  # noqa: E402  (this folder is on sys.path)
 
 fa = harness.load_build("06_flash")
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
@@ -107,9 +107,7 @@ def main():
             runs.append((f"{kind} {n}", impls["ours"][0], ctx))
         if (B, H, N) in ((2, 16, 8192), (2, 32, 8192)) and causal:
             runs += [("unordered", *impls["ours_atomic"]), ("old unordered", *old["ours_atomic"])]
-        flops = 5 * 2 * B * H * N * N * 128 * (0.5 if causal else 1.0)
-        label = f"{(B, H, H_KV, N, causal)} backward"
-        interleaved(label, runs, flops, ROUNDS, fa._time, (q, k, v, do, device), 1)
+        bwd_rounds(fa, (B, H, H_KV, N, causal), runs, ROUNDS, (q, k, v, do, device))
 
 
 if __name__ == "__main__":

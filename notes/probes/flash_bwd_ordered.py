@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import harness  # noqa: E402
 
 import torch  # noqa: E402
-from flash_rounds import bwd_inputs, interleaved  # noqa: E402  (this folder is on sys.path)
+from flash_rounds import bwd_inputs, bwd_rounds  # noqa: E402  (this folder is on sys.path)
 
 fa = harness.load_build("06_flash")
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
@@ -65,10 +65,7 @@ def main():
             if H_KV not in (1, H):
                 shares = lambda g=H // H_KV: fa.fixed_dkdv_splits(g)  # noqa: E731
                 runs.append(("ordered 1-head shares", impls["ours"][0], shares))
-        flops = 5 * 2 * B * H * N * N * 128 * (0.5 if causal else 1.0)
-        interleaved(
-            f"{(B, H, H_KV, N, causal)} backward", runs, flops, ROUNDS, fa._time, (q, k, v, do, device), 1
-        )
+        bwd_rounds(fa, (B, H, H_KV, N, causal), runs, ROUNDS, (q, k, v, do, device))
 
 
 if __name__ == "__main__":

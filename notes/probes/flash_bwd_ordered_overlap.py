@@ -46,7 +46,7 @@ import harness  # noqa: E402
 
 import torch  # noqa: E402
 from flash_dkdv_serial import edit, load_variants  # noqa: E402  (this folder is on sys.path)
-from flash_rounds import Compiling, interleaved  # noqa: E402  (this folder is on sys.path)
+from flash_rounds import Compiling, bwd_rounds  # noqa: E402  (this folder is on sys.path)
 
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 DONE = "cp.async.bulk.wait_group 0; fence.proxy.async.global;"  # _adds_done's wait
@@ -127,9 +127,7 @@ def main(mods):
         q, k, v = (t.requires_grad_() for t in (q, k, v))
         runs = [("cudnn", *base._impls(causal)["cudnn"])]
         runs += [(name, *fa._impls(causal)["ours"]) for name, fa in mods.items()]
-        flops = 5 * 2 * B * H * N * N * 128 * (0.5 if causal else 1.0)
-        args = (q, k, v, do, device)
-        interleaved(f"{(B, H, H_KV, N, causal)} backward", runs, flops, ROUNDS, base._time, args, 1)
+        bwd_rounds(base, (B, H, H_KV, N, causal), runs, ROUNDS, (q, k, v, do, device))
 
 
 if __name__ == "__main__":

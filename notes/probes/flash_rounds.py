@@ -37,6 +37,14 @@ def interleaved(label: str, runs: list, flops: float, rounds: int, time, args: t
     return med
 
 
+def bwd_rounds(fa, shape: tuple, runs: list, rounds: int, args: tuple) -> dict:
+    """The backward of runs in interleaved rounds by fa's own timing (_time), args (q, k, v, do, device)
+    of shape (B, H, H_KV, N, causal) at D=128: TFLOP/s counted as 06's benchmark counts them."""
+    B, H, H_KV, N, causal = shape
+    flops = 5 * 2 * B * H * N * N * 128 * (0.5 if causal else 1.0)
+    return interleaved(f"{shape} backward", runs, flops, rounds, fa._time, args, 1)
+
+
 def bwd_inputs(B: int, H: int, H_KV: int, N: int, device, D: int = 128) -> tuple:
     """(q, k, v, do) for the backward probes: random bf16, dense, q, k, v requiring grad."""
     q, do = (torch.randn(B, H, N, D, device=device, dtype=torch.bfloat16) for _ in range(2))
