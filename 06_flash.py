@@ -1907,7 +1907,7 @@ def dkdv_splits(n_k: int, B: int, h_kv: int, group: int, device, gluon_causal: b
     programs = triton.cdiv(n_k, 128) * B * h_kv
     shares = [s for s in range(1, group + 1) if group % s == 0]
     if gluon_causal and group > 1:  # 2 to most heads a program
-        most = max(2, (16 << 20) // (8 * n_q * D))
+        most = max(2, _heads_in_l2(n_q, D) // 2)
         two_up = [s for s in shares if group // s >= 2]
         shares = [s for s in two_up if group // s <= most] or two_up[-1:]
     return next((s for s in shares if programs * s >= want), shares[-1])
@@ -2094,6 +2094,12 @@ def _shift_fits(q, n_q, n_k):
     return triton.cdiv(n_k, bn) <= triton.cdiv(n_q, bm) and 2 * q.numel() // q.shape[-1] < 2**31
 
 
+def _heads_in_l2(n_q: int, D: int) -> int:
+    """How many query heads' Q and dO (bf16) and fp32 dQ, n_q rows at head dim D, the causal dK/dV
+    launch lets one group of units hold in L2: 32 MB of the H200's 50 MB (causal_units, dkdv_splits)."""
+    return (32 << 20) // (8 * n_q * D)
+
+
 def causal_units(rows: int, n_q: int, n_kb: int, D: int, heads: int, sms: int) -> int:
     """How many of the causal dK/dV launch's rows (units: programs walking heads query heads each, one per
     key block, n_kb of them) run heaviest first together, a divisor of rows so that every group is whole:
@@ -2105,7 +2111,7 @@ def causal_units(rows: int, n_q: int, n_kb: int, D: int, heads: int, sms: int) -
     units, 1.00x in groups of 4."""
     least = min(max(2, round(sms / n_kb)), rows)
     divisors = [u for u in range(least, rows + 1) if rows % u == 0]  # rows itself at least
-    fit = [u for u in divisors if u * heads * n_q * D * 8 <= 32 << 20]
+    fit = [u for u in divisors if u * heads <= _heads_in_l2(n_q, D)]
     return max(fit) if fit else divisors[0]
 
 
