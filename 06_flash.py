@@ -481,23 +481,117 @@ def _g_zero_rows(tile, keep):
 
 
 @gluon.jit
-def _g_producer(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
-                SHIFT: gl.constexpr):  # fmt: skip
-    """One warp: each consumer warpgroup's Q tile, then K_j and V_j into ring slots as they all free them
-    (a fresh mbarrier counts the phase before its first as complete, hence the ^ 1)."""
+def _g_tile(k, work, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+            CAUSAL: gl.constexpr, IS_VARLEN: gl.constexpr, PERSISTENT: gl.constexpr):  # fmt: skip
+    """The k-th tile of this program (the comments below _fwd_kernel_gluon say which): its rows and keys
+    (q_row, q_at, kv_row, kv_at, start_m, seq_q, seq_k, n_blocks) and where its output goes (lse_off,
+    o_row, o_col, o_stride). Packed, or dense not PERSISTENT: this program's one tile (k = 0); n_blocks
+    <= 0 in a spare row of the packed table. work: the kernel's (TILES, n_q, n_k, H, GROUP, stride_lb,
+    stride_lh, n_tiles)."""
+    TILES, n_q, n_k, H, GROUP, stride_lb, stride_lh, n_tiles = work
+    pid = gl.program_id(0)
+    if IS_VARLEN:
+        entry = TILES + pid // H * 5  # a row of this program's sequence
+        q_start = gl.load(entry)
+        k_start = gl.load(entry + 1)
+        seq_q = gl.load(entry + 2)
+        seq_k = gl.load(entry + 3)
+        first = gl.load(entry + 4)
+        # the sequence's H * blocks programs: head by head, each head's query blocks in turn
+        blocks = gl.maximum(gl.cdiv(seq_q, BLOCK_M), 1)  # (1 in a spare row, whose seq_q = 0 stops it)
+        h = (pid - first * H) // blocks
+        block = (pid - first * H) % blocks
+        lse_head = h.to(gl.int64) * stride_lh  # the lse of packed rows is (H, T)
+        h_kv = h // GROUP
+        q_row, q_at, kv_row, kv_at = q_start, h * HEAD_DIM, k_start, h_kv * HEAD_DIM  # packed rows
+        o_row, o_col, o_stride = q_start, h * HEAD_DIM, H * HEAD_DIM
+    else:
+        if not PERSISTENT:  # a program a tile: (query block, batch x head)
+            block = pid
+            pid_bh = gl.program_id(1)
+            if CAUSAL:  # heaviest first over heads taken 8 at a time (the comment below the kernel)
+                HEADS: gl.constexpr = 8
+                blocks = gl.num_programs(0)
+                at = pid_bh * blocks + block  # the launch order
+                head0 = at // (HEADS * blocks) * HEADS  # the first head of this program's 8
+                heads = gl.minimum(HEADS, gl.num_programs(1) - head0)
+                at_in_group = at - head0 * blocks
+                block = at_in_group // heads
+                pid_bh = head0 + at_in_group % heads
+        elif CAUSAL:  # tile x of the pairs' order, the second of unit pid + k // 2 * programs if k is odd
+            n_m = gl.cdiv(n_q, BLOCK_M)
+            x = 2 * (pid + k // 2 * gl.num_programs(0)) + k % 2
+            pid_bh = x // n_m
+            z = (x % n_m + n_m - (pid_bh & n_m & 1)) % n_m  # an odd head of an odd n_m: its middle first
+            block = gl.where(z % 2 == 0, z // 2, n_m - 1 - z // 2)
+        else:
+            n_m = gl.cdiv(n_q, BLOCK_M)
+            t = pid + k * gl.num_programs(0)
+            pid_bh = t // n_m
+            block = t % n_m
+        b = pid_bh // H
+        h = pid_bh % H
+        h_kv = h // GROUP
+        lse_head = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh
+        q_start = 0
+        seq_q = n_q
+        seq_k = n_k
+        q_row, q_at, kv_row, kv_at = 0, pid_bh, 0, b * (H // GROUP) + h_kv  # rows of one head
+        o_row, o_col, o_stride = pid_bh * n_q, 0, HEAD_DIM
+    # Causal: blocks counted back from the last row (block 0 the heaviest), so that where BLOCK_M does not
+    # divide the rows the partial block is the first, which walks one or two key blocks, not the last,
+    # which walks them all (D=64's 192 rows at N = 4k: 64 rows in it, the program still 32 key blocks
+    # long). Its rows before 0 are computed and not stored. On the H200 at D=64, N = 2k / 4k / 8k / 16k:
+    # 1.056x / 1.049x / 1.018x / 1.00x the blocks counted from row 0 (predicted from the key blocks
+    # walked: 1.052 / 1.058 / 1.015 / 1.015); D=128 (128 | N) level.
+    if CAUSAL:
+        start_m = seq_q - (block + 1) * BLOCK_M
+        hi = gl.minimum(seq_k, start_m + BLOCK_M + seq_k - seq_q)
+    else:
+        start_m = block * BLOCK_M
+        hi = seq_k
+    n_blocks = gl.cdiv(hi, BLOCK_N)  # <= 0 in the packed table's spare rows, whose seq_q = 0
+    return (q_row, q_at, kv_row, kv_at, start_m, seq_q, seq_k, n_blocks, lse_head + q_start, o_row, o_col,
+            o_stride)  # fmt: skip
+
+
+@gluon.jit
+def _g_count(n_tiles, CAUSAL: gl.constexpr):
+    """How many tiles this program of the dense launch walks: tiles pid, pid + programs, ... of n_tiles;
+    causal, the units (pairs of tiles) pid, pid + programs, ... of cdiv(n_tiles, 2), where the last unit
+    has one tile if n_tiles is odd."""
+    pid = gl.program_id(0)
+    programs = gl.num_programs(0)
+    if CAUSAL:
+        units = (n_tiles + 1) // 2
+        count = gl.cdiv(units - pid, programs) * 2 - ((n_tiles % 2 == 1) & (pid == (units - 1) % programs))
+    else:
+        count = gl.cdiv(n_tiles - pid, programs)
+    return count
+
+
+@gluon.jit
+def _g_produce(tile, base, i, descs, smem, bars, BLOCK_N: gl.constexpr, SHIFT: gl.constexpr):
+    """A tile's loads (_g_tile's tile): each consumer warpgroup's Q tile once that warpgroup is done with
+    the tile before (its q_empty), then K_j and V_j into ring slots as the consumers free them. The ring
+    runs on across tiles: base counts the key blocks of the tiles before, i the tiles (a fresh mbarrier
+    counts the phase before its first as complete, hence the ^ 1). Returns base counted on past this
+    tile."""
     q_desc, k_desc, v_desc = descs
     q_smem, k_smem, v_smem = smem
-    q_bars, k_ready, v_ready, k_empty, v_empty = bars
-    q_row, q_at, kv_row, kv_at, start_m, seq_q, seq_k, n_blocks = geom
+    q_ready, q_empty, k_ready, v_ready, k_empty, v_empty = bars
     STAGES: gl.constexpr = k_smem.type.shape[0]
     HALF: gl.constexpr = q_smem.type.shape[1]
     WARPGROUPS: gl.constexpr = q_smem.type.shape[0]  # one Q tile each
+    q_row, q_at, kv_row, kv_at, start_m, seq_q, seq_k, n_blocks, _, _, _, _ = tile
     for w in gl.static_range(WARPGROUPS):
-        mbarrier.expect(q_bars.index(w), q_desc.block_type.nbytes)
-        _g_load(q_desc, q_row + start_m + w * HALF, q_at, q_bars.index(w), q_smem.index(w))
+        mbarrier.wait(q_empty.index(w), (i & 1) ^ 1)
+        mbarrier.expect(q_ready.index(w), q_desc.block_type.nbytes)
+        _g_load(q_desc, q_row + start_m + w * HALF, q_at, q_ready.index(w), q_smem.index(w))
     for j in range(n_blocks):
-        slot = j % STAGES
-        free = (j // STAGES & 1) ^ 1
+        c = base + j
+        slot = c % STAGES
+        free = (c // STAGES & 1) ^ 1
         row = kv_row + _g_kv_start(j * BLOCK_N, seq_k, BLOCK_N, SHIFT)
         mbarrier.wait(k_empty.index(slot), free)
         mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
@@ -505,16 +599,32 @@ def _g_producer(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, C
         mbarrier.wait(v_empty.index(slot), free)
         mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
         _g_load(v_desc, row, kv_at, v_ready.index(slot), v_smem.index(slot))
+    return base + n_blocks
 
 
 @gluon.jit
-def _g_consumer(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
-                SHIFT: gl.constexpr, WG: gl.constexpr):  # fmt: skip
-    """One warpgroup's 64 query rows (WG 0, 1 or 2 of the program's 128 or 192)."""
+def _g_producer(descs, smem, bars, work, out, qk_scale, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+                SHIFT: gl.constexpr, IS_VARLEN: gl.constexpr, PERSISTENT: gl.constexpr):  # fmt: skip
+    """One warp: every tile's loads (_g_produce). work: as _g_consumer's."""
+    if not PERSISTENT:
+        _g_produce(work, 0, 0, descs, smem, bars, BLOCK_N, SHIFT)
+    else:
+        BLOCK_M: gl.constexpr = smem[0].type.shape[0] * smem[0].type.shape[1]
+        HEAD_DIM: gl.constexpr = smem[0].type.shape[2]
+        base = 0
+        for k in range(_g_count(work[7], CAUSAL)):
+            tile = _g_tile(k, work, BLOCK_M, BLOCK_N, HEAD_DIM, CAUSAL, IS_VARLEN, PERSISTENT)
+            base = _g_produce(tile, base, k, descs, smem, bars, BLOCK_N, SHIFT)
+
+
+@gluon.jit
+def _g_consume(tile, base, i, descs, smem, bars, out, qk_scale, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+               SHIFT: gl.constexpr, WG: gl.constexpr):  # fmt: skip
+    """One warpgroup's 64 query rows (WG 0, 1 or 2 of the 128 or 192) of a tile (_g_tile's), the ring at
+    base (key blocks before) and i (tiles before): returns base counted on past this tile."""
     q_smem, k_smem, v_smem = smem
-    q_bars, k_ready, v_ready, k_empty, v_empty = bars
-    q_row, q_at, kv_row, kv_at, start_m, seq_q, seq_k, n_blocks = geom
-    O, LSE, lse_off, o_row, o_col, o_stride = out
+    q_ready, q_empty, k_ready, v_ready, k_empty, v_empty = bars
+    O, LSE = out
     dtype: gl.constexpr = q_smem.dtype
     STAGES: gl.constexpr = k_smem.type.shape[0]
     HALF: gl.constexpr = q_smem.type.shape[1]
@@ -525,66 +635,74 @@ def _g_consumer(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, C
                                                        instr_shape=[16, HEAD_DIM, 16])  # fmt: skip
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    PACKED: gl.constexpr = len(descs[2].block_type.shape) == 2
+    q_tile = q_smem.index(WG)
+    _, _, _, _, start_m, seq_q, seq_k, n_blocks, lse_off, o_row, o_col, o_stride = tile
     row0 = start_m + WG * HALF  # this warpgroup's first query row in its sequence
     diag = seq_k - seq_q
     if CAUSAL:  # key blocks from here on cross the diagonal of some row
         unmasked = (row0 + diag + 1) // BLOCK_N * BLOCK_N
-        # The program walks the key blocks its last row sees; this warpgroup walks those its own rows see
-        # and hands the rest back unread (the loop after the stores). At D=64 (192 rows a program) the
-        # first warpgroup's last block or two are wholly masked for it: 5.9% / 3.1% / 1.5% / 0.8% of the
-        # warpgroup-blocks at N = 2k / 4k / 8k / 16k causal. Measured on the H200 (3 rounds, medians,
-        # notes/probes/flash_fwd_own_blocks.py): 1.04x / 1.02x / 1.02x / 1.03x; the warpgroups share the
-        # SM's exponential and ALU throughput, which the softmax fills at D=64.
+        # The tile walks the key blocks its last row sees; this warpgroup walks those its own rows
+        # see and hands the rest back unread (the loop after the stores). At D=64 (192 rows a tile)
+        # the first warpgroup's last block or two are wholly masked for it: 5.9% / 3.1% / 1.5% /
+        # 0.8% of the warpgroup-blocks at N = 2k / 4k / 8k / 16k causal. Measured on the H200 (3
+        # rounds, medians, notes/probes/flash_fwd_own_blocks.py): 1.04x / 1.02x / 1.02x / 1.03x;
+        # the warpgroups share the SM's exponential and ALU throughput, which the softmax fills at
+        # D=64.
         own = gl.maximum(gl.minimum(n_blocks, gl.cdiv(row0 + HALF + diag, BLOCK_N)), 1)
     else:
         unmasked = seq_k // BLOCK_N * BLOCK_N
         # A warpgroup whose rows all lie past the last query (in the partial last block of a packed
-        # sequence, or of D=64's 192-row programs where 192 does not divide N) walks one block, not all of
-        # them, and frees the rest unread. Measured on the H200 (3 rounds, medians, against walking them
-        # all; notes/probes/flash_fwd_idle_warpgroups.py): varlen at mean length 1k 456 against 449
-        # TFLOP/s (0.941x dense against 0.928x; the padded query rows fall from 1.109x the real ones to
-        # 1.082x), level at mean 4k; D=64 at N = 2k / 4k / 8k / 16k 1.00x / 1.03x / 1.02x / 1.02x.
+        # sequence, or of D=64's 192-row tiles where 192 does not divide N) walks one block, not
+        # all of them, and frees the rest unread. Measured on the H200 (3 rounds, medians, against
+        # walking them all; notes/probes/flash_fwd_idle_warpgroups.py): varlen at mean length 1k
+        # 456 against 449 TFLOP/s (0.941x dense against 0.928x; the padded query rows fall from
+        # 1.109x the real ones to 1.082x), level at mean 4k; D=64 at N = 2k / 4k / 8k / 16k 1.00x /
+        # 1.03x / 1.02x / 1.02x.
         own = n_blocks
         if row0 >= seq_q:
             own = 1
-    q_tile = q_smem.index(WG)
     offs_m = row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, s_layout))
     m_i = gl.full([HALF], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
     l_i = gl.zeros([HALF], gl.float32, gl.SliceLayout(1, s_layout))
     acc = gl.zeros([HALF, HEAD_DIM], gl.float32, o_layout)
 
-    mbarrier.wait(q_bars.index(WG), 0)
-    mbarrier.wait(k_ready.index(0), 0)
+    mbarrier.wait(q_ready.index(WG), i & 1)
+    first = base % STAGES
+    mbarrier.wait(k_ready.index(first), base // STAGES & 1)
     s = gl.zeros([HALF, BLOCK_N], gl.float32, s_layout)
-    s = warpgroup_mma(q_tile, k_smem.index(0).permute((1, 0)), s, use_acc=False)
-    mbarrier.arrive(k_empty.index(0), count=1)
-    p, m_i, alpha, l_i = _g_softmax(s, m_i, l_i, 0, unmasked, offs_m, seq_k, diag, qk_scale, BLOCK_N, CAUSAL,
-                                    SHIFT)  # fmt: skip
+    s = warpgroup_mma(q_tile, k_smem.index(first).permute((1, 0)), s, use_acc=False)
+    mbarrier.arrive(k_empty.index(first), count=1)
+    p, m_i, alpha, l_i = _g_softmax(s, m_i, l_i, 0, unmasked, offs_m, seq_k, diag, qk_scale, BLOCK_N,
+                                    CAUSAL, SHIFT)  # fmt: skip
     p_op = gl.convert_layout(p.to(dtype), p_layout)
     for j in range(1, own):
-        slot = j % STAGES
-        prev = (j - 1) % STAGES
-        mbarrier.wait(k_ready.index(slot), j // STAGES & 1)
-        s_tok = warpgroup_mma(q_tile, k_smem.index(slot).permute((1, 0)), s, use_acc=False, is_async=True)
+        c = base + j
+        slot = c % STAGES
+        prev = (c - 1) % STAGES
+        mbarrier.wait(k_ready.index(slot), c // STAGES & 1)
+        k_t = k_smem.index(slot).permute((1, 0))
+        s_tok = warpgroup_mma(q_tile, k_t, s, use_acc=False, is_async=True)
         acc = acc * gl.convert_layout(alpha, rows_o)[:, None]  # block j-1's rescale, while S_j runs
-        mbarrier.wait(v_ready.index(prev), (j - 1) // STAGES & 1)
+        mbarrier.wait(v_ready.index(prev), (c - 1) // STAGES & 1)
         o_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
         s = warpgroup_mma_wait(1, deps=[s_tok])  # S_j done; P_j-1 V_j-1 may still run
         mbarrier.arrive(k_empty.index(slot), count=1)
-        p, m_i, alpha, l_i = _g_softmax(s, m_i, l_i, j * BLOCK_N, unmasked, offs_m, seq_k, diag, qk_scale,
-                                        BLOCK_N, CAUSAL, SHIFT)  # fmt: skip
+        p, m_i, alpha, l_i = _g_softmax(s, m_i, l_i, j * BLOCK_N, unmasked, offs_m, seq_k, diag,
+                                        qk_scale, BLOCK_N, CAUSAL, SHIFT)  # fmt: skip
         acc, p_op = warpgroup_mma_wait(0, deps=[o_tok, p_op])
         mbarrier.arrive(v_empty.index(prev), count=1)
         p_op = gl.convert_layout(p.to(dtype), p_layout)  # block j's P, packed before S_j+1 is issued
-    last = (own - 1) % STAGES
+    mbarrier.arrive(q_empty.index(WG), count=1)  # every S of this tile is done: the next Q may come
+    c = base + own - 1
+    last = c % STAGES
     acc = acc * gl.convert_layout(alpha, rows_o)[:, None]
-    mbarrier.wait(v_ready.index(last), (own - 1) // STAGES & 1)
+    mbarrier.wait(v_ready.index(last), c // STAGES & 1)
     v_last = v_smem.index(last)
-    PACKED: gl.constexpr = len(descs[2].block_type.shape) == 2
     if PACKED:  # V rows past the last key (with SHIFT, only a sequence shorter than a block has them)
-        first = _g_kv_start((own - 1) * BLOCK_N, seq_k, BLOCK_N, SHIFT)
-        if first + BLOCK_N > seq_k:  # zeros, not the next sequence's
-            _g_zero_rows(v_last, seq_k - first)
+        first_key = _g_kv_start((own - 1) * BLOCK_N, seq_k, BLOCK_N, SHIFT)
+        if first_key + BLOCK_N > seq_k:  # zeros, not the next sequence's
+            _g_zero_rows(v_last, seq_k - first_key)
     acc = warpgroup_mma(p_op, v_last, acc)
     mbarrier.arrive(v_empty.index(last), count=1)
 
@@ -592,142 +710,153 @@ def _g_consumer(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, C
     offs_mo = row0 + gl.arange(0, HALF, layout=rows_o)
     offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
     o_rows = (o_row + offs_mo).to(gl.int64) * o_stride + o_col  # O has q's layout
-    rows_ok = (offs_mo >= 0) & (offs_mo < seq_q)  # causal: a sequence's first block starts before row 0
+    rows_ok = (offs_mo >= 0) & (offs_mo < seq_q)  # causal: a sequence's first block starts before 0
     gl.store(O + o_rows[:, None] + offs_d[None, :], o.to(dtype), mask=rows_ok[:, None])
     gl.store(LSE + lse_off + offs_m, m_i + gl.log2(l_i), mask=(offs_m >= 0) & (offs_m < seq_q))
     for j in range(own, n_blocks):  # blocks past these rows' diagonal or last query, handed back unread
-        slot = j % STAGES
-        mbarrier.wait(k_ready.index(slot), j // STAGES & 1)
+        c = base + j
+        slot = c % STAGES
+        mbarrier.wait(k_ready.index(slot), c // STAGES & 1)
         mbarrier.arrive(k_empty.index(slot), count=1)
-        mbarrier.wait(v_ready.index(slot), j // STAGES & 1)
+        mbarrier.wait(v_ready.index(slot), c // STAGES & 1)
         mbarrier.arrive(v_empty.index(slot), count=1)
+    return base + n_blocks
 
 
 @gluon.jit
-def _g_consumer1(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
-                 SHIFT: gl.constexpr):  # fmt: skip
-    _g_consumer(descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL, SHIFT, 1)
+def _g_consumer(descs, smem, bars, work, out, qk_scale, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+                SHIFT: gl.constexpr, IS_VARLEN: gl.constexpr, PERSISTENT: gl.constexpr,
+                WG: gl.constexpr):  # fmt: skip
+    """One consumer warpgroup: its rows of every tile (_g_consume). work: PERSISTENT, what _g_tile needs
+    to find each tile; else the program's one tile."""
+    if not PERSISTENT:
+        _g_consume(work, 0, 0, descs, smem, bars, out, qk_scale, BLOCK_N, CAUSAL, SHIFT, WG)
+    else:
+        BLOCK_M: gl.constexpr = smem[0].type.shape[0] * smem[0].type.shape[1]
+        HEAD_DIM: gl.constexpr = smem[0].type.shape[2]
+        base = 0
+        for k in range(_g_count(work[7], CAUSAL)):
+            tile = _g_tile(k, work, BLOCK_M, BLOCK_N, HEAD_DIM, CAUSAL, IS_VARLEN, PERSISTENT)
+            base = _g_consume(tile, base, k, descs, smem, bars, out, qk_scale, BLOCK_N, CAUSAL, SHIFT, WG)
 
 
 @gluon.jit
-def _g_consumer2(descs, smem, bars, geom, out, qk_scale, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
-                 SHIFT: gl.constexpr):  # fmt: skip
-    _g_consumer(descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL, SHIFT, 2)
+def _g_consumer1(descs, smem, bars, work, out, qk_scale, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+                 SHIFT: gl.constexpr, IS_VARLEN: gl.constexpr, PERSISTENT: gl.constexpr):  # fmt: skip
+    _g_consumer(descs, smem, bars, work, out, qk_scale, BLOCK_N, CAUSAL, SHIFT, IS_VARLEN, PERSISTENT, 1)
+
+
+@gluon.jit
+def _g_consumer2(descs, smem, bars, work, out, qk_scale, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+                 SHIFT: gl.constexpr, IS_VARLEN: gl.constexpr, PERSISTENT: gl.constexpr):  # fmt: skip
+    _g_consumer(descs, smem, bars, work, out, qk_scale, BLOCK_N, CAUSAL, SHIFT, IS_VARLEN, PERSISTENT, 2)
+
+
+@gluon.jit
+def _g_run(descs, work, out, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+           STAGES: gl.constexpr, CAUSAL: gl.constexpr, IS_VARLEN: gl.constexpr,
+           PERSISTENT: gl.constexpr):  # fmt: skip
+    """The shared tiles and mbarriers, then the warp-specialised partitions over them (_fwd_kernel_gluon)."""
+    WGS: gl.constexpr = BLOCK_M // 64
+    q_desc = descs[0]
+    dtype: gl.constexpr = q_desc.dtype
+    tile: gl.constexpr = _g_tile_layout(q_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [WGS, 64, HEAD_DIM], tile)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], tile)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], tile)
+    q_ready = gl.allocate_shared_memory(gl.int64, [WGS, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [WGS, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(WGS):
+        mbarrier.init(q_ready.index(i), count=1)
+        mbarrier.init(q_empty.index(i), count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=WGS)  # one arrival from each consumer warpgroup
+        mbarrier.init(v_empty.index(i), count=WGS)
+    fence_async_shared()
+    smem = (q_smem, k_smem, v_smem)
+    bars = (q_ready, q_empty, k_ready, v_ready, k_empty, v_empty)
+    SHIFT: gl.constexpr = IS_VARLEN and WGS == 2  # the last tile of keys read back (_g_kv_start)
+    # the constexprs are written into each call: held in a tuple variable they became tensors
+    if WGS == 3:  # 13 warps, padded to 16 at 128 registers: 160 for each consumer thread
+        gl.warp_specialize([
+            (_g_consumer, (descs, smem, bars, work, out, qk_scale, BLOCK_N, CAUSAL, SHIFT, IS_VARLEN,
+                           PERSISTENT, 0)),
+            (_g_consumer1, (descs, smem, bars, work, out, qk_scale, BLOCK_N, CAUSAL, SHIFT, IS_VARLEN,
+                            PERSISTENT)),
+            (_g_consumer2, (descs, smem, bars, work, out, qk_scale, BLOCK_N, CAUSAL, SHIFT, IS_VARLEN,
+                            PERSISTENT)),
+            (_g_producer, (descs, smem, bars, work, out, qk_scale, BLOCK_N, CAUSAL, SHIFT, IS_VARLEN,
+                           PERSISTENT)),
+        ], [4, 4, 1], [160, 160, 24])  # fmt: skip
+    else:  # 9 warps, padded to 12 at 168 registers: 240 for each consumer thread
+        gl.warp_specialize([
+            (_g_consumer, (descs, smem, bars, work, out, qk_scale, BLOCK_N, CAUSAL, SHIFT, IS_VARLEN,
+                           PERSISTENT, 0)),
+            (_g_consumer1, (descs, smem, bars, work, out, qk_scale, BLOCK_N, CAUSAL, SHIFT, IS_VARLEN,
+                            PERSISTENT)),
+            (_g_producer, (descs, smem, bars, work, out, qk_scale, BLOCK_N, CAUSAL, SHIFT, IS_VARLEN,
+                           PERSISTENT)),
+        ], [4, 1], [240, 24])  # fmt: skip
 
 
 @gluon.jit
 def _fwd_kernel_gluon(q_desc, k_desc, v_desc, O, LSE, TILES, n_q, n_k, H, GROUP, stride_lb, stride_lh,
-                      qk_scale, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                      STAGES: gl.constexpr, CAUSAL: gl.constexpr, IS_VARLEN: gl.constexpr):  # fmt: skip
+                      n_tiles, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                      STAGES: gl.constexpr, CAUSAL: gl.constexpr, IS_VARLEN: gl.constexpr,
+                      PERSISTENT: gl.constexpr):  # fmt: skip
     """Launched with 4 warps (warpgroup 0) plus the workers': 4 for each further consumer warpgroup (one
     per 64 query rows of BLOCK_M, 128 or 192) and 1 (producer). The descriptors are _fwd_gluon's: (B*H, N,
-    D) dense, (T, H*D) packed. Dense: a program per (query block, batch x head). Packed: a program per
-    (tile, head) over TILES, the tiles' table (_varlen_tiles_kernel), in the dense launch's order:
-    sequence by sequence, head by head, each head's query blocks in turn."""
-    WGS: gl.constexpr = BLOCK_M // 64
-    if IS_VARLEN:
-        pid = gl.program_id(0)
-        entry = TILES + pid // H * 5  # a row of this program's sequence
-        q_start = gl.load(entry)
-        k_start = gl.load(entry + 1)
-        seq_q = gl.load(entry + 2)
-        seq_k = gl.load(entry + 3)
-        first = gl.load(entry + 4)
-        # the sequence's H * blocks programs: head by head, each head's query blocks in turn
-        blocks = gl.maximum(gl.cdiv(seq_q, BLOCK_M), 1)  # (1 in a spare row, which stops below)
-        h = (pid - first * H) // blocks
-        block = (pid - first * H) % blocks
-        lse_head = h.to(gl.int64) * stride_lh  # the lse of packed rows is (H, T)
-        h_kv = h // GROUP
-        q_row, q_at, kv_row, kv_at = q_start, h * HEAD_DIM, k_start, h_kv * HEAD_DIM  # packed rows
-        o_row, o_col, o_stride = q_start, h * HEAD_DIM, H * HEAD_DIM
-    else:
-        block = gl.program_id(0)
-        pid_bh = gl.program_id(1)
-        if CAUSAL:  # heaviest first over heads taken 8 at a time (the comment below)
-            HEADS: gl.constexpr = 8
-            blocks = gl.num_programs(0)
-            at = pid_bh * blocks + block  # the launch order
-            head0 = at // (HEADS * blocks) * HEADS  # the first head of this program's 8
-            heads = gl.minimum(HEADS, gl.num_programs(1) - head0)
-            at_in_group = at - head0 * blocks
-            block = at_in_group // heads
-            pid_bh = head0 + at_in_group % heads
-        b = pid_bh // H
-        h = pid_bh % H
-        h_kv = h // GROUP
-        lse_head = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh
-        q_start = 0
-        seq_q = n_q
-        seq_k = n_k
-        q_row, q_at, kv_row, kv_at = 0, pid_bh, 0, b * (H // GROUP) + h_kv  # rows of one head
-        o_row, o_col, o_stride = pid_bh * n_q, 0, HEAD_DIM
-    # Causal: heaviest query blocks first, as in the tl kernel, and counted back from the last row, so that
-    # where BLOCK_M does not divide the rows the partial block is the first, which walks one or two key
-    # blocks, not the last, which walks them all (D=64's 192 rows at N = 4k: 64 rows in it, the program
-    # still 32 key blocks long). Its rows before 0 are computed and not stored. On the H200 at D=64, N =
-    # 2k / 4k / 8k / 16k: 1.056x / 1.049x / 1.018x / 1.00x the blocks counted from row 0 (predicted from
-    # the key blocks walked: 1.052 / 1.058 / 1.015 / 1.015); D=128 (128 | N) level.
-    # Dense causal programs also run heaviest first across heads, 8 at a time: the launch takes every
-    # head's first (heaviest) query block of the 8, then every head's second, and so on. Head by head,
-    # each head's heaviest block started only after the previous heads' lightest ones, and the last
-    # heads' heaviest ran on alone at the end: a list-scheduling model over 132 SMs (a program's time
-    # its key blocks plus one; notes/probes/flash_causal_order_model.py) puts that at 4-7% over the
-    # ideal at N = 2k-8k (D=64, D=128), and 0-3% taken 8 heads at a time. All heads at once would balance
-    # better still, but their K and V would not stay in L2 (64 heads of 4k keys at D=128: 128 MB), where
-    # 8 heads' do (16 MB). Measured on the H200 (3 rounds, medians, against head by head;
-    # notes/probes/flash_fwd_causal_lpt.py): D=64 1.03x / 1.01x / 1.01x at N = 2k / 4k / 8k, D=128 1.04x
-    # / 1.03x at 4k / 8k, GQA 32/8 8k 1.02x, MQA 4k level.
-    if CAUSAL:
-        start_m = seq_q - (block + 1) * BLOCK_M
-    else:
-        start_m = block * BLOCK_M
-    # the table's spare tiles past the last real one have seq_q = 0 and stop here
-    if start_m < seq_q and start_m > -BLOCK_M:
-        if CAUSAL:
-            hi = gl.minimum(seq_k, start_m + BLOCK_M + seq_k - seq_q)
-        else:
-            hi = seq_k
-        n_blocks = gl.cdiv(hi, BLOCK_N)
-        lse_off = lse_head + q_start
-        dtype: gl.constexpr = q_desc.dtype
-        tile: gl.constexpr = _g_tile_layout(q_desc.layout)
-        q_smem = gl.allocate_shared_memory(dtype, [WGS, 64, HEAD_DIM], tile)
-        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], tile)
-        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], tile)
-        q_bars = gl.allocate_shared_memory(gl.int64, [WGS, 1], mbarrier.MBarrierLayout())
-        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(WGS):
-            mbarrier.init(q_bars.index(i), count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(k_ready.index(i), count=1)
-            mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(k_empty.index(i), count=WGS)  # one arrival from each consumer warpgroup
-            mbarrier.init(v_empty.index(i), count=WGS)
-        fence_async_shared()
-        descs = (q_desc, k_desc, v_desc)
-        smem = (q_smem, k_smem, v_smem)
-        bars = (q_bars, k_ready, v_ready, k_empty, v_empty)
-        SHIFT: gl.constexpr = IS_VARLEN and WGS == 2  # the last tile of keys read back (_g_kv_start)
-        geom = (q_row, q_at, kv_row, kv_at, start_m, seq_q, seq_k, n_blocks)
-        out = (O, LSE, lse_off, o_row, o_col, o_stride)
-        # the constexprs are written into each call: held in a tuple variable they became tensors
-        if WGS == 3:  # 13 warps, padded to 16 at 128 registers: 160 for each consumer thread
-            gl.warp_specialize([
-                (_g_consumer, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL, SHIFT, 0)),
-                (_g_consumer1, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL, SHIFT)),
-                (_g_consumer2, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL, SHIFT)),
-                (_g_producer, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL, SHIFT)),
-            ], [4, 4, 1], [160, 160, 24])  # fmt: skip
-        else:  # 9 warps, padded to 12 at 168 registers: 240 for each consumer thread
-            gl.warp_specialize([
-                (_g_consumer, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL, SHIFT, 0)),
-                (_g_consumer1, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL, SHIFT)),
-                (_g_producer, (descs, smem, bars, geom, out, qk_scale, BLOCK_N, CAUSAL, SHIFT)),
-            ], [4, 1], [240, 24])  # fmt: skip
+    D) dense, (T, H*D) packed. Dense and PERSISTENT: programs that each walk their tiles of (batch x head,
+    query block) in turn (_g_count, _g_tile; n_tiles in all). Dense otherwise: a program per (query
+    block, batch x head). Packed: a program per (tile, head) over TILES, the tiles' table
+    (_varlen_tiles_kernel), in the dense launch's order: sequence by sequence, head by head, each head's
+    query blocks in turn."""
+    descs = (q_desc, k_desc, v_desc)
+    work = (TILES, n_q, n_k, H, GROUP, stride_lb, stride_lh, n_tiles)
+    out = (O, LSE)
+    if PERSISTENT:
+        _g_run(descs, work, out, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL, IS_VARLEN, PERSISTENT)
+    else:  # this program's one tile; none in the packed table's spare rows
+        work = _g_tile(0, work, BLOCK_M, BLOCK_N, HEAD_DIM, CAUSAL, IS_VARLEN, PERSISTENT)
+        if (work[4] < work[5]) & (work[4] > -BLOCK_M):  # start_m, seq_q
+            _g_run(descs, work, out, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL, IS_VARLEN,
+                   PERSISTENT)  # fmt: skip
+
+
+# Dense launches. At D=128 the programs are persistent: one an SM (the grid is min(units, SMs)), each
+# walking units pid, pid + programs, ... A program a tile pays its own start (the first Q, K and V loads
+# wait on HBM with nothing to overlap) and its own end (the last P V and the O store, the producer idle);
+# a persistent program's producer loads the next tile's Q (once a warpgroup's last S is done, q_empty)
+# and first K and V blocks while the consumers finish the last tile, the K and V ring running on across
+# tiles. Without a mask a unit is a tile, in the order (batch x head, query block). Causal, a static
+# round-robin of tiles heaviest first would give one program every heaviest block (where the SMs divide
+# the blocks' count) and another every lightest, so a unit is a pair of a head's blocks r and n_m - 1 - r,
+# heavy first: every unit walks n_m + 1 key blocks. Where n_m is odd, each head's middle block pairs
+# with the next head's (odd heads take theirs first), and where the tile count is odd the last unit is
+# one tile. Units run head by head, so the programs at work share a few heads' K and V in L2.
+# Measured on the H200 against a program a tile (3 rounds, medians, notes/probes/flash_fwd_persistent_ab.py,
+# 06's benchmark rows, 16k tokens): without a mask 1.15x / 1.08x / 1.04x / 1.04x / 1.04x / 1.02x at N =
+# 512 / 1k / 2k / 4k / 8k / 16k, causal 1.05x / 1.14x / 1.09x / 1.06x / 1.03x / 1.03x; GQA 32/8 8k 1.04x
+# / 1.02x, MQA 4k causal 1.07x. Against cuDNN in those rounds: 0.99-1.07x at N >= 4k, 0.68-1.00x below.
+# The pairs matter: a round-robin of single tiles ran causal 0.87-0.98x the program a tile at N = 512-8k,
+# the pairs 1.02-1.10x (notes/probes/flash_fwd_persistent.py, session 21).
+# At D=64 (three consumer warpgroups at 160 registers) the same loop costs the first two warpgroups' key
+# loop ~40 instructions of 830-960 offline (ptxas swaps the halves of P's 32 packed registers before each
+# P V, and causal spills two registers in the loop), and it ran 0.91-0.99x the program a tile: there a
+# program a tile stays, the causal ones heaviest first across heads taken 8 at a time. The launch takes
+# every head's first (heaviest) query block of the 8, then every head's second, and so on. Head by head,
+# each head's heaviest block started only after the previous heads' lightest ones, and the last heads'
+# heaviest ran on alone at the end: a list-scheduling model over 132 SMs (a program's time its key blocks
+# plus one; notes/probes/flash_causal_order_model.py) puts that at 4-7% over the ideal at N = 2k-8k, and
+# 0-3% taken 8 heads at a time. All heads at once would balance better still, but their K and V would
+# not stay in L2. Measured on the H200 (3 rounds, medians, against head by head;
+# notes/probes/flash_fwd_causal_lpt.py): D=64 1.03x / 1.01x / 1.01x at N = 2k / 4k / 8k.
 
 
 # Packed sequences: a program per real (sequence, query block) pair. A grid of max_seqlen_q's blocks for
@@ -1772,6 +1901,7 @@ _FIXED = {
     "tl": False,
     "two_kernel": None,
     "gluon_d64": False,
+    "programs": None,
 }
 
 
@@ -1828,6 +1958,21 @@ def gluon_d64_forward():
         yield
     finally:
         _FIXED["gluon_d64"] = before
+
+
+@contextlib.contextmanager
+def fixed_programs(programs: int):
+    """The dense Gluon forward runs on `programs` persistent programs instead of one an SM: the checks
+    prove its tiles handed on across many rounds of each program's ring."""
+    before, _FIXED["programs"] = _FIXED["programs"], programs
+    try:
+        yield
+    finally:
+        _FIXED["programs"] = before
+
+
+def _sm_count(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def gluon_ok(ts, varlen: bool, head_dims: tuple = (128,)) -> bool:
@@ -1903,7 +2048,7 @@ def dkdv_splits(n_k: int, B: int, h_kv: int, group: int, device, gluon_causal: b
     (_gb_chain_store), so one-head shares queue the longest."""
     if device.type != "cuda":
         return 1
-    want = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    want = 4 * _sm_count(device)
     programs = triton.cdiv(n_k, 128) * B * h_kv
     shares = [s for s in range(1, group + 1) if group % s == 0]
     if gluon_causal and group > 1:  # 2 to most heads a program
@@ -1940,10 +2085,11 @@ def _fwd(q, k, v, cu, B, n_q, n_k, causal, sm_scale, poison):
 # D=64: 192 rows, three consumer warpgroups (FlashAttention-3's D=64 tile) with 160 registers each, which
 # hold S (64), P (32) and O (32) without spills only because P is packed to bf16 before the next S is
 # issued (the block comment above the consumer); 1.04-1.09x two warpgroups' TFLOP/s at N = 4k-16k, causal
-# and not (notes/probes/flash_fwd_late_convert.py).
+# and not (notes/probes/flash_fwd_late_convert.py). PERSISTENT: dense rows in persistent programs, one an
+# SM, at D=128 only (the "Dense launches" comment after _fwd_kernel_gluon says why).
 GLUON_FWD = {
-    128: {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 2, "MAXNREG": 168},
-    64: {"BLOCK_M": 192, "BLOCK_N": 128, "STAGES": 2, "MAXNREG": 128},
+    128: {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 2, "MAXNREG": 168, "PERSISTENT": True},
+    64: {"BLOCK_M": 192, "BLOCK_N": 128, "STAGES": 2, "MAXNREG": 128, "PERSISTENT": False},
 }
 # At D=64 the Gluon kernel (one 192-row program an SM, 160 registers a thread) overtakes the tl kernel
 # (two programs an SM) only over long rows of keys: by the benchmark at 09e0c48, where D=64 took it at
@@ -1973,22 +2119,29 @@ def _fwd_gluon(q, k, v, o, lse, cu_q, cu_k, lse_bh, B, n_q, n_k, causal, sm_scal
     (1, rows, D), packed as (T, H*D) in (rows, D) tiles; Q in tiles of 64 rows, one per consumer
     warpgroup. Launched with 4 warps plus its workers' (padded to a whole warpgroup) under GLUON_FWD's
     register cap, which the warp specialisation redistributes: 168 for 12 warps (two consumer warpgroups
-    at 240, the producer at 24), 128 for 16 (three at 160, the producer at 24). Dense: a program per
-    query block and (batch, head); packed: H programs per row of the tile table (_varlen_tiles)."""
+    at 240, the producer at 24), 128 for 16 (three at 160, the producer at 24). Dense at D=128:
+    persistent programs, min(units, SMs) of them (fixed_programs overrides the SMs); dense at D=64: a
+    program per query block and (batch, head); packed: H programs per row of the tile table
+    (_varlen_tiles)."""
     H, D = q.shape[1], q.shape[-1]
     cfg = GLUON_FWD[D]
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     views = [t.view(t.shape[0], -1) if varlen else t.view(-1, t.shape[2], D) for t in (q, k, v)]
     tiles = [[rows, D] if varlen else [1, rows, D] for rows in (64, bn, bn)]
     descs = [_gluon_desc(t, tile) for t, tile in zip(views, tiles, strict=True)]
+    persistent = cfg["PERSISTENT"] and not varlen
+    n_tiles = B * H * triton.cdiv(n_q, bm)
     if varlen:
         table = _varlen_tiles(cu_q, cu_k, bm, q.shape[0])
         grid = (table.shape[0] * H,)
+    elif persistent:  # the TILES slot is unused in dense mode
+        units = triton.cdiv(n_tiles, 2) if causal else n_tiles  # what the programs share out (_g_count)
+        table, grid = q, (min(units, _FIXED["programs"] or _sm_count(q.device)),)
     else:
-        table, grid = q, (triton.cdiv(n_q, bm), B * H)  # the TILES slot is unused in dense mode
-    _fwd_kernel_gluon[grid](*descs, o, lse, table, n_q, n_k, H, H // k.shape[1], *lse_bh,
-                            sm_scale * LOG2E, D, bm, bn, cfg["STAGES"], causal, varlen, num_warps=4,
-                            maxnreg=cfg["MAXNREG"])  # fmt: skip
+        table, grid = q, (triton.cdiv(n_q, bm), B * H)
+    _fwd_kernel_gluon[grid](*descs, o, lse, table, n_q, n_k, H, H // k.shape[1], *lse_bh, n_tiles,
+                            sm_scale * LOG2E, D, bm, bn, cfg["STAGES"], causal, varlen, persistent,
+                            num_warps=4, maxnreg=cfg["MAXNREG"])  # fmt: skip
 
 
 def _bwd(do, q, k, v, o, lse, cu, B, n_q, n_k, causal, sm_scale, poison, deterministic=True):
@@ -2137,7 +2290,7 @@ def _dkdv_gluon(descs, ld, dk, dv, q, k, causal, sm_scale, dq=None, splits=1, or
         chain, acc = ld, (ld, ld)
     rows, n_kb = B * h_kv * splits, triton.cdiv(n_k, bn)
     if causal:
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+        sms = _sm_count(q.device)
         units = causal_units(rows, n_q, n_kb, D, H // h_kv // splits, sms)
         grid = (units, n_kb, rows // units)
     else:
@@ -2541,6 +2694,11 @@ def run_checks(checks, device, quick):
             name = dense_name(s, dtype, ", dK/dV shares and groups by default, ordered, bitwise repeatable")
             with fixed_configs(n := n + 1):
                 checks(name, check_dense, *s, dtype, device, repeat=True)
+        # the persistent forward on 3 programs, each walking many tiles: causal, 15 heads of 5 query blocks
+        # (an odd count: the last unit is one tile, and the odd heads' middle blocks come first)
+        for s in [(3, 5, 5, 640, 640, 128, True), (1, 3, 3, 1000, 1000, 128, False)]:
+            with fixed_configs(n := n + 1), fixed_programs(3):
+                checks(dense_name(s, dtype, ", forward on 3 programs"), check_dense, *s, dtype, device)
         for s in [(2, 4, 4, 1000, 1000, 128, True), (1, 4, 2, 300, 1111, 128, False)]:
             with fixed_configs(n := n + 1), two_kernel_backward():
                 checks(dense_name(s, dtype, ", two-kernel backward"), check_dense, *s, dtype, device)

@@ -480,13 +480,43 @@ def test_gluon_forward_launch_shape_per_head_dim(monkeypatch, D):
     mod._fwd(q, k, v, None, 1, 40, 40, True, 0.1, False)
     assert asked == [(128,), (128, 64), (128,), (128, 64), (128, 64), (128,)]
     monkeypatch.setattr(mod, "_fwd_kernel_gluon", Grab())
+    monkeypatch.setattr(mod, "_sm_count", lambda device: 132)  # the persistent launch asks for it
     q, k, v = (torch.randn(2, 4, 500, D, dtype=F16) for _ in range(3))
     fwd_gluon(q, k, v, torch.empty_like(q), torch.empty(2, 4, 500), None, None, (2000, 500), 2, 500, 500,
               True, 0.1, False)  # fmt: skip
     ((grid, args, kw),) = launched
     rows = 192 if D == 64 else 128
-    assert grid == (-(-500 // rows), 8) and args[13:16] == (D, rows, 128)  # HEAD_DIM, BLOCK_M, BLOCK_N
+    assert args[12] == 8 * -(-500 // rows)  # the tiles: batch x heads x query blocks
+    assert args[14:17] == (D, rows, 128) and args[-1] == (D == 128)  # HEAD_DIM, BLOCK_M, BLOCK_N, PERSISTENT
+    assert grid == ((-(-500 // rows), 8) if D == 64 else (16,))  # D=128 causal: 16 pairs of tiles
     assert kw["maxnreg"] == (128 if D == 64 else 168)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_persistent_forward_launches_at_most_one_program_an_sm(monkeypatch, causal):
+    """The dense D=128 Gluon forward launches one program for each unit of work (a tile, or causal a pair
+    of tiles, cdiv(tiles, 2)) up to one an SM, or as many as fixed_programs says; each program walks the
+    units pid, pid + programs, ... in turn (_g_count, _g_tile, GPU-checked on 1, 2, 3 and 7 programs)."""
+    launched = []
+
+    class Grab:  # stands in for the Gluon forward kernel: records its grid and tile count, runs nothing
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launched.append((grid, args[12]))
+
+    monkeypatch.setattr(mod, "_fwd_kernel_gluon", Grab())
+    monkeypatch.setattr(mod, "_sm_count", lambda device: 132)
+    for B, H, N in [(1, 3, 300), (2, 16, 4096), (1, 1, 64)]:
+        q = torch.randn(B, H, N, 128, dtype=F16)
+        lse = torch.empty(B, H, N)
+        mod._fwd_gluon(q, q, q, torch.empty_like(q), lse, None, None, lse.stride()[:2], B, N, N, causal, 0.1,
+                       False)  # fmt: skip
+        with mod.fixed_programs(7):
+            mod._fwd_gluon(q, q, q, torch.empty_like(q), lse, None, None, lse.stride()[:2], B, N, N, causal,
+                           0.1, False)  # fmt: skip
+    tiles = [3 * 3, 2 * 16 * 32, 1]
+    units = [-(-t // 2) if causal else t for t in tiles]
+    want = [g for u, t in zip(units, tiles, strict=True) for g in (((min(u, 132),), t), ((min(u, 7),), t))]
+    assert launched == want
 
 
 @pytest.mark.parametrize("block_m", [64, 128, 192])
@@ -534,6 +564,7 @@ def test_gluon_tiles_of_dense_inputs_stay_inside_a_head(monkeypatch, varlen):
         return [(tuple(d.shape), d.block_shape) for d in descs]
 
     monkeypatch.setattr(mod, "_fwd_kernel_gluon", Grab())
+    monkeypatch.setattr(mod, "_sm_count", lambda device: 132)  # the persistent launches ask for it
     if varlen:
         q, k, v = (torch.randn(73, n, 128, dtype=F16) for n in (4, 2, 2))
         cu = torch.tensor([0, 37, 73], dtype=torch.int32)
@@ -553,8 +584,6 @@ def test_gluon_tiles_of_dense_inputs_stay_inside_a_head(monkeypatch, varlen):
     # head's last tile adds past its rows is dropped, after the four inputs
     seen.clear()
     monkeypatch.setattr(mod, "_bwd_dkdv_gluon", Grab())
-    h200 = types.SimpleNamespace(multi_processor_count=132)  # the causal launch asks for the SM count
-    monkeypatch.setattr(mod.torch.cuda, "get_device_properties", lambda device: h200)
     dk, dv, dq = torch.empty_like(k), torch.empty_like(v), torch.zeros(q.shape)
     mod._dkdv_gluon(bwd, torch.empty(2, 4, 45, 2), dk, dv, q, k, True, 0.1, dq)
     assert geometry(seen) == geometry(bwd) + [((8, 45, 128), [1, 64, 64])]
