@@ -25,7 +25,14 @@ the issue asks, so not taken into 06.
 Session 20: ported to 06 as it is now (GLUON_FWD keyed by head dim, _g_softmax's SHIFT argument);
 compiled offline as before (168 registers, no spills). SHORT=1 times D=128 at N = 512-2k instead, the
 rows where 06's forward reads 0.66-0.92x cuDNN (results/06_flash.json at 74ab085) and where a tile's
-start and end are the largest share of it: not yet run on the H200.
+start and end are the largest share of it.
+Session 21: causal tiles in pairs of equal weight (PAIRS: a head's query blocks m and n_m - 1 - m, heavy
+first), and a 3-slot ring. Measured (call 1; notes/logs/flash_fwd_persistent_67b2dac_short_h200.log, 108
+checks ok): at D=128 against the Gluon kernel (a program a tile) in the same rounds, without a mask 1.12x
+/ 1.06x / 1.02x at N = 512 / 1k / 2k; causal, single tiles round-robin 0.87x / 0.92x / 0.96x / 0.98x /
+0.96x at 512 / 1k / 2k / 4k / 8k, in pairs 1.05x / 1.10x / 1.06x / 1.04x / 1.02x (4k and 8k causal 1.02x
+and 1.05x cuDNN). Three slots: no better than two. At D=64 (two warpgroups here, against 06's three or
+its tl kernel) 0.64-0.99x. Taken into 06 for D=128 (flash_fwd_persistent_ab.py).
 GPU only:  python -u notes/probes/flash_fwd_persistent.py   (ROUNDS=3 by default; SHORT=1)
 Offline:   python notes/probes/flash_fwd_persistent.py --compile   (Triton 3.6; registers, spills, loops)"""
 

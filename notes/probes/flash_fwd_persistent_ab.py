@@ -9,7 +9,14 @@ causal a 2-register spill).
 Checks first: both forwards against 06's tl kernel on dense shapes (D=64 and 128, causal and not, odd and
 even query blocks a head, an odd count of tiles, GQA and MQA, rows shorter than a block) on every SM and
 on 1, 2, 3 and 7 programs (fixed_programs: the ring's phases across many tiles). Then the forward in
-interleaved rounds. GPU only:
+interleaved rounds.
+Measured (session 21, call 2; notes/logs/flash_fwd_persistent_ab_7f2befe_wip_h200.log): 148 checks ok.
+D=128 persistent against a program a tile, without a mask / causal: 1.15x / 1.05x at 512, 1.08x / 1.14x
+at 1k, 1.04x / 1.09x at 2k, 1.04x / 1.06x at 4k, 1.04x / 1.03x at 8k, 1.02x / 1.03x at 16k; GQA 32/8 8k
+1.04x / 1.02x, MQA 4k causal 1.07x; 0.99-1.07x cuDNN at N >= 4k. D=64: 0.99x / 0.96x / 0.95x / 0.96x at
+2k / 4k / 8k / 16k without a mask, causal 0.96x / 0.93x / 0.91x at 4k / 8k / 16k: as predicted in sign,
+larger than the instruction count alone. So 06 takes it at D=128 only (GLUON_FWD's PERSISTENT).
+GPU only:
     BASE=data/06_flash_7f2befe.py python -u notes/probes/flash_fwd_persistent_ab.py   (ROUNDS=3)"""
 
 import contextlib
