@@ -23,7 +23,9 @@ You will learn:
   - FlashAttention-3's schedule in Gluon, for the forward and both backward kernels at D=128 on Hopper,
     and for the forward at D=64 over long rows: asynchronous wgmma with the waits placed by hand, so the
     softmax runs while a matmul does, and warp specialisation (a producer warp for TMA, two consumer
-    warpgroups, three at D=64, that never wait for each other);
+    warpgroups, three at D=64, that never wait for each other); at D=128 the dense forward's programs
+    are persistent, one an SM, loading a tile while the one before finishes, causal tiles shared out in
+    pairs of equal work;
   - a fused backward that stays bitwise repeatable: every key block's program adds its dQ tiles into one
     fp32 buffer in a fixed order, by a counter per tile, launched so that every wait is on a program
     launched before (FlashAttention-3's deterministic backward), with a shifted walk and a second
