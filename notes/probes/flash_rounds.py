@@ -52,6 +52,51 @@ def bwd_inputs(B: int, H: int, H_KV: int, N: int, device, D: int = 128) -> tuple
     return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), do
 
 
+def varlen_rounds(
+    fa,
+    mods: dict,
+    dev,
+    lens: list,
+    label: str,
+    causal: bool,
+    rounds: int,
+    H: int = 16,
+    H_KV: int = 16,
+    D: int = 128,
+    mean: int | None = None,
+) -> None:
+    """The varlen forward of each of mods (name -> a module like 06) on packed bf16 sequences of these
+    lengths, and with mean, fa's dense forward on the same tokens as (tokens / mean) sequences of mean
+    (06's varlen_case), by CUDA-graph replay in interleaved rounds; each median against the dense one, or
+    without mean against the last of mods."""
+    tokens, n = sum(lens), max(lens)
+    cu = fa.cu_seqlens(lens, dev)
+    q = torch.randn(tokens, H, D, device=dev, dtype=torch.bfloat16)
+    k, v = (torch.randn(tokens, H_KV, D, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    half = 0.5 if causal else 1.0
+    flops = sum(4 * H * x * x * D * half for x in lens)
+
+    def varlen(m):
+        return lambda: m.flash_attention_varlen(q, k, v, cu, cu, n, n, causal, check_offsets=False)
+
+    runs = {name: (varlen(m), flops) for name, m in mods.items()}
+    if mean:
+        B = tokens // mean
+        qd = torch.randn(B, H, mean, D, device=dev, dtype=torch.bfloat16)
+        kd, vd = (torch.randn(B, H_KV, mean, D, device=dev, dtype=torch.bfloat16) for _ in range(2))
+        runs["dense"] = (lambda: fa.flash_attention(qd, kd, vd, causal), 4 * B * H * mean**2 * D * half)
+    tf = {}
+    label = f"{label} {'causal' if causal else 'full'}"
+    for r in range(rounds):
+        for name, (fn, fl) in runs.items():
+            tf.setdefault(name, []).append(fl / harness.bench(fn, dev, graph=True) / 1e9)
+        print(f"{label} round {r}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in tf.items()), flush=True)
+    med = {k: statistics.median(v) for k, v in tf.items()}
+    against = "dense" if mean else list(mods)[-1]
+    got = ", ".join(f"{k} {v:.0f} ({v / med[against]:.3f}x {against})" for k, v in med.items())
+    print(f"{label} median TFLOP/s: {got}", flush=True)
+
+
 def gluon_fwd(fa, q, k, v, causal, cu=None):
     """o, lse of the Gluon forward of fa (06's module or a variant of it): dense (B, H, N, D), or packed
     (T, H, D) with cu = (cu_q, cu_k, max_len)."""

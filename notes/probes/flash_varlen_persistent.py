@@ -21,7 +21,6 @@ patch adds two: the packed forward on 3 programs). GPU only:
 
 import contextlib
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,7 @@ sys.path.insert(0, str(ROOT / "notes" / "probes"))
 import harness  # noqa: E402
 
 import torch  # noqa: E402
-from flash_rounds import load_module  # noqa: E402  (this folder is on sys.path)
+from flash_rounds import load_module, varlen_rounds  # noqa: E402  (this folder is on sys.path)
 
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 fa = harness.load_build("06_flash")
@@ -72,37 +71,6 @@ def check(new, dev):
         print(f"check D=128 varlen causal={causal} beside inf/NaN rows: {got} ok", flush=True)
 
 
-def rows(mods, dev, lens, label, causal, H=16, H_KV=16, D=128, mean=None):
-    """Both forwards on packed sequences of these lengths, and with mean, the dense forward on the same
-    tokens as (tokens / mean) sequences of mean (06's varlen_case)."""
-    tokens, n = sum(lens), max(lens)
-    cu = fa.cu_seqlens(lens, dev)
-    q = torch.randn(tokens, H, D, device=dev, dtype=torch.bfloat16)
-    k, v = (torch.randn(tokens, H_KV, D, device=dev, dtype=torch.bfloat16) for _ in range(2))
-    half = 0.5 if causal else 1.0
-    flops = sum(4 * H * x * x * D * half for x in lens)
-
-    def varlen(m):
-        return lambda: m.flash_attention_varlen(q, k, v, cu, cu, n, n, causal, check_offsets=False)
-
-    runs = {name: (varlen(m), flops) for name, m in mods.items()}
-    if mean:
-        B = tokens // mean
-        qd = torch.randn(B, H, mean, D, device=dev, dtype=torch.bfloat16)
-        kd, vd = (torch.randn(B, H_KV, mean, D, device=dev, dtype=torch.bfloat16) for _ in range(2))
-        runs["dense"] = (lambda: fa.flash_attention(qd, kd, vd, causal), 4 * B * H * mean**2 * D * half)
-    tf = {}
-    label = f"{label} {'causal' if causal else 'full'}"
-    for r in range(ROUNDS):
-        for name, (fn, fl) in runs.items():
-            tf.setdefault(name, []).append(fl / harness.bench(fn, dev, graph=True) / 1e9)
-        print(f"{label} round {r}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in tf.items()), flush=True)
-    med = {k: statistics.median(v) for k, v in tf.items()}
-    against = "dense" if mean else "a tile a program"
-    got = ", ".join(f"{k} {v:.0f} ({v / med[against]:.3f}x {against})" for k, v in med.items())
-    print(f"{label} median TFLOP/s: {got}", flush=True)
-
-
 def main():
     dev = torch.device("cuda")
     print(harness.env_line(dev, torch.bfloat16), flush=True)
@@ -111,10 +79,13 @@ def main():
     mods = {"persistent": new, "a tile a program": fa}
     for mean in (1024, 4096):
         for causal in (False, True):
-            rows(mods, dev, fa.mixed_lengths(65536, mean), f"mean {mean}", causal, mean=mean)
+            varlen_rounds(
+                fa, mods, dev, fa.mixed_lengths(65536, mean), f"mean {mean}", causal, ROUNDS, mean=mean
+            )
+    lens = fa.mixed_lengths(65536, 4096)
     for causal in (False, True):
-        rows(mods, dev, fa.mixed_lengths(65536, 4096), "mean 4096 GQA 32/8", causal, H=32, H_KV=8, mean=4096)
-        rows(mods, dev, [4096] + [64] * 63, "4096 + 63 x 64", causal)
+        varlen_rounds(fa, mods, dev, lens, "mean 4096 GQA 32/8", causal, ROUNDS, H=32, H_KV=8, mean=4096)
+        varlen_rounds(fa, mods, dev, [4096] + [64] * 63, "4096 + 63 x 64", causal, ROUNDS)
 
 
 if __name__ == "__main__":
