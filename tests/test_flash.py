@@ -5,7 +5,6 @@ are chosen off the 16-wide interpreter blocks so the masked tails are exercised.
 """
 
 import contextlib
-import types
 
 import harness
 
@@ -83,8 +82,7 @@ def test_dkdv_splits_fill_the_gpu_and_divide_the_group(monkeypatch):
     so that the rule is checked on any machine); the Gluon causal launch also caps the heads a program
     walks by what L2 holds, at two at least."""
     assert mod.dkdv_splits(4096, 4, 1, 32, torch.device("cpu")) == 1  # no GPU: never split
-    h200 = types.SimpleNamespace(multi_processor_count=132)
-    monkeypatch.setattr(mod.torch.cuda, "get_device_properties", lambda device: h200)
+    monkeypatch.setattr(mod, "_sm_count", lambda device: 132)
     dev = torch.device("cuda")
     assert mod.dkdv_splits(4096, 4, 1, 32, dev) == 8  # MQA: 128 programs, 1,024 in 8 shares (>= 528)
     assert mod.dkdv_splits(8192, 2, 8, 4, dev) == 1  # GQA 32/8 at 8k: 1,024 programs already
@@ -633,8 +631,7 @@ def test_gluon_dkdv_launch_in_order(monkeypatch, shift, splits):
     of the group, their counters follow in the same zeroed buffer. The causal launch is (units, key
     blocks, groups of units), on an H200's 132 SMs (faked)."""
     launches = []
-    h200 = types.SimpleNamespace(multi_processor_count=132)
-    monkeypatch.setattr(mod.torch.cuda, "get_device_properties", lambda device: h200)
+    monkeypatch.setattr(mod, "_sm_count", lambda device: 132)
 
     class Grab:  # stands in for the Gluon dK/dV kernel: records its grid and arguments, launches nothing
         def __getitem__(self, grid):

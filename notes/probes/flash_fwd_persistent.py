@@ -27,7 +27,7 @@ compiled offline as before (168 registers, no spills). SHORT=1 times D=128 at N 
 rows where 06's forward reads 0.66-0.92x cuDNN (results/06_flash.json at 74ab085) and where a tile's
 start and end are the largest share of it.
 Session 21: causal tiles in pairs of equal weight (PAIRS: a head's query blocks m and n_m - 1 - m, heavy
-first), and a 3-slot ring. Measured (call 1; notes/logs/flash_fwd_persistent_67b2dac_short_h200.log, 108
+first), and a 3-slot ring. Measured (call 1; notes/logs/flash_fwd_persistent_67b2dac_short_h200.log, 36
 checks ok): at D=128 against the Gluon kernel (a program a tile) in the same rounds, without a mask 1.12x
 / 1.06x / 1.02x at N = 512 / 1k / 2k; causal, single tiles round-robin 0.87x / 0.92x / 0.96x / 0.98x /
 0.96x at 512 / 1k / 2k / 4k / 8k, in pairs 1.05x / 1.10x / 1.06x / 1.04x / 1.02x (4k and 8k causal 1.02x
@@ -266,7 +266,7 @@ def persistent_fwd(q, k, v, causal, launch=None, programs=None, pairs=False, sta
     n_m = triton.cdiv(n_q, bm)
     n_units = (n_m + 1) // 2 * B * H if pairs else n_m * B * H
     if launch is None:
-        programs = programs or torch.cuda.get_device_properties(q.device).multi_processor_count
+        programs = programs or fa._sm_count(q.device)
         launch = _fwd_persistent[(min(n_units, programs),)]
     launch(*descs, o, lse, n_q, n_k, H, H // k.shape[1], n_m, n_units, D**-0.5 * fa.LOG2E, D, bm, bn,
            stages or cfg["STAGES"], causal, pairs, num_warps=4, maxnreg=168)  # fmt: skip
