@@ -493,16 +493,24 @@ def _g_tile(k, work, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.
     TILES, n_q, n_k, H, GROUP, stride_lb, stride_lh, n_tiles = work
     pid = gl.program_id(0)
     if IS_VARLEN:
-        entry = TILES + pid // H * 5  # a row of this program's sequence
+        x = pid  # the tile's place in the table's order (H of them a row)
+        if PERSISTENT:
+            if CAUSAL:  # the second of unit pid + k // 2 * programs if k is odd
+                x = 2 * (pid + k // 2 * gl.num_programs(0)) + k % 2
+            else:
+                x = pid + k * gl.num_programs(0)
+        entry = TILES + x // H * 5  # a row of this tile's sequence
         q_start = gl.load(entry)
         k_start = gl.load(entry + 1)
         seq_q = gl.load(entry + 2)
         seq_k = gl.load(entry + 3)
         first = gl.load(entry + 4)
-        # the sequence's H * blocks programs: head by head, each head's query blocks in turn
+        # the sequence's H * blocks tiles: head by head, each head's query blocks in turn
         blocks = gl.maximum(gl.cdiv(seq_q, BLOCK_M), 1)  # (1 in a spare row, whose seq_q = 0 stops it)
-        h = (pid - first * H) // blocks
-        block = (pid - first * H) % blocks
+        h = (x - first * H) // blocks
+        block = (x - first * H) % blocks
+        if PERSISTENT and CAUSAL:  # a head's heavy and light blocks in turn: units of even work
+            block = gl.where(block % 2 == 0, block // 2, blocks - 1 - block // 2)
         lse_head = h.to(gl.int64) * stride_lh  # the lse of packed rows is (H, T)
         h_kv = h // GROUP
         q_row, q_at, kv_row, kv_at = q_start, h * HEAD_DIM, k_start, h_kv * HEAD_DIM  # packed rows
@@ -558,10 +566,14 @@ def _g_tile(k, work, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.
 
 
 @gluon.jit
-def _g_count(n_tiles, CAUSAL: gl.constexpr):
-    """How many tiles this program of the dense launch walks: tiles pid, pid + programs, ... of n_tiles;
-    causal, the units (pairs of tiles) pid, pid + programs, ... of cdiv(n_tiles, 2), where the last unit
-    has one tile if n_tiles is odd."""
+def _g_count(work, CAUSAL: gl.constexpr, IS_VARLEN: gl.constexpr):
+    """How many tiles this persistent program walks: tiles pid, pid + programs, ... of all; causal, the
+    units (pairs of tiles) pid, pid + programs, ... of cdiv(tiles, 2), where the last unit has one tile if
+    the count is odd. Dense: n_tiles of them; packed: H a real row of the table, whose count its last row
+    holds (after n_tiles rows)."""
+    TILES, n_q, n_k, H, GROUP, stride_lb, stride_lh, n_tiles = work
+    if IS_VARLEN:
+        n_tiles = gl.load(TILES + n_tiles * 5) * H
     pid = gl.program_id(0)
     programs = gl.num_programs(0)
     if CAUSAL:
@@ -614,7 +626,7 @@ def _g_producer(descs, smem, bars, work, out, qk_scale, BLOCK_N: gl.constexpr, C
         BLOCK_M: gl.constexpr = smem[0].type.shape[0] * smem[0].type.shape[1]
         HEAD_DIM: gl.constexpr = smem[0].type.shape[2]
         base = 0
-        for k in range(_g_count(work[7], CAUSAL)):
+        for k in range(_g_count(work, CAUSAL, IS_VARLEN)):
             tile = _g_tile(k, work, BLOCK_M, BLOCK_N, HEAD_DIM, CAUSAL, IS_VARLEN, PERSISTENT)
             base = _g_produce(tile, base, k, descs, smem, bars, BLOCK_N, SHIFT)
 
@@ -737,7 +749,7 @@ def _g_consumer(descs, smem, bars, work, out, qk_scale, BLOCK_N: gl.constexpr, C
         BLOCK_M: gl.constexpr = smem[0].type.shape[0] * smem[0].type.shape[1]
         HEAD_DIM: gl.constexpr = smem[0].type.shape[2]
         base = 0
-        for k in range(_g_count(work[7], CAUSAL)):
+        for k in range(_g_count(work, CAUSAL, IS_VARLEN)):
             tile = _g_tile(k, work, BLOCK_M, BLOCK_N, HEAD_DIM, CAUSAL, IS_VARLEN, PERSISTENT)
             base = _g_consume(tile, base, k, descs, smem, bars, out, qk_scale, BLOCK_N, CAUSAL, SHIFT, WG)
 
@@ -814,11 +826,11 @@ def _fwd_kernel_gluon(q_desc, k_desc, v_desc, O, LSE, TILES, n_q, n_k, H, GROUP,
                       PERSISTENT: gl.constexpr):  # fmt: skip
     """Launched with 4 warps (warpgroup 0) plus the workers': 4 for each further consumer warpgroup (one
     per 64 query rows of BLOCK_M, 128 or 192) and 1 (producer). The descriptors are _fwd_gluon's: (B*H, N,
-    D) dense, (T, H*D) packed. Dense and PERSISTENT: programs that each walk their tiles of (batch x head,
-    query block) in turn (_g_count, _g_tile; n_tiles in all). Dense otherwise: a program per (query
-    block, batch x head). Packed: a program per (tile, head) over TILES, the tiles' table
+    D) dense, (T, H*D) packed. Packed tiles are (tile, head) over TILES, the tiles' table
     (_varlen_tiles_kernel), in the dense launch's order: sequence by sequence, head by head, each head's
-    query blocks in turn."""
+    query blocks in turn. PERSISTENT: programs that each walk their tiles in turn (_g_count, _g_tile;
+    dense, n_tiles of (batch x head, query block); packed, H for each real row of the table's n_tiles).
+    Otherwise a program a tile: dense (query block, batch x head), packed (tile, head)."""
     descs = (q_desc, k_desc, v_desc)
     work = (TILES, n_q, n_k, H, GROUP, stride_lb, stride_lh, n_tiles)
     out = (O, LSE)
@@ -873,7 +885,19 @@ def _fwd_kernel_gluon(q_desc, k_desc, v_desc, O, LSE, TILES, n_q, n_k, H, GROUP,
 # its head and query block from its place among them. So the programs run in the dense launch's order:
 # sequence by sequence, head by head, a head's query blocks together, reading that head's K and V while
 # it is in L2. The table has cdiv(T, BLOCK_M) + B rows (each sequence adds at most one partial block),
-# built without a host sync; the spare rows past the last tile hold seq_q = 0.
+# built without a host sync; the spare rows past the last tile hold seq_q = 0, and a last row holds the
+# count of real tiles. At D=128 the packed forward is persistent as the dense one is: program p walks
+# tiles p, p + programs, ... of the H x count in that order (or units of two tiles, causal), stopping at
+# the count, so no spare row is visited. Causal, a head's blocks come heavy and light in turn (blocks 0,
+# n - 1, 1, n - 2, ... counted back from the last row), so that any two tiles in a row of one head walk
+# about n + 1 key blocks between them, whichever tile a unit starts on. Tiles of unequal sequences share
+# rounds; a round's tiles mostly come from one sequence (a 1k sequence at 16 heads is 128 tiles), so the
+# programs' shares stay near even (a Python model of 06's varlen rows, counting key blocks: the busiest
+# program 2.5-6% over an even share). Measured on the H200 against a program a tile (medians, notes/probes/
+# flash_varlen_persistent.py): mean 1k 1.04x without a mask and 1.08x causal (483 against 465 TFLOP/s,
+# 372 against 344); mean 2k 1.04x without a mask; mean 4k 1.01-1.02x without a mask and 1.02-1.04x causal
+# over three seeds' lengths (7 rounds without a mask), GQA 32/8 1.01x and 1.03x; the 4,096 + 63 x 64
+# prefill mix 1.07x and 1.11x, not the loss predicted from a long sequence's few heavy tiles.
 # Measured on the H200 against the grid (3 rounds, medians, notes/probes/flash_varlen_tiles.py): one
 # 4,096-token prompt among 63 of 64 tokens, a serving prefill's mix, 1.45x without a mask and 1.64x
 # causal (506 against 349 TFLOP/s, 364 against 222); 06's varlen rows level, 0.98-1.02x at mean 1k and
@@ -892,9 +916,10 @@ def _owned(owner, x):
 @triton.jit
 def _varlen_tiles_kernel(CU_Q, CU_K, TILES, B, n_tiles, BLOCK_M: tl.constexpr, SEQS: tl.constexpr,
                          CHUNK: tl.constexpr):  # fmt: skip
-    """Rows t of the (n_tiles, 5) int32 table TILES, CHUNK a program: tile t belongs to the sequence whose
-    tiles are [first, last), and its row holds that sequence's (q_start, k_start, seq_q, seq_k, first);
-    SEQS is a power of 2 >= B. A spare row holds zeros."""
+    """Rows t of the (n_tiles + 1, 5) int32 table TILES, CHUNK a program: tile t belongs to the sequence
+    whose tiles are [first, last), and its row holds that sequence's (q_start, k_start, seq_q, seq_k,
+    first); SEQS is a power of 2 >= B. A spare row holds zeros; the last row, the count of real tiles and
+    zeros."""
     seqs = tl.arange(0, SEQS)
     real = seqs < B
     q_lo = tl.load(CU_Q + seqs, mask=real, other=0)
@@ -912,14 +937,19 @@ def _varlen_tiles_kernel(CU_Q, CU_K, TILES, B, n_tiles, BLOCK_M: tl.constexpr, S
     tl.store(row + 2, _owned(owner, seq_q), mask=ok)
     tl.store(row + 3, _owned(owner, seq_k), mask=ok)
     tl.store(row + 4, _owned(owner, first), mask=ok)
+    if tl.program_id(0) == 0:  # the count row: the real tiles, then zeros
+        cols = tl.arange(0, 8)
+        count = tl.where(cols == 0, tl.sum(blocks, 0), 0)
+        tl.store(TILES + n_tiles * 5 + cols, count, mask=cols < 5)
 
 
 def _varlen_tiles(cu_q, cu_k, block_m: int, rows: int):
-    """The forward's tile table over packed sequences (the comment above _varlen_tiles_kernel): an (n, 5)
-    int32 tensor with n = cdiv(rows, block_m) + B, rows the packed query rows."""
+    """The forward's tile table over packed sequences (the comment above _varlen_tiles_kernel): an (n + 1,
+    5) int32 tensor with n = cdiv(rows, block_m) + B, rows the packed query rows; its last row holds the
+    count of real tiles (what the persistent programs share out)."""
     B = cu_q.numel() - 1
     n = triton.cdiv(rows, block_m) + B
-    tiles = torch.empty((n, 5), device=cu_q.device, dtype=torch.int32)
+    tiles = torch.empty((n + 1, 5), device=cu_q.device, dtype=torch.int32)
     seqs = triton.next_power_of_2(B)
     chunk = max(16, 4096 // seqs)
     _varlen_tiles_kernel[(triton.cdiv(n, chunk),)](cu_q, cu_k, tiles, B, n, block_m, seqs, chunk)
@@ -1964,8 +1994,8 @@ def gluon_d64_forward():
 
 @contextlib.contextmanager
 def fixed_programs(programs: int):
-    """The dense Gluon forward runs on `programs` persistent programs instead of one an SM: the checks
-    prove its tiles handed on across many rounds of each program's ring."""
+    """The persistent Gluon forward (D=128, dense and packed) runs on `programs` programs instead of one an
+    SM: the checks prove its tiles handed on across many rounds of each program's ring."""
     before, _FIXED["programs"] = _FIXED["programs"], programs
     try:
         yield
@@ -2087,8 +2117,8 @@ def _fwd(q, k, v, cu, B, n_q, n_k, causal, sm_scale, poison):
 # D=64: 192 rows, three consumer warpgroups (FlashAttention-3's D=64 tile) with 160 registers each, which
 # hold S (64), P (32) and O (32) without spills only because P is packed to bf16 before the next S is
 # issued (the block comment above the consumer); 1.04-1.09x two warpgroups' TFLOP/s at N = 4k-16k, causal
-# and not (notes/probes/flash_fwd_late_convert.py). PERSISTENT: dense rows in persistent programs, one an
-# SM, at D=128 only (the "Dense launches" comment after _fwd_kernel_gluon says why).
+# and not (notes/probes/flash_fwd_late_convert.py). PERSISTENT: persistent programs, one an SM, dense and
+# packed, at D=128 only (the "Dense launches" comment after _fwd_kernel_gluon says why).
 GLUON_FWD = {
     128: {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 2, "MAXNREG": 168, "PERSISTENT": True},
     64: {"BLOCK_M": 192, "BLOCK_N": 128, "STAGES": 2, "MAXNREG": 128, "PERSISTENT": False},
@@ -2121,26 +2151,29 @@ def _fwd_gluon(q, k, v, o, lse, cu_q, cu_k, lse_bh, B, n_q, n_k, causal, sm_scal
     (1, rows, D), packed as (T, H*D) in (rows, D) tiles; Q in tiles of 64 rows, one per consumer
     warpgroup. Launched with 4 warps plus its workers' (padded to a whole warpgroup) under GLUON_FWD's
     register cap, which the warp specialisation redistributes: 168 for 12 warps (two consumer warpgroups
-    at 240, the producer at 24), 128 for 16 (three at 160, the producer at 24). Dense at D=128:
-    persistent programs, min(units, SMs) of them (fixed_programs overrides the SMs); dense at D=64: a
-    program per query block and (batch, head); packed: H programs per row of the tile table
-    (_varlen_tiles)."""
+    at 240, the producer at 24), 128 for 16 (three at 160, the producer at 24). At D=128 persistent
+    programs, min(units, SMs) of them (fixed_programs overrides the SMs; packed, the units are counted
+    from the table's rows, an upper bound); at D=64 a program per query block and (batch, head), or per
+    row of the tile table and head (_varlen_tiles)."""
     H, D = q.shape[1], q.shape[-1]
     cfg = GLUON_FWD[D]
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     views = [t.view(t.shape[0], -1) if varlen else t.view(-1, t.shape[2], D) for t in (q, k, v)]
     tiles = [[rows, D] if varlen else [1, rows, D] for rows in (64, bn, bn)]
     descs = [_gluon_desc(t, tile) for t, tile in zip(views, tiles, strict=True)]
-    persistent = cfg["PERSISTENT"] and not varlen
-    n_tiles = B * H * triton.cdiv(n_q, bm)
-    if varlen:
+    persistent = cfg["PERSISTENT"]
+    if varlen:  # n_tiles: the table's rows before its count row; at most that many real tiles a head
         table = _varlen_tiles(cu_q, cu_k, bm, q.shape[0])
-        grid = (table.shape[0] * H,)
-    elif persistent:  # the TILES slot is unused in dense mode
-        units = triton.cdiv(n_tiles, 2) if causal else n_tiles  # what the programs share out (_g_count)
-        table, grid = q, (min(units, _FIXED["programs"] or _sm_count(q.device)),)
+        n_tiles = table.shape[0] - 1
+        tiles = n_tiles * H
+    else:  # the TILES slot is unused in dense mode
+        table = q
+        n_tiles = tiles = B * H * triton.cdiv(n_q, bm)
+    if persistent:
+        units = triton.cdiv(tiles, 2) if causal else tiles  # what the programs share out (_g_count)
+        grid = (min(units, _FIXED["programs"] or _sm_count(q.device)),)
     else:
-        table, grid = q, (triton.cdiv(n_q, bm), B * H)
+        grid = (tiles,) if varlen else (triton.cdiv(n_q, bm), B * H)
     _fwd_kernel_gluon[grid](*descs, o, lse, table, n_q, n_k, H, H // k.shape[1], *lse_bh, n_tiles,
                             sm_scale * LOG2E, D, bm, bn, cfg["STAGES"], causal, varlen, persistent,
                             num_warps=4, maxnreg=cfg["MAXNREG"])  # fmt: skip
@@ -2746,6 +2779,12 @@ def run_checks(checks, device, quick):
         with fixed_configs(n := n + 1), tl_kernels():
             name = f"varlen fwd+bwd lens_q {lens_q} lens_k {lens_k} D128 H4/2 causal, tl kernels bfloat16"
             checks(name, check_varlen, lens_q, lens_k, 4, 2, 128, True, b16[0], device, True)
+        # the persistent packed forward on 3 programs, each walking many tiles of unequal work
+        for causal in (False, True):
+            mode = "causal" if causal else "full"
+            name = f"varlen fwd+bwd lens_q {lens_q} lens_k {lens_k} D128 H4/2 {mode}, forward on 3 programs"
+            with fixed_configs(n := n + 1), fixed_programs(3):
+                checks(name, check_varlen, lens_q, lens_k, 4, 2, 128, causal, b16[0], device, True)
         # The D=64 Gluon forward, which the shapes above reach only at 2k keys without a mask, at every
         # length: dense GQA causal and not, Nq != Nk both ways, packed, and beside inf/NaN rows.
         d64 = [(1, 8, 2, 777, 777, 64, True), (2, 4, 4, 1000, 1000, 64, False),

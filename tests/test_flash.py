@@ -521,16 +521,18 @@ def test_persistent_forward_launches_at_most_one_program_an_sm(monkeypatch, caus
 def test_varlen_tiles_list_every_real_query_block_once(monkeypatch, block_m):
     """The packed Gluon forward's tile table (_varlen_tiles, a tl kernel): a row for each of a sequence's
     query blocks, each holding the sequence's (q_start, k_start, seq_q, seq_k, first tile), none for an
-    empty sequence, then spare rows of zeros up to cdiv(T, block_m) + B rows. The forward launches H
-    programs a row and hands the kernel the table."""
+    empty sequence, then spare rows of zeros up to cdiv(T, block_m) + B rows, then a row holding the count
+    of real tiles. The D=128 forward launches persistent programs, one for each of H x the rows before the
+    count (half as many causal) up to one an SM, and hands the kernel the table and that row count."""
     lens_q, lens_k = [5, 0, 300, 128, 129, 1, 0, 64, 191, 193], [5, 3, 300, 200, 129, 9, 1, 64, 191, 400]
     cu_q, cu_k = mod.cu_seqlens(lens_q, "cpu"), mod.cu_seqlens(lens_k, "cpu")
     tiles = mod._varlen_tiles(cu_q, cu_k, block_m, sum(lens_q)).tolist()
     blocks = [-(-n // block_m) for n in lens_q]
     want = [[int(cu_q[b]), int(cu_k[b]), n, lens_k[b], sum(blocks[:b])] for b, n in enumerate(lens_q)
             for _ in range(blocks[b])]  # fmt: skip
-    assert len(tiles) == -(-sum(lens_q) // block_m) + len(lens_q)
-    assert tiles[: len(want)] == want and all(row == [0] * 5 for row in tiles[len(want) :])
+    rows = -(-sum(lens_q) // block_m) + len(lens_q)
+    assert len(tiles) == rows + 1 and tiles[-1] == [len(want), 0, 0, 0, 0]
+    assert tiles[: len(want)] == want and all(row == [0] * 5 for row in tiles[len(want) : -1])
     launched = []
 
     class Grab:  # stands in for the Gluon forward kernel: records its launch, runs nothing
@@ -538,13 +540,16 @@ def test_varlen_tiles_list_every_real_query_block_once(monkeypatch, block_m):
             return lambda *args, **kw: launched.append((grid, args))
 
     monkeypatch.setattr(mod, "_fwd_kernel_gluon", Grab())
+    monkeypatch.setattr(mod, "_sm_count", lambda device: 132)
     monkeypatch.setitem(mod.GLUON_FWD, 128, {**mod.GLUON_FWD[128], "BLOCK_M": block_m})
     q, k, v = (torch.randn(sum(lens_q), n, 128, dtype=F16) for n in (4, 2, 2))
     lse = torch.empty(4, sum(lens_q))
-    mod._fwd_gluon(q, k, v, torch.empty_like(q), lse, cu_q, cu_k, (0, sum(lens_q)), len(lens_q), 300, 400,
-                   False, 0.1, True)  # fmt: skip
-    ((grid, args),) = launched
-    assert grid == (len(tiles) * 4,) and args[5].tolist() == tiles
+    for causal in (False, True):
+        mod._fwd_gluon(q, k, v, torch.empty_like(q), lse, cu_q, cu_k, (0, sum(lens_q)), len(lens_q), 300,
+                       400, causal, 0.1, True)  # fmt: skip
+    (grid, args), (grid_causal, _) = launched
+    assert grid == (min(rows * 4, 132),) and grid_causal == (min(-(-rows * 4 // 2), 132),)
+    assert args[5].tolist() == tiles and args[12] == rows  # the table, and its rows before the count
 
 
 @pytest.mark.parametrize("varlen", [False, True])

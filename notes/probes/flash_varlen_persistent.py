@@ -1,29 +1,32 @@
-"""H200 probe (issue 19, session 21, written then; not yet run): the packed (varlen) D=128 Gluon forward as
-persistent programs, 06 with flash_varlen_persistent.patch applied, against 06 as it is (a program per
-row of the tile table and head), beside the dense forward on the same tokens.
+"""H200 probe (issue 19, session 22): the packed (varlen) D=128 Gluon forward as persistent programs (06
+as it is) against a program per row of the tile table and head (06 at c7c3f63, BASE), beside the dense
+forward on the same tokens.
 Why: at c4fb2d2 the dense D=128 forward became persistent (1.02-1.15x a program a tile) and the varlen
 rows, measured against it, fell to 0.96x / 0.89x at mean length 1k without a mask / causal (the issue
-asks within 10%). The patch walks the table's tiles in persistent programs: tiles p, p + programs, ...
-(causal, units of two tiles, a head's blocks heavy and light in turn), up to the count of real tiles,
-which the table's new last row holds; D=64 stays a program a tile. Offline (Triton 3.6, sm_90a) its
-loops compile without spills: 904 / 906 instructions without a mask, 1,034 / 1,036 causal (900 / 932 and
-1,030 / 1,062 a program a tile). tests/test_flash.py needs flash_varlen_persistent_tests.patch with it.
-Prediction: +4-8% at mean 1k (the dense rows at 1k-2k gained 4-14%), +2-4% at mean 4k; the 4,096 + 63 x
-64 prefill mix less or negative (one long sequence's tiles are few and heavy: a static share of them
-may leave programs idle at the end, where a program a tile is scheduled as SMs free up).
-Checks first: the patched forward against 06's tl kernel on lengths around the tiles (MHA and GQA,
+asks within 10%). The persistent packed forward walks the table's tiles p, p + programs, ... (causal,
+units of two tiles, a head's blocks heavy and light in turn), up to the count of real tiles, which the
+table's last row holds; D=64 stays a program a tile. Offline (Triton 3.6, sm_90a) its loops compile
+without spills: 904 / 906 instructions without a mask, 1,034 / 1,036 causal (900 / 932 and 1,030 / 1,062
+a program a tile). Prediction: +4-8% at mean 1k (the dense rows at 1k-2k gained 4-14%), +2-4% at mean 4k;
+the 4,096 + 63 x 64 prefill mix less or negative (one long sequence's tiles are few and heavy: a static
+share of them may leave programs idle at the end, where a program a tile is scheduled as SMs free up).
+Checks first: the persistent forward against 06's tl kernel on lengths around the tiles (MHA and GQA,
 causal and not, D=64 and 128) on every SM and on 1, 2, 3 and 7 programs; short sequences beside inf/NaN
-rows. Then interleaved rounds (CUDA-graph replay) of 06's varlen rows and the prefill mix. If it holds,
-apply both patches (`patch -p1 < notes/probes/flash_varlen_persistent.patch`, the same for the tests),
-fill in the measured numbers where the patch's comment says "To be measured", and run 06's checks (the
-patch adds two: the packed forward on 3 programs). GPU only:
-    python -u notes/probes/flash_varlen_persistent.py   (ROUNDS=3)"""
+rows. Then interleaved rounds (CUDA-graph replay) of 06's varlen rows and the prefill mix; `seeds`: mean
+4k over three seeds' lengths (7 rounds without a mask) and mean 2k.
+Measured (session 22, the persistent forward then a patch on c7c3f63; notes/logs/
+flash_varlen_persistent_c7c3f63_patch_h200.log, ..._patch_seeds_h200.log): 42 checks ok. Persistent against a
+program a tile, without a mask / causal: mean 1k 1.04x / 1.08x (483 against 465 TFLOP/s, 372 against
+344; 0.90x / 0.92x dense, was 0.87x / 0.85x in this run); mean 2k 1.04x without a mask; mean 4k 1.01-1.02x
+/ 1.02-1.04x over three seeds (the first run's 0.91x without a mask was one noisy row: 525-596 across its
+3 rounds, 588-602 across 7 in the second), GQA 32/8 1.01x / 1.03x; the prefill mix 1.07x / 1.11x. So 06
+takes it (GLUON_FWD's PERSISTENT now covers packed rows).
+GPU only:
+    BASE=data/06_flash_c7c3f63.py python -u notes/probes/flash_varlen_persistent.py [seeds]   (ROUNDS=3)"""
 
 import contextlib
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,24 +35,13 @@ sys.path.insert(0, str(ROOT / "notes" / "probes"))
 import harness  # noqa: E402
 
 import torch  # noqa: E402
-from flash_rounds import load_module, varlen_rounds  # noqa: E402  (this folder is on sys.path)
+from flash_rounds import load_06_at, varlen_rounds  # noqa: E402  (this folder is on sys.path)
 
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 fa = harness.load_build("06_flash")
 
 
-def load_patched():
-    """06_flash.py as it is in this tree with flash_varlen_persistent.patch applied, as its own module."""
-    tmp = Path(tempfile.mkdtemp())
-    path = tmp / "flash_varlen_persistent.py"
-    with open(Path(__file__).with_name("flash_varlen_persistent.patch")) as diff:
-        done = subprocess.run(["patch", "-s", "-o", path, ROOT / "06_flash.py"], stdin=diff)
-    if done.returncode:
-        raise SystemExit("flash_varlen_persistent.patch no longer applies to 06_flash.py")
-    return load_module(path, path.stem)
-
-
-def check(new, dev):
+def check(dev):
     lens = [300, 1, 127, 128, 129, 191, 192, 193, 255, 256, 77, 513, 1500]
     cu = fa.cu_seqlens(lens, dev)
     for programs in (None, 1, 2, 3, 7):
@@ -60,23 +52,31 @@ def check(new, dev):
                 for causal in (False, True):
                     with fa.tl_kernels():
                         want = fa.flash_attention_varlen(q, k, v, cu, cu, max(lens), max(lens), causal)
-                    with new.fixed_programs(programs) if programs else contextlib.nullcontext():
-                        got = new.flash_attention_varlen(q, k, v, cu, cu, max(lens), max(lens), causal)
+                    with fa.fixed_programs(programs) if programs else contextlib.nullcontext():
+                        got = fa.flash_attention_varlen(q, k, v, cu, cu, max(lens), max(lens), causal)
                     err = harness.rel_err(got, want)
                     where = f"on {programs or 'every SM'} programs"
                     print(f"check D={D} {H}/{H_KV} causal={causal} {where}: vs the tl kernel {err:.1e} "
                           f"{'ok' if err < 1e-2 else 'FAILED'}", flush=True)  # fmt: skip
     for causal in (False, True):
-        got = new.check_isolation(True, causal, 128, torch.bfloat16, dev)
+        got = fa.check_isolation(True, causal, 128, torch.bfloat16, dev)
         print(f"check D=128 varlen causal={causal} beside inf/NaN rows: {got} ok", flush=True)
 
 
 def main():
     dev = torch.device("cuda")
     print(harness.env_line(dev, torch.bfloat16), flush=True)
-    new = load_patched()
-    check(new, dev)
-    mods = {"persistent": new, "a tile a program": fa}
+    mods = {"persistent": fa, "a tile a program": load_06_at("c7c3f63", "flash_base")}
+    if sys.argv[1:] == ["seeds"]:
+        for seed in (0, 1, 2):
+            lens = fa.mixed_lengths(65536, 4096, seed)
+            print(f"seed {seed} lens {lens}", flush=True)
+            for causal in (False, True):
+                rounds = ROUNDS if causal else 7
+                varlen_rounds(fa, mods, dev, lens, f"mean 4096 seed {seed}", causal, rounds, mean=4096)
+        varlen_rounds(fa, mods, dev, fa.mixed_lengths(65536, 2048), "mean 2048", False, 5, mean=2048)
+        return
+    check(dev)
     for mean in (1024, 4096):
         for causal in (False, True):
             varlen_rounds(
