@@ -2162,21 +2162,20 @@ def _fwd_gluon(q, k, v, o, lse, cu_q, cu_k, lse_bh, B, n_q, n_k, causal, sm_scal
     views = [t.view(t.shape[0], -1) if varlen else t.view(-1, t.shape[2], D) for t in (q, k, v)]
     tiles = [[rows, D] if varlen else [1, rows, D] for rows in (64, bn, bn)]
     descs = [_gluon_desc(t, tile) for t, tile in zip(views, tiles, strict=True)]
-    persistent = cfg["PERSISTENT"]
     if varlen:  # n_tiles: the table's rows before its count row; at most that many real tiles a head
         table = _varlen_tiles(cu_q, cu_k, bm, q.shape[0])
         n_tiles = table.shape[0] - 1
-        tiles = n_tiles * H
+        total = n_tiles * H
     else:  # the TILES slot is unused in dense mode
         table = q
-        n_tiles = tiles = B * H * triton.cdiv(n_q, bm)
-    if persistent:
-        units = triton.cdiv(tiles, 2) if causal else tiles  # what the programs share out (_g_count)
+        n_tiles = total = B * H * triton.cdiv(n_q, bm)
+    if cfg["PERSISTENT"]:
+        units = triton.cdiv(total, 2) if causal else total  # what the programs share out (_g_count)
         grid = (min(units, _FIXED["programs"] or _sm_count(q.device)),)
     else:
-        grid = (tiles,) if varlen else (triton.cdiv(n_q, bm), B * H)
+        grid = (total,) if varlen else (triton.cdiv(n_q, bm), B * H)
     _fwd_kernel_gluon[grid](*descs, o, lse, table, n_q, n_k, H, H // k.shape[1], *lse_bh, n_tiles,
-                            sm_scale * LOG2E, D, bm, bn, cfg["STAGES"], causal, varlen, persistent,
+                            sm_scale * LOG2E, D, bm, bn, cfg["STAGES"], causal, varlen, cfg["PERSISTENT"],
                             num_warps=4, maxnreg=cfg["MAXNREG"])  # fmt: skip
 
 

@@ -97,6 +97,32 @@ def varlen_rounds(
     print(f"{label} median TFLOP/s: {got}", flush=True)
 
 
+def check_varlen_runs(fa, dev, lens: list, runs: dict) -> None:
+    """Each of runs (name -> fn(q, k, v, cu, max_len, causal) -> o) against fa's tl kernel on packed bf16
+    sequences of these lengths: D=64 and 128, MHA 8/8 and GQA 8/2, causal and not. One line per check."""
+    cu, n = fa.cu_seqlens(lens, dev), max(lens)
+    for D in (64, 128):
+        for H, H_KV in ((8, 8), (8, 2)):
+            q = torch.randn(sum(lens), H, D, device=dev, dtype=torch.bfloat16)
+            k, v = (torch.randn(sum(lens), H_KV, D, device=dev, dtype=torch.bfloat16) for _ in range(2))
+            for causal in (False, True):
+                with fa.tl_kernels():
+                    want = fa.flash_attention_varlen(q, k, v, cu, cu, n, n, causal)
+                for name, run in runs.items():
+                    err = harness.rel_err(run(q, k, v, cu, n, causal), want)
+                    print(f"check D={D} {H}/{H_KV} {name} varlen causal={causal}: vs the tl kernel {err:.1e} "
+                          f"{'ok' if err < 1e-2 else 'FAILED'}", flush=True)  # fmt: skip
+
+
+def varlen_mean_rows(fa, mods: dict, dev, rounds: int) -> None:
+    """varlen_rounds on 06's varlen rows at 16 heads: mean lengths 1k and 4k over 64k tokens, causal and
+    not, each beside the dense forward on the same tokens."""
+    for mean in (1024, 4096):
+        for causal in (False, True):
+            lens = fa.mixed_lengths(65536, mean)
+            varlen_rounds(fa, mods, dev, lens, f"mean {mean}", causal, rounds, mean=mean)
+
+
 def gluon_fwd(fa, q, k, v, causal, cu=None):
     """o, lse of the Gluon forward of fa (06's module or a variant of it): dense (B, H, N, D), or packed
     (T, H, D) with cu = (cu_q, cu_k, max_len)."""

@@ -35,29 +35,23 @@ sys.path.insert(0, str(ROOT / "notes" / "probes"))
 import harness  # noqa: E402
 
 import torch  # noqa: E402
-from flash_rounds import load_06_at, varlen_rounds  # noqa: E402  (this folder is on sys.path)
+from flash_rounds import check_varlen_runs, load_06_at, varlen_mean_rows, varlen_rounds  # noqa: E402  (this folder is on sys.path)
 
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 fa = harness.load_build("06_flash")
 
 
 def check(dev):
+    def on(programs):  # 06's varlen forward on this many persistent programs (None: one an SM)
+        def run(q, k, v, cu, n, causal):
+            with fa.fixed_programs(programs) if programs else contextlib.nullcontext():
+                return fa.flash_attention_varlen(q, k, v, cu, cu, n, n, causal)
+
+        return run
+
     lens = [300, 1, 127, 128, 129, 191, 192, 193, 255, 256, 77, 513, 1500]
-    cu = fa.cu_seqlens(lens, dev)
-    for programs in (None, 1, 2, 3, 7):
-        for D in (64, 128):
-            for H, H_KV in ((8, 8), (8, 2)):
-                q = torch.randn(sum(lens), H, D, device=dev, dtype=torch.bfloat16)
-                k, v = (torch.randn(sum(lens), H_KV, D, device=dev, dtype=torch.bfloat16) for _ in range(2))
-                for causal in (False, True):
-                    with fa.tl_kernels():
-                        want = fa.flash_attention_varlen(q, k, v, cu, cu, max(lens), max(lens), causal)
-                    with fa.fixed_programs(programs) if programs else contextlib.nullcontext():
-                        got = fa.flash_attention_varlen(q, k, v, cu, cu, max(lens), max(lens), causal)
-                    err = harness.rel_err(got, want)
-                    where = f"on {programs or 'every SM'} programs"
-                    print(f"check D={D} {H}/{H_KV} causal={causal} {where}: vs the tl kernel {err:.1e} "
-                          f"{'ok' if err < 1e-2 else 'FAILED'}", flush=True)  # fmt: skip
+    runs = {f"on {p or 'every SM'} programs": on(p) for p in (None, 1, 2, 3, 7)}
+    check_varlen_runs(fa, dev, lens, runs)
     for causal in (False, True):
         got = fa.check_isolation(True, causal, 128, torch.bfloat16, dev)
         print(f"check D=128 varlen causal={causal} beside inf/NaN rows: {got} ok", flush=True)
@@ -77,11 +71,7 @@ def main():
         varlen_rounds(fa, mods, dev, fa.mixed_lengths(65536, 2048), "mean 2048", False, 5, mean=2048)
         return
     check(dev)
-    for mean in (1024, 4096):
-        for causal in (False, True):
-            varlen_rounds(
-                fa, mods, dev, fa.mixed_lengths(65536, mean), f"mean {mean}", causal, ROUNDS, mean=mean
-            )
+    varlen_mean_rows(fa, mods, dev, ROUNDS)
     lens = fa.mixed_lengths(65536, 4096)
     for causal in (False, True):
         varlen_rounds(fa, mods, dev, lens, "mean 4096 GQA 32/8", causal, ROUNDS, H=32, H_KV=8, mean=4096)

@@ -24,28 +24,22 @@ sys.path.insert(0, str(ROOT / "notes" / "probes"))
 import harness  # noqa: E402
 
 import torch  # noqa: E402
-from flash_rounds import load_06_at, varlen_rounds  # noqa: E402  (this folder is on sys.path)
+from flash_rounds import check_varlen_runs, load_06_at, varlen_mean_rows, varlen_rounds  # noqa: E402  (this folder is on sys.path)
 
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 fa = harness.load_build("06_flash")
 
 
 def check(mods, dev):
+    def d64(m):  # the module's varlen forward, its D=64 Gluon kernel at every length
+        def run(q, k, v, cu, n, causal):
+            with m.gluon_d64_forward():
+                return m.flash_attention_varlen(q, k, v, cu, cu, n, n, causal)
+
+        return run
+
     lens = [300, 1, 127, 128, 129, 191, 192, 193, 255, 256, 77, 513]
-    cu = fa.cu_seqlens(lens, dev)
-    for D in (64, 128):
-        for H, H_KV in ((8, 8), (8, 2)):
-            q = torch.randn(sum(lens), H, D, device=dev, dtype=torch.bfloat16)
-            k, v = (torch.randn(sum(lens), H_KV, D, device=dev, dtype=torch.bfloat16) for _ in range(2))
-            for causal in (False, True):
-                with fa.tl_kernels():
-                    want = fa.flash_attention_varlen(q, k, v, cu, cu, max(lens), max(lens), causal)
-                for name, m in mods.items():
-                    with m.gluon_d64_forward():
-                        got = m.flash_attention_varlen(q, k, v, cu, cu, max(lens), max(lens), causal)
-                    err = harness.rel_err(got, want)
-                    print(f"check D={D} {H}/{H_KV} {name} varlen causal={causal}: vs the tl kernel {err:.1e} "
-                          f"{'ok' if err < 1e-2 else 'FAILED'}", flush=True)  # fmt: skip
+    check_varlen_runs(fa, dev, lens, {name: d64(m) for name, m in mods.items()})
 
 
 def check_short_beside_nan(dev):
@@ -77,11 +71,7 @@ def main():
     mods = {"tiles": fa, "grid": load_06_at("072e3fe", "flash_base")}
     check(mods, dev)
     check_short_beside_nan(dev)
-    for mean in (1024, 4096):
-        for causal in (False, True):
-            varlen_rounds(
-                fa, mods, dev, fa.mixed_lengths(65536, mean), f"mean {mean}", causal, ROUNDS, mean=mean
-            )
+    varlen_mean_rows(fa, mods, dev, ROUNDS)
     lens = fa.mixed_lengths(65536, 4096)
     varlen_rounds(fa, mods, dev, lens, "mean 4096 GQA 32/8", False, ROUNDS, H=32, H_KV=8, mean=4096)
     for causal in (False, True):
