@@ -896,9 +896,9 @@ def _fwd_kernel_gluon(q_desc, k_desc, v_desc, O, LSE, TILES, n_q, n_k, H, GROUP,
 # notes/probes/flash_varlen_shares.py: the busiest program 2.5-6% over an even share). Measured on the H200
 # against a program a tile (medians, notes/probes/flash_varlen_persistent.py): mean 1k 1.04x without a mask
 # and 1.08x causal (483 against 465 TFLOP/s, 372 against 344); mean 2k 1.04x without a mask; mean 4k
-# 1.01-1.02x without a mask and 1.02-1.04x causal over three seeds' lengths (7 rounds without a mask), GQA
-# 32/8 1.01x and 1.03x; the 4,096 + 63 x 64 prefill mix 1.07x and 1.11x, not the loss predicted from a long
-# sequence's few heavy tiles.
+# 1.01-1.02x without a mask and 1.02-1.04x causal over three seeds' lengths (7 rounds without a mask; a
+# repeat of 3 rounds read 0.99x without a mask), GQA 32/8 1.01x and 1.03x; the 4,096 + 63 x 64 prefill mix
+# 1.07x and 1.11x, not the loss predicted from a long sequence's few heavy tiles.
 # Measured on the H200 against the grid (3 rounds, medians, notes/probes/flash_varlen_tiles.py): one
 # 4,096-token prompt among 63 of 64 tokens, a serving prefill's mix, 1.45x without a mask and 1.64x
 # causal (506 against 349 TFLOP/s, 364 against 222); 06's varlen rows level, 0.98-1.02x at mean 1k and

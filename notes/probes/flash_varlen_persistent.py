@@ -14,13 +14,16 @@ Checks first: the persistent forward against 06's tl kernel on lengths around th
 causal and not, D=64 and 128) on every SM and on 1, 2, 3 and 7 programs; short sequences beside inf/NaN
 rows. Then interleaved rounds (CUDA-graph replay) of 06's varlen rows and the prefill mix; `seeds`: mean
 4k over three seeds' lengths (7 rounds without a mask) and mean 2k.
-Measured (session 22, the persistent forward then a patch on c7c3f63; notes/logs/
-flash_varlen_persistent_c7c3f63_patch_h200.log, ..._patch_seeds_h200.log): 42 checks ok. Persistent against a
-program a tile, without a mask / causal: mean 1k 1.04x / 1.08x (483 against 465 TFLOP/s, 372 against
-344; 0.90x / 0.92x dense, was 0.87x / 0.85x in this run); mean 2k 1.04x without a mask; mean 4k 1.01-1.02x
-/ 1.02-1.04x over three seeds (the first run's 0.91x without a mask was one noisy row: 525-596 across its
-3 rounds, 588-602 across 7 in the second), GQA 32/8 1.01x / 1.03x; the prefill mix 1.07x / 1.11x. So 06
-takes it (GLUON_FWD's PERSISTENT now covers packed rows).
+Measured (session 22, the persistent forward then a patch on c7c3f63;
+notes/logs/flash_varlen_persistent_c7c3f63_patch_h200.log, ..._patch_seeds_h200.log): 42 checks ok.
+Persistent against a program a tile, without a mask / causal: mean 1k 1.04x / 1.08x (483 against 465
+TFLOP/s, 372 against 344; 0.90x / 0.92x dense, was 0.87x / 0.85x in this run); mean 2k 1.04x without a mask;
+mean 4k 1.01-1.02x / 1.02-1.04x over three seeds (the first run's 0.91x without a mask was one noisy row:
+525-596 across its 3 rounds, 588-602 across 7 in the second), GQA 32/8 1.01x / 1.03x; the prefill mix 1.07x
+/ 1.11x. A repeat at 32c738f (persistent landed, against BASE;
+notes/logs/flash_varlen_persistent_32c738f_h200.log): 42 checks ok; mean 1k 1.05x / 1.07x, mean 4k 0.99x /
+1.04x (persistent's first round without a mask low again, 512), GQA 1.02x / 1.03x, the mix 1.07x / 1.10x. So
+06 takes it (GLUON_FWD's PERSISTENT now covers packed rows).
 GPU only:
     BASE=data/06_flash_c7c3f63.py python -u notes/probes/flash_varlen_persistent.py [seeds]   (ROUNDS=3)"""
 
